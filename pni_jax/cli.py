@@ -1,0 +1,96 @@
+"""Command-line plumbing for `pni_jax.main`: friendly flag errors, config checks, dispatch."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import ml_collections
+from absl import app
+from absl import flags
+
+from pni_jax import config as config_lib
+
+
+def _valid_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  keys = []
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(_valid_keys(v, f'{prefix}{k}.'))
+    else:
+      keys.append(f'{prefix}{k}')
+  return keys
+
+
+def _bad_override(argv: list[str]) -> str | None:
+  """The first `--config.a.b=` override whose path is not a field of the default config."""
+  valid = set(_valid_keys(config_lib.base_config()))
+  for arg in argv[1:]:
+    m = re.match(r'--config\.([\w.]+)(=|$)', arg)
+    if m and m.group(1) not in valid:
+      return m.group(1)
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that names the valid keys when a `--config.x` override is unknown
+  (ml_collections alone gives a raw traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f'FATAL flags error: {e}\nPass --helpfull to see the flags.\n')
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:
+    bad = _bad_override(argv)
+    if bad is None:
+      raise
+    parent = bad.rsplit('.', 1)[0] if '.' in bad else ''
+    keys = [k for k in _valid_keys(config_lib.base_config())
+            if not parent or k.startswith(parent + '.')]
+    sys.stderr.write(f'FATAL unknown config field --config.{bad} ({e}).\n'
+                     f'Valid fields{" under " + parent if parent else ""}: '
+                     f'{", ".join(keys)}\n')
+    sys.exit(2)
+
+
+def _split_names(values) -> tuple[str, ...]:
+  """('a,b',) or ('(a, b)',) from the command line -> ('a', 'b')."""
+  out = []
+  for v in values or ():
+    for part in str(v).strip('()[] ').split(','):
+      part = part.strip().strip('\'"')
+      if part:
+        out.append(part)
+  return tuple(out)
+
+
+def normalize_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Copies `cfg`, normalises list-valued fields from the command line, and checks values."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.data.categories = _split_names(cfg.data.categories)
+  cfg.model.layers = _split_names(cfg.model.layers)
+  if 'ablations' in cfg.eval:
+    cfg.eval.ablations = _split_names(cfg.eval.ablations)
+  config_lib.validate(cfg)
+  return cfg
+
+
+def run(cfg, workdir: str, *, mode: str = 'fit_eval', images: str | None = None) -> None:
+  if cfg is None:
+    raise app.UsageError('--config is required (e.g. --config=configs/demo.py)')
+  if not workdir:
+    raise app.UsageError('--workdir is required')
+  try:
+    cfg = normalize_config(cfg)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if mode == 'fit_eval':
+    from pni_jax import pipeline
+    pipeline.run(cfg, workdir)
+  elif mode == 'predict':
+    if not images:
+      raise app.UsageError('--mode=predict needs --images=DIR_OR_GLOB')
+    from pni_jax import predict
+    predict.run(workdir, images, cfg)
+  else:
+    raise app.UsageError(f'unknown --mode={mode}')

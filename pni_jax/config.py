@@ -1,0 +1,167 @@
+"""Shared configuration defaults; `configs/*.py` start from `base_config()` and override.
+
+Every value a user may want to change is a field, so `--config.data.root=...` works from the
+command line and a researcher can build variants with `cfg.copy_and_resolve_references()`.
+The defaults below are the paper-faithful values (see README: "Configuration").
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DATASETS = ('generated', 'mvtec', 'visa', 'btad', 'folder')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Paper-faithful defaults (WideResNet-101, 480 px crops, PNI with N + P + R)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- data
+  c.data = d = ml_collections.ConfigDict()
+  d.name = 'mvtec'            # 'generated' | 'mvtec' | 'visa' | 'btad' | 'folder'
+  d.root = ''                 # dataset root folder (generated: where the set is written)
+  d.categories = ()           # empty = every category found under root
+  d.resize = 512              # resize the short side to this many pixels
+  d.crop = 480                # then center-crop a square of this size
+  d.batch_size = 8            # images per feature-extraction batch
+  d.holdout_fraction = 0.1    # normal train images held out for thresholds / normalisation
+  d.folder_good = 'good'      # 'folder' layout: sub-folder names (see pni_jax/data/README)
+  # Generated (embedded) dataset; only read when name == 'generated'.
+  d.generated = g = ml_collections.ConfigDict()
+  g.image_size = 256
+  g.num_train = 60
+  g.num_test_good = 12
+  g.num_test_defect = 24
+
+  # ---------------------------------------------------------------- model
+  c.model = m = ml_collections.ConfigDict()
+  m.backbone = 'wide_resnet101_2'
+  m.weights = ''              # converted weights (tools/convert_weights.py); '' = embedded default
+  m.allow_random_init = False # only for tests / smoke runs: features are then not pretrained
+  m.layers = ('layer2', 'layer3')
+  m.precision = 'float32'     # 'float32' | 'bfloat16' (backbone and MLP compute on GPU/TPU)
+  m.aggregation_size = 5      # local p x p aggregation of patch features (authors' code: 5)
+  m.pre_dim = 1024            # per-layer channel pooling
+  m.dim = 1024                # d, final patch feature size
+  m.use_neighborhood = True   # N: p(c | neighbourhood) from the MLP
+  m.use_position = True       # P: p(c | position) from histograms
+  m.use_refinement = True     # R: refinement network on the anomaly map
+
+  # Coresets (greedy k-center on a random projection).
+  m.coreset = cs = ml_collections.ConfigDict()
+  cs.ratio = 0.01             # |C_emb| = ratio * number of training patches
+  cs.dist_size = 2048         # |C_dist|, the first picks of the same greedy run
+  cs.projection_dim = 128     # random projection used for the selection (0 = none)
+  cs.chunk_size = 16384       # rows per distance-update tile
+
+  # Position model (Algorithm 1).
+  m.position = pos = ml_collections.ConfigDict()
+  pos.window = 9              # histogram accumulation window p
+
+  # Neighbourhood MLP.
+  m.neighborhood = nb = ml_collections.ConfigDict()
+  nb.window = 9               # p: 9 x 9 window, centre removed -> 80 neighbours
+  nb.num_layers = 10          # N_MLP
+  nb.width = 2048             # c_MLP
+  nb.dropout = 0.5
+  nb.epochs = 15
+  nb.batch_size = 2048
+  nb.learning_rate = 1e-3
+  nb.decay_every = 5          # epochs per x0.1 step decay
+  nb.decay_factor = 0.1
+  nb.val_fraction = 0.1
+  nb.max_train_samples = 0    # 0 = every training position allowed by train_positions
+  nb.train_positions = 'interior'  # 'interior' (authors' code: full window inside the map) | 'all'
+  nb.infer_chunk = 4096       # patches per MLP inference chunk
+
+  # Conditional scoring (eq. 3-8).
+  m.scoring = sc = ml_collections.ConfigDict()
+  sc.temperature = 2.0
+  sc.tau_scale = 0.5          # tau = tau_scale / |C_emb|
+  sc.likelihood_lambda = 1.0
+  sc.combine = 'mean_prob'    # 'mean_prob' (eq. 6) | 'mean_score' | 'max_prob'
+  sc.sigma = 8.0              # Gaussian blur of the upsampled map (PatchCore: 4)
+  sc.image_score = 'max'      # 'max' | 'reweight' (PatchCore) | 'top_percent'
+  sc.top_percent = 1.0
+  sc.reweight_neighbors = 9
+  sc.query_tile = 1024        # patches per distance tile
+  sc.bank_tile = 4096         # coreset rows per distance tile
+
+  # Refinement network.
+  m.refine = r = ml_collections.ConfigDict()
+  r.encoder = 'densenet161'   # 'densenet161' | 'efficientnet_lite0'
+  r.encoder_weights = ''
+  r.input_size = 320
+  r.iterations = 55000
+  r.batch_size = 8
+  r.learning_rate = 1e-4
+  r.loss = 'reg_grad'         # 'reg_grad' (eq. 10-11) | 'ce' | 'focal'
+  r.fusion_weight = 0.1
+  r.texture_dir = ''          # optional folder of textures for DRAEM-style defects
+  r.checkpoint_every = 1000
+
+  # ---------------------------------------------------------------- evaluation / outputs
+  c.eval = e = ml_collections.ConfigDict()
+  e.save_maps = True          # PNG anomaly maps per test image
+  e.max_figures = 24          # per-image figures per category (0 = none)
+  e.max_fpr = 0.3             # AUPRO integration limit
+  e.threshold_fpr = 0.01      # fit-time threshold: this FPR on held-out normal images
+  e.ablations = ()            # extra variants to evaluate, e.g. ('baseline', 'N', 'N+P', 'N+P+R')
+
+  c.memory = mem = ml_collections.ConfigDict()
+  mem.feature_cap_mb = 4096   # host memory for stored patch features before spilling to disk
+  return c
+
+
+def _choice(value, name: str, choices) -> None:
+  if value not in choices:
+    raise ValueError(f'config.{name} must be one of {tuple(choices)}, got {value!r}')
+
+
+def _positive(value, name: str) -> None:
+  if not value > 0:
+    raise ValueError(f'config.{name} must be > 0, got {value!r}')
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first setting that cannot work."""
+  _choice(c.data.name, 'data.name', DATASETS)
+  if c.data.name != 'generated' and not c.data.root:
+    raise ValueError(f'config.data.root must name the {c.data.name} dataset folder '
+                     f'(--config.data.root=/path/to/data)')
+  _positive(c.data.crop, 'data.crop')
+  _positive(c.data.batch_size, 'data.batch_size')
+  if c.data.crop > c.data.resize:
+    raise ValueError(f'config.data.crop ({c.data.crop}) must not exceed config.data.resize '
+                     f'({c.data.resize})')
+  if not 0 <= c.data.holdout_fraction < 1:
+    raise ValueError(f'config.data.holdout_fraction must be in [0, 1), got {c.data.holdout_fraction}')
+  m = c.model
+  _choice(m.precision, 'model.precision', ('float32', 'bfloat16'))
+  if len(m.layers) < 1:
+    raise ValueError('config.model.layers must name at least one backbone stage')
+  if m.aggregation_size < 1 or m.aggregation_size % 2 != 1:
+    raise ValueError(f'config.model.aggregation_size must be odd and >= 1, got {m.aggregation_size}')
+  for name in ('pre_dim', 'dim'):
+    _positive(m[name], f'model.{name}')
+  if not 0 < m.coreset.ratio <= 1:
+    raise ValueError(f'config.model.coreset.ratio must be in (0, 1], got {m.coreset.ratio}')
+  _positive(m.coreset.dist_size, 'model.coreset.dist_size')
+  for name in ('window',):
+    if m.position[name] < 1 or m.position[name] % 2 != 1:
+      raise ValueError(f'config.model.position.{name} must be odd, got {m.position[name]}')
+    if m.neighborhood[name] < 3 or m.neighborhood[name] % 2 != 1:
+      raise ValueError(f'config.model.neighborhood.{name} must be odd and >= 3, got '
+                       f'{m.neighborhood[name]}')
+  _choice(m.neighborhood.train_positions, 'model.neighborhood.train_positions',
+          ('interior', 'all'))
+  _choice(m.scoring.combine, 'model.scoring.combine', ('mean_prob', 'mean_score', 'max_prob'))
+  _choice(m.scoring.image_score, 'model.scoring.image_score',
+          ('max', 'patch_max', 'top_percent', 'reweight'))
+  _positive(m.scoring.temperature, 'model.scoring.temperature')
+  _choice(m.refine.loss, 'model.refine.loss', ('reg_grad', 'ce', 'focal'))
+  if not 0 <= m.refine.fusion_weight <= 1:
+    raise ValueError(f'config.model.refine.fusion_weight must be in [0, 1], got '
+                     f'{m.refine.fusion_weight}')
+  _positive(c.memory.feature_cap_mb, 'memory.feature_cap_mb')

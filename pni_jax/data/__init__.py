@@ -1,0 +1,35 @@
+"""Datasets: layouts on disk, preprocessing, tf.data pipelines and the embedded generated set.
+
+Importing this package does not import TensorFlow; `make_dataset` / `iterate_numpy` load
+`pipeline.py` (and TensorFlow) on first use, `generate` loads `generated.py`.
+"""
+
+from pni_jax.data.images import CropBox
+from pni_jax.data.images import crop_box
+from pni_jax.data.images import load_image
+from pni_jax.data.images import load_mask
+from pni_jax.data.images import preprocess
+from pni_jax.data.images import preprocess_mask
+from pni_jax.data.images import unprocess_map
+from pni_jax.data.layouts import Split
+from pni_jax.data.layouts import category_group
+from pni_jax.data.layouts import list_categories
+from pni_jax.data.layouts import load_split
+
+_PIPELINE = ('make_dataset', 'iterate_numpy')
+
+__all__ = [
+    'CropBox', 'Split', 'category_group', 'crop_box', 'generate', 'iterate_numpy',
+    'list_categories', 'load_image', 'load_mask', 'load_split', 'make_dataset', 'preprocess',
+    'preprocess_mask', 'unprocess_map',
+]
+
+
+def __getattr__(name):
+  if name in _PIPELINE:
+    from pni_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return getattr(pipeline, name)
+  if name == 'generate':
+    from pni_jax.data import generated  # pylint: disable=g-import-not-at-top
+    return generated.generate
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

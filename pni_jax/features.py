@@ -1,0 +1,131 @@
+"""Backbone taps -> locally aware patch features (PatchCore's feature construction).
+
+For each tapped stage (paper: layer2 and layer3) every position is extended to its p x p
+neighbourhood (zero padding), flattened channel-major like torch's `unfold`, and average-pooled
+over that flattened vector to `pre_dim` values (torch `adaptive_avg_pool1d` semantics). The coarser
+stage is resized bilinearly (half-pixel centres, as torch `align_corners=False`) to the finer grid,
+the stages are stacked and pooled once more to `dim` values.
+
+Pooling and bilinear resizing are linear maps over different axes, so pooling each stage at its
+native resolution before resizing gives the same features as PatchCore's resize-then-pool order,
+at a fraction of the memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _pool_bins(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+  """Index table and weights of torch `adaptive_avg_pool1d(length -> out)`.
+
+  Returns:
+    idx: [out, max_bin] int32 input positions per output bin (padded with 0).
+    weight: [out, max_bin] float32, 1/len for the bin's members and 0 for padding.
+  """
+  starts = (np.arange(out) * length) // out
+  ends = -((-(np.arange(out) + 1) * length) // out)  # ceil((i + 1) * L / out)
+  sizes = ends - starts
+  width = int(sizes.max())
+  offs = np.arange(width)[None, :]
+  idx = np.minimum(starts[:, None] + offs, length - 1).astype(np.int32)
+  weight = np.where(offs < sizes[:, None], 1.0 / sizes[:, None], 0.0).astype(np.float32)
+  return idx, weight
+
+
+def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
+  """torch `adaptive_avg_pool1d` over the last axis: [..., L] -> [..., out]."""
+  length = x.shape[-1]
+  if length == out:
+    return x
+  if length % out == 0:
+    return x.reshape(*x.shape[:-1], out, length // out).mean(-1)
+  idx, weight = _pool_bins(length, out)
+  return jnp.einsum('...ob,ob->...o', x[..., idx], jnp.asarray(weight, x.dtype))
+
+
+def local_patches(fmap: jax.Array, p: int) -> jax.Array:
+  """p x p neighbourhood of every position, zero padded, flattened channel-major.
+
+  Args:
+    fmap: [B, h, w, c].
+    p: odd window size.
+  Returns:
+    [B, h, w, c * p * p], ordered (channel, dy, dx) like torch's `unfold`.
+  """
+  if p == 1:
+    return fmap
+  if p % 2 != 1:
+    raise ValueError(f'model.aggregation_size must be odd, got {p}')
+  r = p // 2
+  b, h, w, c = fmap.shape
+  padded = jnp.pad(fmap, ((0, 0), (r, r), (r, r), (0, 0)))
+  shifts = [padded[:, dy:dy + h, dx:dx + w, :] for dy in range(p) for dx in range(p)]
+  return jnp.stack(shifts, axis=-1).reshape(b, h, w, c * p * p)
+
+
+def layer_embedding(fmap: jax.Array, p: int, pre_dim: int) -> jax.Array:
+  """One stage's local aggregation + channel pooling: [B, h, w, c] -> [B, h, w, pre_dim]."""
+  return adaptive_avg_pool(local_patches(fmap, p), pre_dim)
+
+
+def patch_features(taps: Mapping[str, jax.Array], layers: Sequence[str], p: int, pre_dim: int,
+                   dim: int) -> jax.Array:
+  """Stage feature maps -> patch features on the finest tapped grid.
+
+  Args:
+    taps: stage name -> [B, h_j, w_j, c_j] feature maps.
+    layers: the stages to use, in order (e.g. ('layer2', 'layer3')).
+    p: local aggregation window.
+    pre_dim: per-stage pooled size.
+    dim: final feature size d.
+  Returns:
+    [B, H', W', d] float32 with (H', W') the largest tapped grid.
+  """
+  embs = [layer_embedding(taps[name].astype(jnp.float32), p, pre_dim) for name in layers]
+  h = max(e.shape[1] for e in embs)
+  w = max(e.shape[2] for e in embs)
+  resized = [e if e.shape[1:3] == (h, w) else
+             jax.image.resize(e, (e.shape[0], h, w, e.shape[3]), 'bilinear', antialias=False)
+             for e in embs]
+  stacked = jnp.concatenate(resized, axis=-1)  # layer-major, like PatchCore's stack + reshape
+  return adaptive_avg_pool(stacked, dim)
+
+
+def make_feature_fn(cfg_model, *, variables=None, key=None) -> tuple[Callable, dict]:
+  """Builds the pure feature function for a model config.
+
+  Returns:
+    (fn, variables) where `fn(variables, images)` maps images [B, S, S, 3] float32 in [0, 1] to
+    patch features [B, H', W', d] float32. `fn` is jitted; shapes are static per call site.
+  """
+  from pni_jax import backbones  # local import: keeps this module importable without weights
+
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(cfg_model.precision)
+  if dtype is None:
+    raise ValueError(f"model.precision must be 'float32' or 'bfloat16', got {cfg_model.precision!r}")
+  if variables is None:
+    variables = backbones.load_variables(cfg_model.backbone, cfg_model.weights,
+                                         allow_random_init=cfg_model.allow_random_init, key=key)
+  layers = tuple(cfg_model.layers)
+  extract = backbones.extractor(cfg_model.backbone, variables, layers, dtype)
+  p, pre_dim, dim = int(cfg_model.aggregation_size), int(cfg_model.pre_dim), int(cfg_model.dim)
+
+  @jax.jit
+  def fn(variables, images):
+    taps = extract(variables, images)
+    return patch_features(taps, layers, p, pre_dim, dim)
+
+  return fn, variables
+
+
+def feature_grid(cfg_model, crop: int) -> tuple[int, int]:
+  """(H', W') of the patch feature grid for square crops of `crop` pixels."""
+  from pni_jax import backbones
+  strides = backbones.spec(cfg_model.backbone).strides
+  s = min(strides[name] for name in cfg_model.layers)
+  return -(-crop // s), -(-crop // s)

@@ -1,0 +1,121 @@
+"""Inference on patch features: a fitted model's arrays + features -> patch scores, maps, scores.
+
+`make_scorer(cfg_model, variant, out_size)` returns one jitted pure function
+`score(arrays, feats) -> dict` per ablation variant; `arrays` is `model.arrays(fitted)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pni_jax import neighborhood
+from pni_jax import scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """Which PNI components score a map: N (neighbourhood), P (position), R (refinement)."""
+  neighborhood: bool = False
+  position: bool = False
+  refinement: bool = False
+
+  @property
+  def name(self) -> str:
+    letters = ''.join(l for l, on in zip('NPR', (self.neighborhood, self.position,
+                                                  self.refinement)) if on)
+    return 'baseline' if not letters else '+' + '+'.join(letters)
+
+  @property
+  def conditional(self) -> bool:
+    return self.neighborhood or self.position
+
+
+def parse_variant(text: str) -> Variant:
+  """'baseline' | 'patchcore' | '-' -> no component; otherwise letters of 'NPR' ('N+P', 'NPR')."""
+  t = text.strip().upper().replace('+', '')
+  if t in ('', '-', 'BASELINE', 'PATCHCORE', 'BASE'):
+    return Variant()
+  bad = set(t) - set('NPR')
+  if bad:
+    raise ValueError(f'eval.ablations: cannot parse variant {text!r}: use letters N, P, R '
+                     f"(e.g. 'N+P+R') or 'baseline'")
+  return Variant('N' in t, 'P' in t, 'R' in t)
+
+
+def variant_from_config(cfg_model) -> Variant:
+  return Variant(bool(cfg_model.use_neighborhood), bool(cfg_model.use_position),
+                 bool(cfg_model.use_refinement))
+
+
+def tau(cfg_scoring, num_emb: int) -> float:
+  """Threshold of eq. 5: tau = tau_scale / |C_emb| (paper: 1 / (2 |C_emb|))."""
+  return float(cfg_scoring.tau_scale) / float(num_emb)
+
+
+def patch_scores(arrays: dict, feats: jax.Array, variant: Variant, cfg_model):
+  """Patch scores for one batch.
+
+  Args:
+    arrays: model arrays (`model.arrays`): c_emb [K_emb, d], emb_to_dist [K_emb], position
+      [H', W', K_dist] or None, mlp variables or None.
+    feats: [B, H', W', d] patch features.
+  Returns:
+    (scores [B, H', W'] float32, allowed_fraction [B, H', W'] float32 (1 for the baseline)).
+  """
+  sc = cfg_model.scoring
+  b, h, w, d = feats.shape
+  flat = feats.reshape(-1, d)
+  tiles = dict(query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
+  if not variant.conditional:
+    dist, _ = scoring.nearest_distance(flat, arrays['c_emb'], **tiles)
+    return (float(sc.likelihood_lambda) * dist).reshape(b, h, w), jnp.ones((b, h, w), jnp.float32)
+  p_nb = p_pos = None
+  if variant.neighborhood:
+    if arrays.get('mlp') is None:
+      raise ValueError('variant uses N but the model has no neighbourhood MLP '
+                       '(fit with model.use_neighborhood=True)')
+    nb = cfg_model.neighborhood
+    p_nb = neighborhood.neighbor_probs(arrays['mlp'], feats, window=int(nb.window),
+                                       chunk=int(nb.infer_chunk),
+                                       temperature=float(sc.temperature))
+    p_nb = p_nb.reshape(b * h * w, -1)
+  if variant.position:
+    if arrays.get('position') is None:
+      raise ValueError('variant uses P but the model has no position histograms '
+                       '(fit with model.use_position=True)')
+    pos = arrays['position']
+    if pos.shape[:2] != (h, w):
+      raise ValueError(f'position prior grid {pos.shape[:2]} != feature grid {(h, w)}: the model '
+                       'was fitted at another image size')
+    p_pos = jnp.broadcast_to(pos[None], (b, h, w, pos.shape[-1])).reshape(b * h * w, -1)
+  scores, frac = scoring.pni_patch_scores(
+      flat, arrays['c_emb'], arrays['emb_to_dist'], p_nb, p_pos,
+      tau=tau(sc, arrays['c_emb'].shape[0]), lam=float(sc.likelihood_lambda),
+      combine=str(sc.combine), **tiles)
+  return scores.reshape(b, h, w), frac.reshape(b, h, w)
+
+
+def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
+  """Jitted `score(arrays, feats) -> dict(patch [B,h,w], maps [B,S,S], image [B], allowed [B,h,w])`.
+
+  Maps here are the PNI / PatchCore map A_hat (refinement is applied by `refine.fuse`).
+  """
+  sc = cfg_model.scoring
+
+  @jax.jit
+  def score(arrays, feats):
+    patch, allowed = patch_scores(arrays, feats, variant, cfg_model)
+    maps = scoring.anomaly_maps(patch, out_size, float(sc.sigma))
+    if sc.image_score == 'reweight':
+      image = scoring.reweighted_image_scores(
+          feats, patch, arrays['c_emb'], int(sc.reweight_neighbors),
+          query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
+    else:
+      image = scoring.image_scores(maps, patch, str(sc.image_score), float(sc.top_percent))
+    return dict(patch=patch, maps=maps, image=image, allowed=allowed)
+
+  return score

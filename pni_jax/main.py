@@ -1,0 +1,39 @@
+"""Entry point: `python -m pni_jax.main --config=configs/mvtec.py --workdir=runs/mvtec`.
+
+Modes:
+  fit_eval (default)  for each category: fit, evaluate, write metrics / tables / figures.
+  predict             load a fitted workdir and inspect new images (--images=DIR_OR_GLOB).
+Any config field can be overridden: `--config.data.root=/data/mvtec --config.data.categories=bottle,cable`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from pni_jax import cli  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where models, metrics, maps and figures are written.')
+flags.DEFINE_enum('mode', 'fit_eval', ['fit_eval', 'predict'], 'What to do.')
+flags.DEFINE_string('images', None, 'predict mode: a folder or glob of images to inspect.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.INFO)
+  cli.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, images=FLAGS.images)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,607 @@
+"""Neighbourhood model p(c_dist | N_p(x)) (paper 3.2, eq. 7): window gathering, MLP, training.
+
+Input of the MLP at position x = (h, w) of image i: the p x p window of patch features around x with
+the centre removed, flattened in row-major window order (dy outer, dx inner, then the d channels),
+zeros for window cells outside the map: `[(p * p - 1) * d]` (81,920 values for p = 9, d = 1024).
+Target: the index of the C_dist vector nearest to the centre feature Phi_i(x) (given by the caller).
+
+The inputs are never materialised for all positions: training gathers each batch from the
+device-resident feature maps inside the jitted step, inference gathers a fixed-size chunk of
+positions at a time inside `lax.map`.
+
+Training (`train_mlp`) follows flax examples/imagenet: `create_train_state`, a pure jitted
+`train_step`, `eval_step`, a Python loop over epochs with clu metrics, absl progress logging and an
+orbax checkpoint after every epoch. All randomness is derived from (key, epoch, step), so a run that
+is killed and restarted from its checkpoint directory ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metrics as clu_metrics
+import flax
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+TRAIN_POSITIONS = ('interior', 'all')
+
+# Salts for `jax.random.fold_in`: one independent stream per use of the run key.
+_SALT_INIT, _SALT_SPLIT, _SALT_SHUFFLE, _SALT_DROPOUT = 0, 1, 2, 3
+_PROGRESS_EVERY_S = 30.0      # an extra progress line inside long epochs
+
+
+# ----------------------------------------------------------------------------- gathering
+
+
+def _check_window(window: int) -> int:
+  window = int(window)
+  if window < 3 or window % 2 == 0:
+    raise ValueError(f'neighbourhood window must be an odd integer >= 3 (p x p window with a '
+                     f'centre to remove), got {window}')
+  return window
+
+
+def neighbor_offsets(window: int) -> np.ndarray:
+  """`[p * p - 1, 2]` int32 (dy, dx) offsets of the window cells, row-major, centre removed."""
+  window = _check_window(window)
+  r = window // 2
+  dy, dx = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing='ij')
+  offsets = np.stack([dy.ravel(), dx.ravel()], axis=1).astype(np.int32)
+  return np.delete(offsets, (window * window) // 2, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=('window',))
+def gather_neighbors(feats: jax.Array, img: jax.Array, row: jax.Array, col: jax.Array,
+                     window: int) -> jax.Array:
+  """MLP inputs for M positions.
+
+  Args:
+    feats: `[N_img, H, W, d]` patch feature maps (any float dtype; kept).
+    img, row, col: `[M]` int, image index and position of each query (assumed inside the map).
+    window: p, odd.
+
+  Returns:
+    `[M, (p * p - 1) * d]` in `feats.dtype`: for each query the window cells in row-major order
+    without the centre, each cell's d channels contiguous, zeros where the cell is outside the map.
+  """
+  _, height, width, dim = feats.shape
+  offsets = jnp.asarray(neighbor_offsets(window))
+  rows = row[:, None].astype(jnp.int32) + offsets[None, :, 0]          # [M, P]
+  cols = col[:, None].astype(jnp.int32) + offsets[None, :, 1]
+  inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+  imgs = jnp.broadcast_to(img[:, None].astype(jnp.int32), rows.shape)
+  cells = feats.at[imgs, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1)].get(
+      mode='promise_in_bounds')                                        # [M, P, d]
+  cells = jnp.where(inside[..., None], cells, jnp.zeros((), feats.dtype))
+  return cells.reshape(row.shape[0], offsets.shape[0] * dim)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MLP(nn.Module):
+  """`num_layers` Dense layers; each hidden one followed by BatchNorm + ReLU + Dropout.
+
+  The last layer outputs `num_classes` (= |C_dist|) logits, returned as float32. BatchNorm uses
+  torch's defaults (momentum 0.1 -> flax 0.9, eps 1e-5), as in the authors' code.
+  """
+  num_layers: int
+  width: int
+  num_classes: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """x: `[B, in_dim]` -> `[B, num_classes]` float32 logits."""
+    x = x.astype(self.dtype)
+    for _ in range(self.num_layers - 1):
+      x = nn.Dense(self.width, dtype=self.dtype)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype)(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+    return x.astype(jnp.float32)
+
+
+def mlp_from_variables(variables, dtype=jnp.float32) -> MLP:
+  """Rebuilds the (inference-time) `MLP` that owns `variables` from its parameter shapes."""
+  params = variables['params']
+  names = sorted((k for k in params if k.startswith('Dense_')), key=lambda k: int(k.split('_')[1]))
+  if not names:
+    raise ValueError('variables do not hold MLP parameters (no Dense_* entries in params)')
+  first, last = params[names[0]]['kernel'], params[names[-1]]['kernel']
+  width = first.shape[1] if len(names) > 1 else last.shape[0]
+  return MLP(num_layers=len(names), width=int(width), num_classes=int(last.shape[1]), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'window', 'chunk'))
+def _neighbor_logits(model: MLP, variables, feats: jax.Array, window: int, chunk: int):
+  batch, height, width, _ = feats.shape
+  total = batch * height * width
+  chunk = min(chunk, total)
+  num_chunks = -(-total // chunk)
+  ids = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk)
+
+  def one_chunk(chunk_ids):
+    chunk_ids = jnp.minimum(chunk_ids, total - 1)            # the padded tail repeats the last one
+    img, rest = chunk_ids // (height * width), chunk_ids % (height * width)
+    x = gather_neighbors(feats, img, rest // width, rest % width, window)
+    return model.apply(variables, x, train=False)
+
+  logits = jax.lax.map(one_chunk, ids)                       # [num_chunks, chunk, K]
+  return logits.reshape(num_chunks * chunk, -1)[:total].reshape(batch, height, width, -1)
+
+
+def neighbor_logits(variables, feats: jax.Array, window: int, chunk: int,
+                    dtype=jnp.float32) -> jax.Array:
+  """MLP logits at every position.
+
+  Args:
+    variables: `{'params', 'batch_stats'}` of a trained `MLP` (from `train_mlp`).
+    feats: `[B, H, W, d]` patch feature maps.
+    window: p used in training.
+    chunk: positions per MLP call (memory: chunk x (p*p-1) x d inputs), `cfg.infer_chunk`.
+    dtype: compute dtype of the MLP.
+
+  Returns:
+    `[B, H, W, K]` float32 logits.
+  """
+  window = _check_window(window)
+  if chunk < 1:
+    raise ValueError(f'infer_chunk must be >= 1, got {chunk}')
+  feats = jnp.asarray(feats)
+  if feats.ndim != 4:
+    raise ValueError(f'feats must be [B, H, W, d], got shape {feats.shape}')
+  model = mlp_from_variables(variables, dtype)
+  in_dim = variables['params']['Dense_0']['kernel'].shape[0]
+  if in_dim != (window * window - 1) * feats.shape[-1]:
+    raise ValueError(f'MLP expects {in_dim} inputs, but window {window} and d = {feats.shape[-1]} '
+                     f'give {(window * window - 1) * feats.shape[-1]}')
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return _neighbor_logits(model, variables, feats, window, int(chunk))
+
+
+def neighbor_probs(variables, feats: jax.Array, window: int, chunk: int,
+                   temperature: float = 2.0, dtype=jnp.float32) -> jax.Array:
+  """p(c_dist | N_p(x)) = softmax(logits / T): `[B, H, W, K]` float32, rows summing to 1."""
+  if temperature <= 0:
+    raise ValueError(f'temperature must be > 0, got {temperature}')
+  return jax.nn.softmax(neighbor_logits(variables, feats, window, chunk, dtype) / temperature, -1)
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Training state: a pytree of arrays plus the static (hashable) model and optimiser settings.
+
+  Like flax's `TrainState`, but the optimiser is rebuilt from hashable hyper-parameters instead of
+  being stored as closures, so that `train_step` compiles once per model shape, not once per run.
+  """
+  step: jax.Array                    # [] int32, optimiser steps taken
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  model: MLP = flax.struct.field(pytree_node=False)
+  window: int = flax.struct.field(pytree_node=False)
+  learning_rate: float = flax.struct.field(pytree_node=False)
+  decay_steps: int = flax.struct.field(pytree_node=False)      # 0 = constant learning rate
+  decay_factor: float = flax.struct.field(pytree_node=False)
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return optax.adam(_schedule(self.learning_rate, self.decay_steps, self.decay_factor))
+
+  def apply_gradients(self, grads, batch_stats) -> 'TrainState':
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+
+
+# Mean cross-entropy and top-1 accuracy (built with `create`: postponed annotations in this module).
+Metrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output('loss'),
+                                        accuracy=clu_metrics.Accuracy)
+
+
+def check_config(cfg_nb: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad `model.neighborhood` field."""
+  def bad(field, why):
+    raise ValueError(f'model.neighborhood.{field} = {cfg_nb[field]!r}: {why}')
+  if int(cfg_nb.window) < 3 or int(cfg_nb.window) % 2 == 0:
+    bad('window', 'must be an odd integer >= 3')
+  if int(cfg_nb.num_layers) < 1:
+    bad('num_layers', 'must be >= 1')
+  if int(cfg_nb.width) < 1:
+    bad('width', 'must be >= 1')
+  if not 0.0 <= float(cfg_nb.dropout) < 1.0:
+    bad('dropout', 'must be in [0, 1)')
+  if int(cfg_nb.epochs) < 0:
+    bad('epochs', 'must be >= 0')
+  if int(cfg_nb.batch_size) < 1:
+    bad('batch_size', 'must be >= 1')
+  if float(cfg_nb.learning_rate) <= 0:
+    bad('learning_rate', 'must be > 0')
+  if int(cfg_nb.decay_every) < 0:
+    bad('decay_every', 'must be >= 0 (0 = constant learning rate)')
+  if float(cfg_nb.decay_factor) <= 0:
+    bad('decay_factor', 'must be > 0')
+  if not 0.0 <= float(cfg_nb.val_fraction) < 1.0:
+    bad('val_fraction', 'must be in [0, 1)')
+  if int(cfg_nb.max_train_samples) < 0:
+    bad('max_train_samples', 'must be >= 0 (0 = all)')
+  if cfg_nb.train_positions not in TRAIN_POSITIONS:
+    bad('train_positions', f'must be one of {TRAIN_POSITIONS}')
+  if int(cfg_nb.infer_chunk) < 1:
+    bad('infer_chunk', 'must be >= 1')
+
+
+def _schedule(learning_rate: float, decay_steps: int, decay_factor: float) -> optax.Schedule:
+  if decay_steps == 0:
+    return optax.constant_schedule(learning_rate)
+  return optax.exponential_decay(learning_rate, transition_steps=decay_steps,
+                                 decay_rate=decay_factor, staircase=True)
+
+
+def learning_rate_schedule(cfg_nb: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Staircase step decay per optimiser step: lr * decay_factor ** floor(epoch / decay_every).
+
+  The same as torch's StepLR stepped once per epoch; `decay_every = 0` keeps lr constant.
+  """
+  return _schedule(float(cfg_nb.learning_rate), int(cfg_nb.decay_every) * int(steps_per_epoch),
+                   float(cfg_nb.decay_factor))
+
+
+def _epoch_learning_rate(cfg_nb: ml_collections.ConfigDict, epoch: int) -> float:
+  """The learning rate of `epoch` (host-side twin of `learning_rate_schedule`, for logs)."""
+  if int(cfg_nb.decay_every) == 0:
+    return float(cfg_nb.learning_rate)
+  decays = epoch // int(cfg_nb.decay_every)
+  return float(cfg_nb.learning_rate) * float(cfg_nb.decay_factor) ** decays
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'in_dim'))
+def _init_variables(model: MLP, key: jax.Array, in_dim: int):
+  return model.init(key, jnp.zeros((2, in_dim), jnp.float32), train=False)
+
+
+def create_train_state(key: jax.Array, cfg_nb: ml_collections.ConfigDict, in_dim: int,
+                       num_classes: int, steps_per_epoch: int, dtype=jnp.float32) -> TrainState:
+  """A fresh `TrainState`: MLP parameters from `key`, Adam with the step-decay schedule."""
+  check_config(cfg_nb)
+  model = MLP(num_layers=int(cfg_nb.num_layers), width=int(cfg_nb.width),
+              num_classes=int(num_classes), dropout=float(cfg_nb.dropout), dtype=dtype)
+  variables = _init_variables(model, key, int(in_dim))
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}), opt_state=None, model=model,
+      window=int(cfg_nb.window), learning_rate=float(cfg_nb.learning_rate),
+      decay_steps=int(cfg_nb.decay_every) * int(steps_per_epoch),
+      decay_factor=float(cfg_nb.decay_factor))
+  return state.replace(opt_state=state.tx.init(state.params))
+
+
+@jax.jit
+def train_step(state: TrainState, feats: jax.Array, batch: dict[str, jax.Array],
+               key: jax.Array) -> tuple[TrainState, Metrics]:
+  """One Adam step on a batch of positions; the MLP inputs are gathered here from `feats`.
+
+  Args:
+    state: the TrainState.
+    feats: `[N_img, H, W, d]` device-resident feature maps.
+    batch: `img, row, col, target`: `[B]` int32 each.
+    key: dropout key of this step.
+
+  Returns:
+    (new state, `Metrics` of the batch: mean cross-entropy and top-1 accuracy, train mode).
+  """
+  x = gather_neighbors(feats, batch['img'], batch['row'], batch['col'], state.window)
+
+  def loss_fn(params):
+    logits, updates = state.model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
+                                     train=True, rngs={'dropout': key}, mutable=['batch_stats'])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['target'])
+    return loss.mean(), (loss, logits, updates)
+
+  grads, (loss, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  return state, Metrics.single_from_model_output(loss=loss, logits=logits, labels=batch['target'])
+
+
+@jax.jit
+def eval_step(state: TrainState, feats: jax.Array, batch: dict[str, jax.Array]) -> Metrics:
+  """Metrics of a batch in inference mode; `batch['mask']` `[B]` bool marks the real entries."""
+  x = gather_neighbors(feats, batch['img'], batch['row'], batch['col'], state.window)
+  logits = state.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
+                          train=False)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['target'])
+  return Metrics.single_from_model_output(loss=loss, logits=logits, labels=batch['target'],
+                                          mask=batch['mask'])
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+  """Training positions: the (num_images, rows, cols) grid starting at (offset, offset)."""
+  num_images: int
+  rows: int
+  cols: int
+  offset: int
+
+  @property
+  def size(self) -> int:
+    return self.num_images * self.rows * self.cols
+
+
+def _sample_grid(shape, window: int, train_positions: str) -> _Grid:
+  num_images, height, width = shape[:3]
+  if train_positions == 'all':
+    return _Grid(num_images, height, width, 0)
+  r = window // 2
+  if height - 2 * r < 1 or width - 2 * r < 1:
+    raise ValueError(f"model.neighborhood.train_positions = 'interior' leaves no position: the "
+                     f'{height} x {width} map has no full {window} x {window} window; use '
+                     f"'all' or a smaller window")
+  return _Grid(num_images, height - 2 * r, width - 2 * r, r)
+
+
+@functools.partial(jax.jit, static_argnames=('grid', 'size'))
+def _batch_at(order: jax.Array, start: jax.Array, targets: jax.Array, grid: _Grid,
+              size: int) -> dict[str, jax.Array]:
+  """`size` samples `order[start:start + size]` (ids < 0 are padding) -> index arrays."""
+  ids = jax.lax.dynamic_slice(order, (start,), (size,))
+  mask = ids >= 0
+  ids = jnp.maximum(ids, 0)
+  img, rest = ids // (grid.rows * grid.cols), ids % (grid.rows * grid.cols)
+  row, col = rest // grid.cols + grid.offset, rest % grid.cols + grid.offset
+  return {'img': img, 'row': row, 'col': col, 'target': targets[img, row, col].astype(jnp.int32),
+          'mask': mask}
+
+
+@functools.partial(jax.jit, static_argnames=('grid_size', 'num_samples'))
+def _split(key: jax.Array, grid_size: int, num_samples: int) -> jax.Array:
+  return jax.random.permutation(key, grid_size)[:num_samples].astype(jnp.int32)
+
+
+@jax.jit
+def _epoch_order(key: jax.Array, epoch: int, ids: jax.Array) -> jax.Array:
+  return jax.random.permutation(jax.random.fold_in(key, epoch), ids)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _key_words(key: jax.Array) -> list[int]:
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return [int(v) for v in np.asarray(key).ravel()]
+
+
+class _Checkpoints:
+  """Orbax CheckpointManager holding {state, best} arrays and a JSON record, one step per epoch."""
+
+  def __init__(self, directory: str):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import)
+    self._ocp = ocp
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+  def latest(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore_record(self, step: int) -> dict:
+    ocp = self._ocp
+    return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))[
+        'record']
+
+  def restore_arrays(self, step: int, arrays_like):
+    ocp = self._ocp
+    return self._manager.restore(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(arrays_like)))['arrays']
+
+  def save(self, step: int, arrays, record: dict) -> None:
+    ocp = self._ocp
+    self._manager.save(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record)))
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _state_arrays(state: TrainState, best) -> dict:
+  return {'state': {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
+                    'opt_state': state.opt_state},
+          'best': best}
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
+              ckpt_dir: str | None = None,
+              log_fn: Callable[[str], None] | None = None, *,
+              num_classes: int | None = None, dtype=jnp.float32):
+  """Trains the neighbourhood MLP on every (selected) position of the training feature maps.
+
+  Args:
+    feats: `[N_img, H, W, d]` float32/float16/bfloat16 (numpy or jax); put on the device once.
+    targets: `[N_img, H, W]` int, index of the C_dist vector nearest to each patch feature.
+    cfg_nb: `cfg.model.neighborhood`.
+    key: PRNG key of the run; initialisation, sample selection, validation split, per-epoch
+      shuffles and dropout are all derived from it (with the epoch and step numbers).
+    ckpt_dir: if given, an orbax checkpoint is written there after every epoch and a re-run with the
+      same arguments continues from the last one (raising the number of epochs extends a run).
+    log_fn: where the progress lines go (one per epoch: epoch, samples done/total, loss, train/val
+      top-1 accuracy, learning rate, elapsed, ETA); default absl `logging.info`.
+    num_classes: K = |C_dist|; default `targets.max() + 1` (pass it: an unused last index would
+      otherwise shrink the output).
+    dtype: MLP compute dtype.
+
+  Returns:
+    (variables, history): `variables = {'params', 'batch_stats'}` of the epoch with the best
+    validation top-1 accuracy (the last epoch without a validation split); `history` a dict of
+    per-epoch lists `loss, train_accuracy` (train mode, dropout on), `val_loss, val_accuracy`,
+    `learning_rate, seconds`, plus `best_epoch, num_train, num_val, steps_per_epoch, batch_size`.
+  """
+  check_config(cfg_nb)
+  log = log_fn or logging.info
+  window = int(cfg_nb.window)
+  if feats.ndim != 4:
+    raise ValueError(f'feats must be [N_img, H, W, d], got shape {feats.shape}')
+  if tuple(targets.shape) != tuple(feats.shape[:3]):
+    raise ValueError(f'targets must be [N_img, H, W] = {tuple(feats.shape[:3])}, '
+                     f'got shape {tuple(targets.shape)}')
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(f'targets must be integer C_dist indices, got dtype {targets.dtype}')
+  lo, hi = int(targets.min()), int(targets.max())
+  num_classes = hi + 1 if num_classes is None else int(num_classes)
+  if lo < 0 or hi >= num_classes:
+    raise ValueError(f'targets must lie in [0, {num_classes}), found [{lo}, {hi}]')
+
+  # Everything lives committed on one device, as restored checkpoints do (same compiled steps).
+  device = jax.devices()[0]
+  feats = jax.device_put(feats, device)
+  targets = jax.device_put(jnp.asarray(targets, jnp.int32), device)
+  grid = _sample_grid(feats.shape, window, cfg_nb.train_positions)
+  num_samples = grid.size
+  if int(cfg_nb.max_train_samples) > 0:
+    num_samples = min(num_samples, int(cfg_nb.max_train_samples))
+  num_val = int(round(float(cfg_nb.val_fraction) * num_samples))
+  num_train = num_samples - num_val
+  if num_train < 1:
+    raise ValueError(f'no training sample left: {num_samples} positions, val_fraction '
+                     f'{cfg_nb.val_fraction}')
+  ids = _split(jax.random.fold_in(key, _SALT_SPLIT), grid.size, num_samples)
+  val_ids, train_ids = ids[:num_val], ids[num_val:]
+  batch_size = min(int(cfg_nb.batch_size), num_train)
+  steps_per_epoch = num_train // batch_size                   # the last partial batch is dropped
+  in_dim = (window * window - 1) * feats.shape[-1]
+
+  state = create_train_state(jax.random.fold_in(key, _SALT_INIT), cfg_nb, in_dim, num_classes,
+                             steps_per_epoch, dtype)
+  state = jax.device_put(state, device)
+  best = {'params': state.params, 'batch_stats': state.batch_stats}
+  fingerprint = {
+      'feats_shape': list(feats.shape), 'num_classes': num_classes, 'key': _key_words(key),
+      'num_train': num_train, 'num_val': num_val, 'batch_size': batch_size,
+      **{k: cfg_nb[k] for k in ('window', 'num_layers', 'width', 'dropout', 'learning_rate',
+                                'decay_every', 'decay_factor', 'val_fraction', 'max_train_samples',
+                                'train_positions')}}
+  fingerprint = _json_ready(fingerprint)
+  history = {k: [] for k in ('loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate',
+                             'seconds')}
+  best_epoch, best_acc, start_epoch = -1, -math.inf, 0
+
+  ckpts = _Checkpoints(ckpt_dir) if ckpt_dir else None
+  if ckpts is not None and ckpts.latest() is not None:
+    start_epoch = int(ckpts.latest())
+    record = ckpts.restore_record(start_epoch)
+    for field, value in fingerprint.items():
+      if record['fingerprint'].get(field) != value:
+        raise ValueError(f'checkpoint in {ckpt_dir} was written by a different run: {field} = '
+                         f"{record['fingerprint'].get(field)!r} there, {value!r} now; use a fresh "
+                         f'ckpt_dir or the original settings')
+    arrays = jax.device_put(ckpts.restore_arrays(start_epoch, _state_arrays(state, best)), device)
+    s = arrays['state']
+    state = state.replace(step=s['step'], params=s['params'], batch_stats=s['batch_stats'],
+                          opt_state=s['opt_state'])
+    best = arrays['best']
+    history = record['history']
+    best_epoch, best_acc = record['best_epoch'], record['best_accuracy']
+    log(f'neighbourhood MLP: resumed from {ckpt_dir} after epoch {start_epoch}')
+
+  epochs = int(cfg_nb.epochs)
+  log(f'neighbourhood MLP: {num_train} train / {num_val} val positions, {steps_per_epoch} steps '
+      f'x {batch_size} per epoch, inputs {in_dim} -> {cfg_nb.num_layers} layers x {cfg_nb.width} '
+      f'-> K {num_classes}')
+  shuffle_key = jax.random.fold_in(key, _SALT_SHUFFLE)
+  dropout_key = jax.random.fold_in(key, _SALT_DROPOUT)
+  eval_size = min(max(batch_size, 1), max(num_val, 1))
+  val_order = jnp.concatenate(
+      [val_ids, jnp.full((-num_val % eval_size,), -1, jnp.int32)]) if num_val else None
+  t_start = t_line = time.time()
+  try:
+    for epoch in range(start_epoch, epochs):
+      t_epoch = time.time()
+      order = _epoch_order(shuffle_key, epoch, train_ids)
+      epoch_key = jax.random.fold_in(dropout_key, epoch)
+      train_metrics = None
+      for step in range(steps_per_epoch):
+        batch = _batch_at(order, step * batch_size, targets, grid, batch_size)
+        del batch['mask']
+        state, m = train_step(state, feats, batch, jax.random.fold_in(epoch_key, step))
+        train_metrics = m if train_metrics is None else train_metrics.merge(m)
+        if time.time() - t_line > _PROGRESS_EVERY_S and step + 1 < steps_per_epoch:
+          t_line = time.time()
+          log(f'neighbourhood MLP epoch {epoch + 1}/{epochs}  step {step + 1}/{steps_per_epoch}  '
+              f'samples {(epoch * steps_per_epoch + step + 1) * batch_size}/'
+              f'{epochs * steps_per_epoch * batch_size}  elapsed {t_line - t_start:.1f}s')
+      summary = {k: float(v) for k, v in train_metrics.compute().items()}
+      entry = {'loss': summary['loss'], 'train_accuracy': summary['accuracy'],
+               'val_loss': math.nan, 'val_accuracy': math.nan,
+               'learning_rate': _epoch_learning_rate(cfg_nb, epoch)}
+      if num_val:
+        val_metrics = None
+        for start in range(0, val_order.shape[0], eval_size):
+          m = eval_step(state, feats, _batch_at(val_order, start, targets, grid, eval_size))
+          val_metrics = m if val_metrics is None else val_metrics.merge(m)
+        v = {k: float(x) for k, x in val_metrics.compute().items()}
+        entry.update(val_loss=v['loss'], val_accuracy=v['accuracy'])
+      score = entry['val_accuracy'] if num_val else float(epoch)
+      if score > best_acc:
+        best_acc, best_epoch = score, epoch
+        best = {'params': state.params, 'batch_stats': state.batch_stats}
+      entry['seconds'] = time.time() - t_epoch
+      for k, v in entry.items():
+        history[k].append(v)
+      if ckpts is not None:
+        ckpts.save(epoch + 1, _state_arrays(state, best),
+                   _json_ready({'fingerprint': fingerprint, 'history': history,
+                                'best_epoch': best_epoch, 'best_accuracy': best_acc}))
+      done_epochs = epoch + 1 - start_epoch
+      elapsed = time.time() - t_start
+      eta = elapsed / done_epochs * (epochs - epoch - 1)
+      log(f'neighbourhood MLP epoch {epoch + 1}/{epochs}  samples '
+          f'{(epoch + 1) * steps_per_epoch * batch_size}/{epochs * steps_per_epoch * batch_size}  '
+          f"loss {entry['loss']:.4f}  train acc {entry['train_accuracy']:.4f}  "
+          f"val loss {entry['val_loss']:.4f}  val acc {entry['val_accuracy']:.4f}  "
+          f"lr {entry['learning_rate']:.2e}  elapsed {elapsed:.1f}s  eta {eta:.1f}s")
+  finally:
+    if ckpts is not None:
+      ckpts.close()
+
+  history.update(best_epoch=best_epoch, num_train=num_train, num_val=num_val,
+                 steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+  return {'params': best['params'], 'batch_stats': best['batch_stats']}, history
+
+
+def _json_ready(tree):
+  """Python floats/ints/lists only (NaN kept: orbax's JSON writer accepts it)."""
+  if isinstance(tree, dict):
+    return {k: _json_ready(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_json_ready(v) for v in tree]
+  if isinstance(tree, (np.generic, jax.Array)):
+    return tree.item()
+  return tree

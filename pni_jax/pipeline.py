@@ -1,0 +1,435 @@
+"""Per-category orchestration: data -> fit -> evaluate -> report, resumable in a workdir.
+
+Workdir layout (one folder per category):
+  <workdir>/config.json                  the resolved config of the last run
+  <workdir>/results.{csv,md}             one row per category + group means (main variant)
+  <workdir>/ablation.{csv,md}            one row per evaluated variant (when several)
+  <workdir>/<cat>/model/                 the fitted PNIModel (orbax + meta.json)
+  <workdir>/<cat>/fit/                   stage caches (coreset, MLP checkpoints, ...)
+  <workdir>/<cat>/metrics.json           metrics of the main variant
+  <workdir>/<cat>/eval/<variant>.json    metrics of every evaluated variant (reused when present)
+  <workdir>/<cat>/maps/*.png             anomaly maps of the main variant
+  <workdir>/<cat>/figures/*.png          per-image panels, score histogram, PR curves
+A second run on the same workdir reuses the fitted stages and the evaluated variants; a run whose
+data / feature / coreset settings differ from the saved model stops with an error naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from pni_jax import coreset
+from pni_jax import data as data_lib
+from pni_jax import features
+from pni_jax import fileio
+from pni_jax import fit
+from pni_jax import infer
+from pni_jax import metrics as metrics_lib
+from pni_jax import model as model_lib
+from pni_jax import neighborhood
+from pni_jax import report
+from pni_jax.progress import Progress
+from pni_jax.store import FeatureStore
+
+MAIN_KEYS = ('image_auroc', 'pixel_auroc', 'aupro', 'pixel_f1_max', 'image_f1_max', 'fpr', 'fnr')
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def _to_plain(value):
+  if isinstance(value, ml_collections.ConfigDict):
+    return {k: _to_plain(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_to_plain(v) for v in value]
+  return value
+
+
+def fingerprint(*slices) -> str:
+  """Short stable hash of config slices (ConfigDicts / plain values)."""
+  text = json.dumps([_to_plain(s) for s in slices], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _base_fingerprint(cfg) -> dict:
+  """What determines features and coresets: a saved model is only reused when these match."""
+  d, m = cfg.data, cfg.model
+  return dict(data=dict(name=d.name, resize=d.resize, crop=d.crop,
+                        holdout_fraction=d.holdout_fraction,
+                        generated=_to_plain(d.generated) if d.name == 'generated' else None),
+              backbone=m.backbone, weights=m.weights, layers=list(m.layers),
+              precision=m.precision, aggregation_size=m.aggregation_size, pre_dim=m.pre_dim,
+              dim=m.dim, coreset=_to_plain(m.coreset), seed=cfg.seed)
+
+
+def variants_to_evaluate(cfg) -> list[infer.Variant]:
+  """The main variant (model.use_*) first, then eval.ablations, without duplicates."""
+  out = [infer.variant_from_config(cfg.model)]
+  for text in cfg.eval.get('ablations', ()):
+    v = infer.parse_variant(text)
+    if v not in out:
+      out.append(v)
+  return out
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+
+def _subset(split, keep: np.ndarray):
+  keep = np.asarray(keep, np.int64)
+  fields = {}
+  for f in dataclasses.fields(split):
+    value = getattr(split, f.name)
+    if isinstance(value, np.ndarray):
+      fields[f.name] = value[keep]
+    elif isinstance(value, tuple) and len(value) == len(split.paths):
+      fields[f.name] = tuple(value[i] for i in keep)
+    else:
+      fields[f.name] = value
+  return dataclasses.replace(split, **fields)
+
+
+def train_holdout(split, fraction: float, seed: int):
+  """Deterministically holds out `fraction` of the normal training images (at least one when
+  fraction > 0 and there are >= 2 images). Returns (train, holdout or None)."""
+  n = len(split.paths)
+  k = int(round(fraction * n))
+  if fraction > 0 and n >= 2:
+    k = min(max(k, 1), n - 1)
+  else:
+    k = 0
+  if k == 0:
+    return split, None
+  perm = np.random.default_rng(seed).permutation(n)
+  return _subset(split, np.sort(perm[k:])), _subset(split, np.sort(perm[:k]))
+
+
+def _batches(split, cfg, *, with_masks: bool):
+  ds = data_lib.make_dataset(split, cfg.data, with_masks=with_masks)
+  return data_lib.iterate_numpy(ds)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+@dataclasses.dataclass
+class Extractor:
+  """The jitted feature function and backbone variables, shared by every category."""
+  fn: object
+  variables: object
+  batch_size: int
+
+
+def make_extractor(cfg) -> Extractor:
+  fn, variables = features.make_feature_fn(cfg.model, key=jax.random.key(cfg.seed))
+  return Extractor(fn, variables, int(cfg.data.batch_size))
+
+
+def _feature_shape(extractor: Extractor, crop: int):
+  shape = jax.eval_shape(extractor.fn, extractor.variables,
+                         jax.ShapeDtypeStruct((extractor.batch_size, crop, crop, 3), jnp.float32))
+  return tuple(shape.shape[1:])
+
+
+def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor,
+                 train_split, needed: infer.Variant) -> model_lib.PNIModel:
+  """Fits (or reuses) every component `needed` asks for; returns the saved model."""
+  model_dir = cat_dir / 'model'
+  fit_dir = cat_dir / 'fit'
+  base_fp = fingerprint(_base_fingerprint(cfg))
+  nb_fp = fingerprint(cfg.model.neighborhood, base_fp)
+  pos_fp = fingerprint(cfg.model.position, base_fp)
+
+  model = None
+  if (model_dir / 'meta.json').exists():
+    model = model_lib.load(model_dir)
+    if model.meta.get('base_fingerprint') != base_fp:
+      raise ValueError(
+          f'{model_dir} was fitted with other data / feature / coreset settings than this run '
+          f'(saved {model.meta.get("base_config")}); use another --workdir or delete {model_dir}')
+  have_mlp = model is not None and model.mlp is not None and model.meta.get('mlp_fingerprint') == nb_fp
+  have_pos = (model is not None and model.position is not None
+              and model.meta.get('position_fingerprint') == pos_fp)
+  missing_nb = needed.neighborhood and not have_mlp
+  missing_pos = needed.position and not have_pos
+  if model is not None and not (missing_nb or missing_pos):
+    logging.info('[%s] reusing the fitted model in %s', category, model_dir)
+    return model
+
+  t0 = time.perf_counter()
+  crop = int(cfg.data.crop)
+  h, w, d = _feature_shape(extractor, crop)
+  n = len(train_split.paths)
+  if n == 0:
+    raise ValueError(f'[{category}] the training set is empty')
+  cap = int(cfg.memory.feature_cap_mb) * 2 ** 20
+  fit_dir.mkdir(parents=True, exist_ok=True)
+  key = jax.random.key(cfg.seed)
+  k_proj, k_core, k_mlp = jax.random.split(key, 3)
+  cs = cfg.model.coreset
+  proj = (coreset.random_projection(k_proj, d, int(cs.projection_dim))
+          if int(cs.projection_dim) > 0 else None)
+  timings = dict(model.meta.get('timings', {})) if model is not None else {}
+  with tempfile.TemporaryDirectory(dir=fit_dir, prefix='scratch-') as scratch, \
+       FeatureStore((n, h, w, d), cap_bytes=cap, scratch_dir=scratch) as store:
+    if store.spilled:
+      logging.info('[%s] train features (%.1f MB) exceed memory.feature_cap_mb=%d: '
+                   'memory-mapped in %s', category, store.nbytes / 2 ** 20,
+                   cfg.memory.feature_cap_mb, scratch)
+    t = time.perf_counter()
+    projected = fit.extract_features(extractor.fn, extractor.variables,
+                                     _batches(train_split, cfg, with_masks=False), n,
+                                     extractor.batch_size, store, proj)
+    timings['features_s'] = time.perf_counter() - t
+
+    core_path = fit_dir / 'coreset.npz'
+    core = None
+    if core_path.exists():
+      z = np.load(core_path)
+      if str(z['fingerprint']) == base_fp:
+        core = dict(c_emb=z['c_emb'], emb_to_dist=z['emb_to_dist'], num_dist=int(z['num_dist']))
+        logging.info('[%s] reusing the coreset in %s', category, core_path)
+    if core is None:
+      t = time.perf_counter()
+      core = fit.select_coreset(projected, store, cs, k_core)
+      timings['coreset_s'] = time.perf_counter() - t
+      with fileio.atomic_open(core_path, 'wb') as f:
+        np.savez(f, fingerprint=base_fp, **core)
+    del projected
+    logging.info('[%s] |C_emb| = %d, |C_dist| = %d from %d patches', category,
+                 core['c_emb'].shape[0], core['num_dist'], n * h * w)
+
+    position = model.position if (model is not None and have_pos) else None
+    mlp = model.mlp if (model is not None and have_mlp) else None
+    mlp_history = model.meta.get('mlp_history') if model is not None else None
+    sc = cfg.model.scoring
+    if missing_nb or missing_pos:
+      t = time.perf_counter()
+      codes = fit.nearest_codes(store, core['c_emb'][:core['num_dist']],
+                                images_per_chunk=extractor.batch_size,
+                                query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
+      timings['codes_s'] = time.perf_counter() - t
+    if missing_pos:
+      t = time.perf_counter()
+      position = fit.position_prior(codes, core['num_dist'], int(cfg.model.position.window),
+                                    images_per_chunk=extractor.batch_size)
+      timings['position_s'] = time.perf_counter() - t
+    if missing_nb:
+      t = time.perf_counter()
+      variables, history = neighborhood.train_mlp(
+          store.array, codes, cfg.model.neighborhood, k_mlp,
+          ckpt_dir=str((fit_dir / f'mlp-{nb_fp}').absolute()),
+          log_fn=lambda msg: logging.info('[%s] %s', category, msg))
+      mlp = jax.tree.map(np.asarray, variables)
+      mlp_history = _to_plain(history)
+      timings['mlp_s'] = time.perf_counter() - t
+
+  meta = dict(category=category, backbone=cfg.model.backbone, grid=[h, w], dim=d,
+              crop=crop, resize=int(cfg.data.resize), num_dist=int(core['num_dist']),
+              base_fingerprint=base_fp, base_config=_base_fingerprint(cfg),
+              mlp_fingerprint=nb_fp if mlp is not None else None,
+              position_fingerprint=pos_fp if position is not None else None,
+              mlp_history=mlp_history, num_train=n, timings=timings,
+              config=_to_plain(cfg))
+  model = model_lib.PNIModel(c_emb=np.asarray(core['c_emb'], np.float32),
+                             emb_to_dist=np.asarray(core['emb_to_dist'], np.int32),
+                             position=position, mlp=mlp, meta=meta)
+  model_lib.save(model, model_dir)
+  logging.info('[%s] fitted in %.1fs (%s)', category, time.perf_counter() - t0,
+               ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
+  return model_lib.load(model_dir)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor,
+                      fitted: model_lib.PNIModel, test_split,
+                      variants: list[infer.Variant]) -> dict[str, dict]:
+  """Scores the test set with each variant; returns variant name -> metrics (cached per variant)."""
+  eval_dir = cat_dir / 'eval'
+  eval_fp = fingerprint(fitted.meta.get('base_fingerprint'), fitted.meta.get('mlp_fingerprint'),
+                        fitted.meta.get('position_fingerprint'), cfg.model.scoring,
+                        cfg.model.neighborhood.window)
+  results, todo = {}, []
+  for v in variants:
+    path = eval_dir / f'{v.name}.json'
+    if path.exists():
+      saved = json.loads(path.read_text())
+      if saved.get('fingerprint') == eval_fp:
+        results[v.name] = saved['metrics']
+        continue
+    todo.append(v)
+  if not todo:
+    logging.info('[%s] reusing evaluated variants: %s', category, ', '.join(results))
+    return results
+
+  crop = int(cfg.data.crop)
+  n = len(test_split.paths)
+  arrays = model_lib.arrays(fitted)
+  scorers = {v.name: infer.make_scorer(cfg.model, v, (crop, crop)) for v in todo}
+  main = todo[0] if todo[0] == variants[0] else None
+  num_fig = int(cfg.eval.max_figures)
+  with tempfile.TemporaryDirectory(dir=cat_dir, prefix='scratch-') as scratch:
+    maps = {v.name: np.memmap(os.path.join(scratch, f'{v.name}.f32'), np.float32, 'w+',
+                              shape=(n, crop, crop)) for v in todo}
+    masks = np.memmap(os.path.join(scratch, 'masks.u8'), np.uint8, 'w+', shape=(n, crop, crop))
+    image_scores = {v.name: np.zeros(n, np.float32) for v in todo}
+    allowed = {v.name: [] for v in todo}
+    labels = np.zeros(n, np.int32)
+    fig_images = []
+    prog = Progress(f'[{category}] test images', n, unit='img')
+    start = 0
+    for batch in _batches(test_split, cfg, with_masks=True):
+      b = batch['image'].shape[0]
+      images = np.asarray(batch['image'], np.float32)
+      padded = images if b == extractor.batch_size else np.concatenate(
+          [images, np.repeat(images[-1:], extractor.batch_size - b, axis=0)])
+      feats = extractor.fn(extractor.variables, jnp.asarray(padded))
+      for v in todo:
+        out = scorers[v.name](arrays, feats)
+        if v.refinement:
+          raise ValueError('the refinement stage (R) is not available in this build')
+        maps[v.name][start:start + b] = np.asarray(out['maps'][:b])
+        image_scores[v.name][start:start + b] = np.asarray(out['image'][:b])
+        allowed[v.name].append(np.asarray(out['allowed'][:b]).mean())
+      masks[start:start + b] = np.asarray(batch['mask'] > 0.5, np.uint8)
+      labels[start:start + b] = np.asarray(batch['label'])
+      if len(fig_images) < num_fig:
+        fig_images.extend(list(images[:min(b, num_fig - len(fig_images))]))
+      start += b
+      prog.update(b)
+    prog.close()
+
+    curves = {}
+    for v in todo:
+      t = time.perf_counter()
+      m, curve = metrics_lib.evaluate_with_curves(image_scores[v.name], labels, maps[v.name],
+                                                  masks, max_fpr=float(cfg.eval.max_fpr))
+      m = {k: float(val) for k, val in m.items()}
+      m['allowed_fraction'] = float(np.mean(allowed[v.name])) if allowed[v.name] else 1.0
+      results[v.name] = m
+      curves[v.name] = curve
+      logging.info('[%s] %-10s I-AUROC %.4f  P-AUROC %.4f  AUPRO %.4f  P-F1 %.4f  allowed %.3f '
+                   '(metrics %.1fs)', category, v.name, m['image_auroc'], m['pixel_auroc'],
+                   m['aupro'], m['pixel_f1_max'], m['allowed_fraction'], time.perf_counter() - t)
+      fileio.atomic_write_json(eval_dir / f'{v.name}.json', dict(fingerprint=eval_fp, metrics=m))
+      if v == variants[0]:
+        _write_main_outputs(cfg, cat_dir, test_split, maps[v.name], masks, labels,
+                            image_scores[v.name], fig_images, m, curve)
+    if len(curves) > 1:
+      report.save_pr_curve(cat_dir / 'figures' / 'pr_curve_variants.png',
+                           {k: (c['pr']['precision'], c['pr']['recall']) for k, c in curves.items()},
+                           {k: results[k]['pixel_f1_max'] for k in curves})
+    for arr in maps.values():
+      del arr
+  return results
+
+
+def _image_name(path: str) -> str:
+  p = pathlib.Path(path)
+  return f'{p.parent.name}_{p.stem}'
+
+
+def _write_main_outputs(cfg, cat_dir, split, maps, masks, labels, image_scores, fig_images, m,
+                        curve):
+  """Heat-map PNGs, per-image panels, the score histogram and the PR curve for the main variant."""
+  fig_dir = cat_dir / 'figures'
+  lo, hi = float(np.min(maps)), float(np.max(maps))
+  if cfg.eval.save_maps:
+    for i, path in enumerate(split.paths):
+      report.save_heatmap_png(cat_dir / 'maps' / f'{_image_name(path)}.png', maps[i], lo, hi)
+  thr = m['pixel_threshold']
+  for i, image in enumerate(fig_images):
+    name = _image_name(split.paths[i])
+    report.save_image_figure(fig_dir / f'{name}.png', image, masks[i], maps[i], maps[i] >= thr,
+                             f'{name}  score {image_scores[i]:.3f}  label {int(labels[i])}')
+  report.save_score_histogram(fig_dir / 'score_histogram.png', curve['hist'], thr)
+  report.save_pr_curve(fig_dir / 'pr_curve.png',
+                       {'pixel': (curve['pr']['precision'], curve['pr']['recall'])},
+                       {'pixel': m['pixel_f1_max']})
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def prepare_data(cfg, workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """Resolves the data root; writes the embedded generated set when the config asks for it."""
+  cfg = cfg.copy_and_resolve_references()
+  if cfg.data.name == 'generated':
+    root = pathlib.Path(cfg.data.root or workdir / 'data')
+    g = cfg.data.generated
+    cats = list(cfg.data.categories) or None
+    data_lib.generate(str(root), seed=int(cfg.seed), image_size=int(g.image_size),
+                      num_train=int(g.num_train), num_test_good=int(g.num_test_good),
+                      num_test_defect=int(g.num_test_defect), categories=cats)
+    with cfg.unlocked():
+      cfg.data.root = str(root)
+  return cfg
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, dict]:
+  """Fits and evaluates every category; writes metrics, tables and figures. Returns
+  {category: metrics of the main variant}."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  cfg = prepare_data(cfg, workdir)
+  fileio.atomic_write_json(workdir / 'config.json', _to_plain(cfg))
+  categories = data_lib.list_categories(cfg.data)
+  logging.info('categories: %s', ', '.join(categories))
+  variants = variants_to_evaluate(cfg)
+  needed = infer.Variant(any(v.neighborhood for v in variants), any(v.position for v in variants),
+                         any(v.refinement for v in variants))
+  extractor = make_extractor(cfg)
+  writer = report.scalar_writer(str(workdir / 'logs'))
+  main_results, all_results, groups = {}, {}, {}
+  for step, category in enumerate(categories):
+    cat_dir = workdir / category
+    train = data_lib.load_split(cfg.data, category, 'train')
+    test = data_lib.load_split(cfg.data, category, 'test')
+    train, _holdout = train_holdout(train, float(cfg.data.holdout_fraction), int(cfg.seed))
+    fitted = fit_category(cfg, category, cat_dir, extractor, train, needed)
+    results = evaluate_category(cfg, category, cat_dir, extractor, fitted, test, variants)
+    main = results[variants[0].name]
+    report.write_category_metrics(cat_dir, main)
+    report.log_metrics(writer, step, main, prefix=f'{category}/')
+    main_results[category] = main
+    all_results[category] = results
+    groups[category] = data_lib.category_group(cfg.data.name, category)
+  report.write_results_table(workdir, main_results, groups)
+  if len(variants) > 1:
+    write_ablation_table(workdir, all_results, groups, [v.name for v in variants])
+  writer.flush()
+  return main_results
+
+
+def write_ablation_table(workdir, all_results, groups, names):
+  """Like the paper's Table 3: rows = variants; columns = I-AUROC / P-AUROC / P-F1-max / AUPRO and
+  the allowed fraction of C_emb, per category group and overall (fractions, percent in Markdown)."""
+  group_names = sorted(set(groups.values()))
+  metrics = ('image_auroc', 'pixel_auroc', 'pixel_f1_max', 'aupro', 'allowed_fraction')
+  headers = dict(report.HEADERS, allowed_fraction='allowed')
+  columns = [f'{headers.get(m, m)} ({g})' for m in metrics for g in group_names + ['mean']]
+  rows = []
+  for name in names:
+    row = {}
+    for metric in metrics:
+      for g in group_names + ['mean']:
+        cats = [c for c in all_results if g == 'mean' or groups[c] == g]
+        vals = [all_results[c][name][metric] for c in cats if name in all_results[c]]
+        row[f'{headers.get(metric, metric)} ({g})'] = float(np.mean(vals)) if vals else float('nan')
+    rows.append((name, row))
+  report.write_table(workdir / 'ablation', rows, columns, label='variant', percent_columns=columns)

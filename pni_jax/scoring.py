@@ -1,0 +1,199 @@
+"""Patch scores -> anomaly maps and image scores.
+
+* PatchCore: the patch score is the distance to the nearest C_emb vector.
+* PNI (eq. 3-8): p(c | Omega) over C_dist from the neighbourhood MLP and / or the position
+  histograms, thresholded at tau; with p(phi | c) = exp(-lambda ||phi - c||) the score
+  -log max_{allowed c} p(phi | c) is lambda times the distance to the nearest *allowed* C_emb vector
+  (a C_emb vector is allowed when its C_dist representative is). When nothing is allowed the
+  nearest C_emb vector is used (the paper's fallback).
+* Maps: bilinear upsampling to the crop and a Gaussian blur are both linear and separable, so the
+  whole step is one matrix pair per axis: map = A_h @ s @ A_w^T with A = blur @ upsample.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pni_jax import knn
+
+COMBINE_MODES = ('mean_prob', 'mean_score', 'max_prob')
+IMAGE_SCORES = ('max', 'patch_max', 'top_percent', 'reweight')
+
+
+# ----------------------------------------------------------------------------- patch scores
+
+
+def nearest_distance(feats: jax.Array, c_emb: jax.Array, *, query_tile: int, bank_tile: int):
+  """PatchCore patch scores.
+
+  Args:
+    feats: [M, d] patch features.
+    c_emb: [K, d] embedding coreset.
+  Returns:
+    (dist [M] float32 Euclidean distance to the nearest C_emb row, idx [M] int32).
+  """
+  sq, idx = knn.knn(feats, c_emb, k=1, query_tile=query_tile, bank_tile=bank_tile)
+  return jnp.sqrt(sq[:, 0]), idx[:, 0]
+
+
+def combine_priors(p_nb: jax.Array | None, p_pos: jax.Array | None) -> jax.Array:
+  """Eq. 6: p(c | Omega) = (p(c | N_p(x)) + p(c | x)) / 2, or whichever prior is present.
+
+  Args:
+    p_nb, p_pos: [..., K_dist] probabilities (or None when that prior is switched off).
+  """
+  if p_nb is None and p_pos is None:
+    raise ValueError('combine_priors needs at least one prior')
+  if p_nb is None:
+    return p_pos
+  if p_pos is None:
+    return p_nb
+  return 0.5 * (p_nb + p_pos)
+
+
+def _allowed_by_code(allowed_dist_tile, emb_to_dist_tile):
+  # allowed_dist_tile: [tq, K_dist] bool; emb_to_dist_tile: [tk] int32 -> [tq, tk] bool.
+  return jnp.take(allowed_dist_tile, emb_to_dist_tile, axis=1)
+
+
+def conditional_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
+                         prior: jax.Array, tau: float, *, query_tile: int, bank_tile: int):
+  """Distance to the nearest C_emb vector whose C_dist representative has prior > tau (eq. 4-5).
+
+  Args:
+    feats: [M, d] patch features.
+    c_emb: [K_emb, d].
+    emb_to_dist: [K_emb] int32, the nearest C_dist row of each C_emb row.
+    prior: [M, K_dist] p(c_dist | Omega) per patch.
+    tau: threshold of eq. 5.
+  Returns:
+    dist [M] float32 (allowed minimum, or the plain nearest where nothing is allowed),
+    allowed_fraction [M] float32: fraction of C_emb rows allowed for each patch.
+  """
+  allowed_dist = prior > tau
+  res = knn.masked_min_dist(feats, c_emb, allowed_dist, emb_to_dist, _allowed_by_code,
+                            query_tile=query_tile, bank_tile=bank_tile)
+  none_allowed = ~jnp.isfinite(res.sq_dist)
+  sq = jnp.where(none_allowed, res.nearest_sq_dist, res.sq_dist)
+  # Fraction of C_emb allowed: count the codes' multiplicity once, per patch.
+  code_count = jnp.zeros((prior.shape[-1],), jnp.float32).at[emb_to_dist].add(1.0)
+  frac = (allowed_dist.astype(jnp.float32) @ code_count) / c_emb.shape[0]
+  return jnp.sqrt(sq), frac
+
+
+def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combine,
+                     query_tile, bank_tile):
+  """PNI patch scores -log max_{allowed c} exp(-lam ||phi - c||) for one set of patches.
+
+  Args:
+    feats: [M, d]; c_emb: [K_emb, d]; emb_to_dist: [K_emb] int32;
+    p_nb, p_pos: [M, K_dist] priors or None (switched off).
+    combine: 'mean_prob' (eq. 6: threshold the averaged prior), 'max_prob' (threshold the larger
+      of the two), or 'mean_score' (score under each prior separately, then average the scores).
+  Returns:
+    scores [M] float32, allowed_fraction [M] float32.
+  """
+  kw = dict(query_tile=query_tile, bank_tile=bank_tile)
+  if combine not in COMBINE_MODES:
+    raise ValueError(f'model.scoring.combine must be one of {COMBINE_MODES}, got {combine!r}')
+  if p_nb is None or p_pos is None or combine == 'mean_prob':
+    dist, frac = conditional_distance(feats, c_emb, emb_to_dist, combine_priors(p_nb, p_pos), tau,
+                                      **kw)
+  elif combine == 'max_prob':
+    dist, frac = conditional_distance(feats, c_emb, emb_to_dist, jnp.maximum(p_nb, p_pos), tau,
+                                      **kw)
+  else:  # mean_score
+    d1, f1 = conditional_distance(feats, c_emb, emb_to_dist, p_nb, tau, **kw)
+    d2, f2 = conditional_distance(feats, c_emb, emb_to_dist, p_pos, tau, **kw)
+    dist, frac = 0.5 * (d1 + d2), 0.5 * (f1 + f2)
+  return lam * dist, frac
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] bilinear upsampling (half-pixel centres, torch align_corners=False)."""
+  with jax.ensure_compile_time_eval():  # a constant, also when called while tracing
+    eye = jnp.eye(n_in, dtype=jnp.float32)
+    return np.asarray(jax.image.resize(eye, (n_out, n_in), 'bilinear', antialias=False))
+
+
+def gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+  """[n, n] Gaussian blur with scipy.ndimage's defaults (mode 'reflect', truncate 4)."""
+  if sigma <= 0:
+    return np.eye(n, dtype=np.float32)
+  radius = int(truncate * sigma + 0.5)
+  offs = np.arange(-radius, radius + 1)
+  kern = np.exp(-0.5 * (offs / sigma) ** 2)
+  kern /= kern.sum()
+  src = np.arange(n)[:, None] + offs[None, :]
+  period = 2 * n  # 'reflect' (d c b a | a b c d | d c b a) is periodic with period 2n
+  src = np.mod(src, period)
+  src = np.where(src >= n, period - 1 - src, src)
+  mat = np.zeros((n, n), np.float64)
+  np.add.at(mat, (np.repeat(np.arange(n), offs.size), src.ravel()), np.tile(kern, n))
+  return mat.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def map_operator(h: int, w: int, out_h: int, out_w: int, sigma: float):
+  """(A_h [out_h, h], A_w [out_w, w]) so that map = A_h @ patch_scores @ A_w.T."""
+  a_h = gaussian_matrix(out_h, sigma) @ upsample_matrix(h, out_h)
+  a_w = gaussian_matrix(out_w, sigma) @ upsample_matrix(w, out_w)
+  return a_h, a_w
+
+
+def anomaly_maps(patch_scores: jax.Array, out_size: tuple[int, int], sigma: float) -> jax.Array:
+  """Patch score grids [B, h, w] -> blurred pixel maps [B, out_h, out_w] float32."""
+  _, h, w = patch_scores.shape
+  a_h, a_w = map_operator(h, w, int(out_size[0]), int(out_size[1]), float(sigma))
+  hi = jax.lax.Precision.HIGHEST
+  return jnp.einsum('ih,bhw,jw->bij', a_h, patch_scores.astype(jnp.float32), a_w, precision=hi)
+
+
+def image_scores(maps: jax.Array, patch_scores: jax.Array, mode: str, top_percent: float = 1.0):
+  """Image anomaly scores [B] from maps [B, H, W] and patch score grids [B, h, w].
+
+  'max': max of the blurred map (authors' code); 'patch_max': max patch score (PatchCore without
+  reweighting); 'top_percent': mean of the top `top_percent` % map pixels. PatchCore's neighbour
+  reweighting needs the coreset and is `reweighted_image_scores`.
+  """
+  if mode == 'max':
+    return maps.reshape(maps.shape[0], -1).max(-1)
+  if mode == 'patch_max':
+    return patch_scores.reshape(patch_scores.shape[0], -1).max(-1)
+  if mode == 'top_percent':
+    flat = maps.reshape(maps.shape[0], -1)
+    k = max(1, int(round(flat.shape[1] * top_percent / 100.0)))
+    return jax.lax.top_k(flat, k)[0].mean(-1)
+  raise ValueError(f'model.scoring.image_score must be one of {IMAGE_SCORES}, got {mode!r}')
+
+
+def reweighted_image_scores(feats: jax.Array, patch_scores: jax.Array, c_emb: jax.Array,
+                            num_neighbors: int, *, query_tile: int, bank_tile: int) -> jax.Array:
+  """PatchCore's image score: the max patch score scaled by 1 - softmax over its nearest C_emb's
+  `num_neighbors` neighbours in C_emb (PatchCore eq. 7).
+
+  Args:
+    feats: [B, h, w, d] patch features; patch_scores: [B, h, w] (distances to the nearest C_emb).
+  Returns:
+    [B] float32.
+  """
+  b, h, w, d = feats.shape
+  flat = patch_scores.reshape(b, -1)
+  arg = jnp.argmax(flat, axis=-1)
+  star = feats.reshape(b, h * w, d)[jnp.arange(b), arg]                      # [B, d]
+  _, nn_idx = knn.knn(star, c_emb, k=1, query_tile=query_tile, bank_tile=bank_tile)
+  m_star = c_emb[nn_idx[:, 0]]                                               # [B, d]
+  k = min(int(num_neighbors), c_emb.shape[0])
+  _, nb_idx = knn.knn(m_star, c_emb, k=k, query_tile=query_tile, bank_tile=bank_tile)
+  nb = c_emb[nb_idx]                                                          # [B, k, d]
+  dists = jnp.linalg.norm(star[:, None, :] - nb, axis=-1)                     # [B, k]
+  # nb[:, 0] is m_star itself, so the weight is 1 - exp(d*) / sum_k exp(d_k).
+  weight = 1.0 - jax.nn.softmax(dists, axis=-1)[:, 0]
+  return weight * flat.max(-1)

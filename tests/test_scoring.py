@@ -1,0 +1,125 @@
+"""Scoring: eq. 3-8 against a direct numpy evaluation; maps against scipy's resize + blur."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from pni_jax import scoring
+
+
+def _numpy_pni(feats, c_emb, e2d, p_nb, p_pos, tau, lam):
+  """Eq. 4-8 literally: p(c|Omega) = (p_nb + p_pos) / 2, T_tau, p(phi|c) = exp(-lam ||phi - c||),
+  S = -log max_c p(phi|c) T(p(c|Omega)); nearest C_emb when nothing passes the threshold."""
+  p = [q for q in (p_nb, p_pos) if q is not None]
+  prior = sum(p) / len(p)                                               # eq. 6
+  dist = np.sqrt(((feats[:, None, :] - c_emb[None]) ** 2).sum(-1))      # [M, K_emb]
+  like = np.exp(-lam * dist)                                            # eq. 8
+  gate = (prior[:, e2d] > tau).astype(np.float64)                       # eq. 5 via emb -> dist
+  best = (like * gate).max(-1)                                          # eq. 4
+  fallback = like.max(-1)
+  best = np.where(gate.any(-1), best, fallback)
+  return -np.log(best), gate.mean(-1)
+
+
+@pytest.mark.parametrize('use_nb,use_pos', [(True, True), (True, False), (False, True)])
+def test_pni_scores_equal_direct_numpy_eq_4_to_8(use_nb, use_pos):
+  rng = np.random.default_rng(0)
+  m, d, k_emb, k_dist = 37, 6, 50, 11
+  feats = rng.normal(size=(m, d)).astype(np.float32)
+  c_emb = rng.normal(size=(k_emb, d)).astype(np.float32)
+  e2d = rng.integers(0, k_dist, size=k_emb).astype(np.int32)
+  def probs():
+    logits = rng.normal(scale=3.0, size=(m, k_dist))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+  p_nb = probs() if use_nb else None
+  p_pos = probs() if use_pos else None
+  for p in (p_nb, p_pos):
+    if p is not None:
+      p[:3] = 0.0       # nothing allowed for a few patches: exercises the fallback
+  tau, lam = 0.05, 0.7
+  want, want_frac = _numpy_pni(feats, c_emb, e2d, p_nb, p_pos, tau, lam)
+  got, frac = scoring.pni_patch_scores(
+      jnp.asarray(feats), jnp.asarray(c_emb), jnp.asarray(e2d),
+      None if p_nb is None else jnp.asarray(p_nb), None if p_pos is None else jnp.asarray(p_pos),
+      tau=tau, lam=lam, combine='mean_prob', query_tile=8, bank_tile=16)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(frac), want_frac, atol=1e-6)
+  assert (want_frac[:3] == 0).all() and (want_frac[3:] > 0).any()
+
+
+def test_mean_score_averages_the_two_conditional_scores():
+  rng = np.random.default_rng(1)
+  feats = rng.normal(size=(20, 4)).astype(np.float32)
+  c_emb = rng.normal(size=(30, 4)).astype(np.float32)
+  e2d = rng.integers(0, 7, size=30).astype(np.int32)
+  p1 = rng.dirichlet(np.ones(7) * 0.3, size=20).astype(np.float32)
+  p2 = rng.dirichlet(np.ones(7) * 0.3, size=20).astype(np.float32)
+  s1, _ = _numpy_pni(feats, c_emb, e2d, p1, None, 0.1, 1.0)
+  s2, _ = _numpy_pni(feats, c_emb, e2d, None, p2, 0.1, 1.0)
+  got, _ = scoring.pni_patch_scores(jnp.asarray(feats), jnp.asarray(c_emb), jnp.asarray(e2d),
+                                    jnp.asarray(p1), jnp.asarray(p2), tau=0.1, lam=1.0,
+                                    combine='mean_score', query_tile=8, bank_tile=8)
+  np.testing.assert_allclose(np.asarray(got), 0.5 * (s1 + s2), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='combine'):
+    scoring.pni_patch_scores(jnp.asarray(feats), jnp.asarray(c_emb), jnp.asarray(e2d),
+                             jnp.asarray(p1), jnp.asarray(p2), tau=0.1, lam=1.0, combine='sum',
+                             query_tile=8, bank_tile=8)
+
+
+def test_patchcore_distance_is_nearest_coreset_distance():
+  rng = np.random.default_rng(2)
+  feats = rng.normal(size=(45, 5)).astype(np.float32)
+  bank = rng.normal(size=(23, 5)).astype(np.float32)
+  dist, idx = scoring.nearest_distance(jnp.asarray(feats), jnp.asarray(bank), query_tile=16,
+                                       bank_tile=8)
+  full = np.sqrt(((feats[:, None] - bank[None]) ** 2).sum(-1))
+  np.testing.assert_allclose(np.asarray(dist), full.min(-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(idx), full.argmin(-1))
+
+
+@pytest.mark.parametrize('h,out,sigma', [(8, 64, 4.0), (7, 50, 2.5), (16, 64, 0.0)])
+def test_anomaly_map_equals_bilinear_resize_then_scipy_gaussian(h, out, sigma):
+  rng = np.random.default_rng(3)
+  patch = rng.normal(size=(2, h, h + 1)).astype(np.float32)
+  got = np.asarray(scoring.anomaly_maps(jnp.asarray(patch), (out, out + 3), sigma))
+  up = np.asarray(jax.image.resize(jnp.asarray(patch), (2, out, out + 3), 'bilinear',
+                                   antialias=False))
+  want = up if sigma == 0 else np.stack(
+      [scipy.ndimage.gaussian_filter(u.astype(np.float64), sigma) for u in up])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_image_scores_modes():
+  rng = np.random.default_rng(4)
+  maps = jnp.asarray(rng.normal(size=(3, 10, 10)).astype(np.float32))
+  patch = jnp.asarray(rng.normal(size=(3, 4, 4)).astype(np.float32))
+  np.testing.assert_allclose(scoring.image_scores(maps, patch, 'max'), np.asarray(maps).max((1, 2)))
+  np.testing.assert_allclose(scoring.image_scores(maps, patch, 'patch_max'),
+                             np.asarray(patch).max((1, 2)))
+  top = np.sort(np.asarray(maps).reshape(3, -1), -1)[:, -5:].mean(-1)
+  np.testing.assert_allclose(scoring.image_scores(maps, patch, 'top_percent', 5.0), top, rtol=1e-6)
+  with pytest.raises(ValueError, match='image_score'):
+    scoring.image_scores(maps, patch, 'mean')
+
+
+def test_reweighted_image_score_matches_patchcore_formula():
+  rng = np.random.default_rng(5)
+  feats = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+  bank = rng.normal(size=(12, 4)).astype(np.float32)
+  flat = feats.reshape(2, 9, 4)
+  dist = np.sqrt(((flat[:, :, None] - bank[None, None]) ** 2).sum(-1))   # [B, 9, K]
+  patch = dist.min(-1)
+  want = []
+  for b in range(2):
+    i = patch[b].argmax()
+    star = flat[b, i]
+    m_star = bank[dist[b, i].argmin()]
+    nb = bank[np.argsort(((bank - m_star) ** 2).sum(-1), kind='stable')[:3]]
+    dn = np.sqrt(((star - nb) ** 2).sum(-1))
+    want.append((1 - np.exp(dn[0]) / np.exp(dn).sum()) * patch[b].max())
+  got = scoring.reweighted_image_scores(jnp.asarray(feats), jnp.asarray(patch.reshape(2, 3, 3)),
+                                        jnp.asarray(bank), 3, query_tile=4, bank_tile=4)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
