@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   sc.temperature = 2.0
   sc.tau_scale = 0.5          # tau = tau_scale / |C_emb|
   sc.likelihood_lambda = 1.0
-  sc.combine = 'mean_prob'    # 'mean_prob' (eq. 6) | 'mean_score' | 'max_prob'
+  sc.combine = 'mean_prob'    # 'mean_prob' (eq. 6) | 'product' | 'mean_score' | 'max_prob'
   sc.sigma = 8.0              # Gaussian blur of the upsampled map (PatchCore: 4)
   sc.image_score = 'max'      # 'max' | 'reweight' (PatchCore) | 'top_percent'
   sc.top_percent = 1.0
@@ -156,7 +156,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                        f'{m.neighborhood[name]}')
   _choice(m.neighborhood.train_positions, 'model.neighborhood.train_positions',
           ('interior', 'all'))
-  _choice(m.scoring.combine, 'model.scoring.combine', ('mean_prob', 'mean_score', 'max_prob'))
+  _choice(m.scoring.combine, 'model.scoring.combine',
+          ('mean_prob', 'product', 'mean_score', 'max_prob'))
   _choice(m.scoring.image_score, 'model.scoring.image_score',
           ('max', 'patch_max', 'top_percent', 'reweight'))
   _positive(m.scoring.temperature, 'model.scoring.temperature')

@@ -160,7 +160,7 @@ def _pick_step(features: jax.Array, chunk: int, step: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=('chunk',))
 def run_picks(features: jax.Array, state: CoresetState, lo: jax.Array, hi: jax.Array,
-               chunk: int) -> CoresetState:
+              chunk: int) -> CoresetState:
   """Makes picks number lo .. hi - 1 of ``state`` (1 <= lo <= hi <= num).
 
   Args:

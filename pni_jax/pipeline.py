@@ -231,7 +231,7 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
       t = time.perf_counter()
       variables, history = neighborhood.train_mlp(
           store.array, codes, cfg.model.neighborhood, k_mlp,
-          ckpt_dir=str((fit_dir / f'mlp-{nb_fp}').absolute()),
+          ckpt_dir=str((fit_dir / f'mlp-{nb_fp}').absolute()), num_classes=int(core['num_dist']),
           log_fn=lambda msg: logging.info('[%s] %s', category, msg))
       mlp = jax.tree.map(np.asarray, variables)
       mlp_history = _to_plain(history)
@@ -290,7 +290,9 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extr
     image_scores = {v.name: np.zeros(n, np.float32) for v in todo}
     allowed = {v.name: [] for v in todo}
     labels = np.zeros(n, np.int32)
-    fig_images = []
+    fig_index = set(np.unique(np.linspace(0, n - 1, num_fig).round().astype(int)).tolist()
+                    if num_fig > 0 and n > 0 else [])
+    fig_images = {}
     prog = Progress(f'[{category}] test images', n, unit='img')
     start = 0
     for batch in _batches(test_split, cfg, with_masks=True):
@@ -308,8 +310,9 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extr
         allowed[v.name].append(np.asarray(out['allowed'][:b]).mean())
       masks[start:start + b] = np.asarray(batch['mask'] > 0.5, np.uint8)
       labels[start:start + b] = np.asarray(batch['label'])
-      if len(fig_images) < num_fig:
-        fig_images.extend(list(images[:min(b, num_fig - len(fig_images))]))
+      for j in range(b):
+        if start + j in fig_index:
+          fig_images[start + j] = images[j]
       start += b
       prog.update(b)
     prog.close()
@@ -353,7 +356,7 @@ def _write_main_outputs(cfg, cat_dir, split, maps, masks, labels, image_scores, 
     for i, path in enumerate(split.paths):
       report.save_heatmap_png(cat_dir / 'maps' / f'{_image_name(path)}.png', maps[i], lo, hi)
   thr = m['pixel_threshold']
-  for i, image in enumerate(fig_images):
+  for i, image in sorted(fig_images.items()):
     name = _image_name(split.paths[i])
     report.save_image_figure(fig_dir / f'{name}.png', image, masks[i], maps[i], maps[i] >= thr,
                              f'{name}  score {image_scores[i]:.3f}  label {int(labels[i])}')

@@ -20,7 +20,7 @@ import numpy as np
 
 from pni_jax import knn
 
-COMBINE_MODES = ('mean_prob', 'mean_score', 'max_prob')
+COMBINE_MODES = ('mean_prob', 'product', 'mean_score', 'max_prob')
 IMAGE_SCORES = ('max', 'patch_max', 'top_percent', 'reweight')
 
 
@@ -40,8 +40,13 @@ def nearest_distance(feats: jax.Array, c_emb: jax.Array, *, query_tile: int, ban
   return jnp.sqrt(sq[:, 0]), idx[:, 0]
 
 
-def combine_priors(p_nb: jax.Array | None, p_pos: jax.Array | None) -> jax.Array:
-  """Eq. 6: p(c | Omega) = (p(c | N_p(x)) + p(c | x)) / 2, or whichever prior is present.
+def combine_priors(p_nb: jax.Array | None, p_pos: jax.Array | None,
+                   mode: str = 'mean_prob') -> jax.Array:
+  """p(c | Omega) from the two priors, or whichever prior is present.
+
+  'mean_prob' is the paper's eq. 6, (p(c | N_p(x)) + p(c | x)) / 2. 'product' treats the two as
+  independent evidence, p_nb * p_pos renormalised (all zeros where their supports do not meet),
+  so a code ruled out by either prior stays ruled out.
 
   Args:
     p_nb, p_pos: [..., K_dist] probabilities (or None when that prior is switched off).
@@ -52,6 +57,12 @@ def combine_priors(p_nb: jax.Array | None, p_pos: jax.Array | None) -> jax.Array
     return p_pos
   if p_pos is None:
     return p_nb
+  if mode == 'product':
+    prod = p_nb * p_pos
+    total = prod.sum(-1, keepdims=True)
+    return jnp.where(total > 0, prod / jnp.where(total > 0, total, 1.0), 0.0)
+  if mode == 'max_prob':
+    return jnp.maximum(p_nb, p_pos)
   return 0.5 * (p_nb + p_pos)
 
 
@@ -92,20 +103,18 @@ def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combin
   Args:
     feats: [M, d]; c_emb: [K_emb, d]; emb_to_dist: [K_emb] int32;
     p_nb, p_pos: [M, K_dist] priors or None (switched off).
-    combine: 'mean_prob' (eq. 6: threshold the averaged prior), 'max_prob' (threshold the larger
-      of the two), or 'mean_score' (score under each prior separately, then average the scores).
+    combine: 'mean_prob' (eq. 6: threshold the averaged prior), 'product' (threshold the
+      renormalised product), 'max_prob' (threshold the larger of the two), or 'mean_score' (score
+      under each prior separately, then average the scores).
   Returns:
     scores [M] float32, allowed_fraction [M] float32.
   """
   kw = dict(query_tile=query_tile, bank_tile=bank_tile)
   if combine not in COMBINE_MODES:
     raise ValueError(f'model.scoring.combine must be one of {COMBINE_MODES}, got {combine!r}')
-  if p_nb is None or p_pos is None or combine == 'mean_prob':
-    dist, frac = conditional_distance(feats, c_emb, emb_to_dist, combine_priors(p_nb, p_pos), tau,
-                                      **kw)
-  elif combine == 'max_prob':
-    dist, frac = conditional_distance(feats, c_emb, emb_to_dist, jnp.maximum(p_nb, p_pos), tau,
-                                      **kw)
+  if p_nb is None or p_pos is None or combine != 'mean_score':
+    prior = combine_priors(p_nb, p_pos, combine)
+    dist, frac = conditional_distance(feats, c_emb, emb_to_dist, prior, tau, **kw)
   else:  # mean_score
     d1, f1 = conditional_distance(feats, c_emb, emb_to_dist, p_nb, tau, **kw)
     d2, f2 = conditional_distance(feats, c_emb, emb_to_dist, p_pos, tau, **kw)

@@ -14,6 +14,7 @@ import pathlib
 import sys
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,6 +182,8 @@ def test_preprocess_matches_each_backbone_normalisation():
   np.testing.assert_allclose(tv, (x - mean) / std, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):
     backbones.preprocess(LITE, x[..., :2])
+  with pytest.raises(ValueError, match='uint8'):
+    backbones.preprocess(LITE, (x * 255).astype(np.uint8))
 
 
 # ------------------------------------------------------------------ early stop, first-conv split
@@ -221,6 +224,33 @@ def test_first_conv_split_composes_to_the_full_network(resnet18_random):
     np.testing.assert_allclose(np.asarray(split[k]), np.asarray(whole[k]), rtol=1e-6, atol=1e-6)
 
 
+class _FusingEncoder(nn.Module):
+  """How the refinement net reuses an encoder: fuse a map after the first convolution."""
+
+  def setup(self):
+    self.encoder = backbones.build('resnet18')
+    self.map_conv = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                            kernel_init=nn.initializers.zeros)
+
+  def __call__(self, image, anomaly_map):
+    h = self.encoder.first_conv(image) + self.map_conv(anomaly_map)
+    return self.encoder.from_first_conv(h, taps=('stem', 'layer1'))
+
+
+def test_encoder_reuse_with_fusion_after_first_conv(resnet18_random):
+  x = np.random.default_rng(4).standard_normal((1, 32, 32, 3)).astype(np.float32)
+  m = np.random.default_rng(5).uniform(size=(1, 32, 32, 1)).astype(np.float32)
+  fusing = _FusingEncoder()
+  variables = fusing.init(jax.random.PRNGKey(0), x, m)
+  assert set(variables['params']) == {'encoder', 'map_conv'}
+  variables = {'params': {**variables['params'], 'encoder': resnet18_random['params']},
+               'batch_stats': {'encoder': resnet18_random['batch_stats']}}
+  fused = fusing.apply(variables, x, m)  # map_conv is zero: must equal the plain encoder
+  plain = backbones.build('resnet18').apply(resnet18_random, x, taps=('stem', 'layer1'))
+  for k in plain:
+    np.testing.assert_allclose(np.asarray(fused[k]), np.asarray(plain[k]), rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------ weights, converter, errors
 
 
@@ -231,6 +261,8 @@ def test_unknown_names_and_taps_are_rejected():
       call()
   with pytest.raises(ValueError, match='layer5'):
     backbones.extractor('resnet18', taps=('layer2', 'layer5'))
+  with pytest.raises(ValueError, match='densenet161'):
+    backbones.extractor('densenet161', {'params': {'conv1': {}}})
   assert set(backbones.names()) >= {'resnet18', 'resnet50', 'resnet101', 'wide_resnet50_2',
                                     'wide_resnet101_2', 'resnext101_32x8d', 'densenet161',
                                     'densenet201', LITE}
@@ -243,6 +275,8 @@ def test_missing_weights_say_how_to_convert(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'convert_weights\.py --arch densenet201') as e:
     backbones.load_variables('densenet201', str(missing), allow_random_init=True)
   assert str(missing) in str(e.value)
+  with pytest.raises(FileNotFoundError, match=r'not an orbax checkpoint[\s\S]*convert_weights'):
+    backbones.load_variables('resnet18', str(tmp_path))  # an empty directory
 
 
 def test_random_init_only_when_allowed_and_warns():

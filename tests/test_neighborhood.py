@@ -133,7 +133,7 @@ def straight_run(task, tmp_path_factory):
 
 def test_training_beats_chance(straight_run):
   _, history, logged = straight_run
-  # Measured: val accuracy 0.79 after 3 epochs (chance 0.25); the bar leaves a wide margin.
+  # Measured: best val accuracy 0.79 (other seeds 0.72-0.78; chance 0.25); wide margin.
   assert max(history['val_accuracy']) > 0.55
   assert history['val_accuracy'][history['best_epoch']] == max(history['val_accuracy'])
   assert history['loss'][-1] < history['loss'][0]

@@ -50,6 +50,16 @@ def test_pni_scores_equal_direct_numpy_eq_4_to_8(use_nb, use_pos):
   assert (want_frac[:3] == 0).all() and (want_frac[3:] > 0).any()
 
 
+def test_product_combination_vetoes_codes_either_prior_rules_out():
+  p_nb = jnp.asarray([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.5, 0.5]])
+  p_pos = jnp.asarray([[0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])
+  got = np.asarray(scoring.combine_priors(p_nb, p_pos, 'product'))
+  np.testing.assert_allclose(got[0], [0.0, 0.6, 0.4, 0.0], rtol=1e-6)
+  np.testing.assert_array_equal(got[1], 0.0)          # disjoint supports: nothing allowed
+  mean = np.asarray(scoring.combine_priors(p_nb, p_pos, 'mean_prob'))
+  np.testing.assert_allclose(mean, 0.5 * (np.asarray(p_nb) + np.asarray(p_pos)))
+
+
 def test_mean_score_averages_the_two_conditional_scores():
   rng = np.random.default_rng(1)
   feats = rng.normal(size=(20, 4)).astype(np.float32)

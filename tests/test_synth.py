@@ -311,6 +311,27 @@ def test_augment_small_angle_and_colour_keep_alignment(augment_fn):
   assert np.abs(fo - go).max() > 0.01
 
 
+def test_synthesize_balanced(photos, textures):
+  """Exactly two of each kind in a batch of 8; every row is its generator's output."""
+  images, texs = photos[[0, 1, 2, 3, 4, 0, 1, 2]], textures[[0, 1, 2, 3, 4, 0, 1, 2]]
+  key = jax.random.key(4)
+  out, mask, kind = map(np.asarray, jax.jit(synth.synthesize_balanced)(key, images, texs))
+  np.testing.assert_array_equal(np.bincount(kind, minlength=4), [2, 2, 2, 2])
+  np.testing.assert_array_equal(mask.astype(bool), np.any(out != images, axis=-1))
+  assert mask.sum(axis=(1, 2)).min() > 0
+  k_perm, k_gen = jax.random.split(key)
+  perm = np.asarray(jax.random.permutation(k_perm, 8))
+  keys = jax.random.split(k_gen, 8)
+  for j, row in enumerate(perm):
+    name = synth.KINDS[j // 2]
+    assert kind[row] == j // 2
+    o, m = jax.jit(GENERATORS[name])(keys[j], images[row], texs[row])
+    np.testing.assert_allclose(np.asarray(o), out[row], atol=1e-5)
+    assert np.mean(np.asarray(m) != mask[row]) <= 2.0 / (H * W)
+  with pytest.raises(ValueError, match='divisible by 4'):
+    synth.synthesize_balanced(key, images[:6], texs[:6])
+
+
 def test_synthesize_batch_shapes():
   """Traced only (jax.eval_shape, no compile): batch wiring with procedural textures."""
   images = jax.ShapeDtypeStruct((3, H, W, 3), jnp.float32)

@@ -241,11 +241,14 @@ def restore(directory: str | os.PathLike, name: str,
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no weights checkpoint directory at {directory}')
+  if not any(os.path.exists(os.path.join(directory, f))
+             for f in ('_METADATA', '_CHECKPOINT_METADATA')):
+    raise FileNotFoundError(f'{directory} is not an orbax checkpoint (no _METADATA file)')
   ckptr = ocp.StandardCheckpointer()
   try:
     meta = ckptr.metadata(directory)
   except (FileNotFoundError, ValueError) as e:
-    raise FileNotFoundError(f'{directory} is not an orbax checkpoint ({e})') from e
+    raise FileNotFoundError(f'{directory} is not an orbax checkpoint: {e}') from e
   arch = (getattr(meta, 'custom_metadata', None) or {}).get('arch')
   if arch is not None and arch != name:
     raise ValueError(f'{directory} holds weights for {arch!r}, not {name!r}')

@@ -20,8 +20,12 @@ Facts and where they come from:
   (efficientnet_lite_builder.py: "Edge models use inception-style MEAN and STDDEV for better
   post-quantization"), i.e. (255 x - 127) / 128 for x in [0, 1].
 * Head: conv_head 1x1 -> BN -> ReLU6 -> global average -> dropout(0.2) -> fc(1000).
+Checked (tools/record_golden.py, tests/golden): with the real weights this port matches the
+reference `efficientnet_lite_pytorch` model at every tap within 2e-6 relative; converted timm
+`tf_efficientnet_lite0` state_dicts also match timm's outputs and features_only taps.
 
-Taps (strides follow timm's `features_only` for this family: last block at each stride):
+Taps (layer1..4 = timm's `features_only` taps, the last block at each stride; unlike timm,
+'stem' is the stem itself, as for the other families):
   stem   [B, H/2,  W/2,  32]   relu6(bn0(conv_stem(x)))
   layer1 [B, H/4,  W/4,  24]   after block 2  (end of stage 2)
   layer2 [B, H/8,  W/8,  40]   after block 4  (end of stage 3)

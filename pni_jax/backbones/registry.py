@@ -138,6 +138,9 @@ def preprocess(name: str, images: jnp.ndarray) -> jnp.ndarray:
   s = spec(name)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'expected images [B, H, W, 3], got shape {tuple(images.shape)}')
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f'expected float images in [0, 1], got dtype {images.dtype} '
+                     '(divide uint8 images by 255 first)')
   x = jnp.asarray(images, jnp.float32)
   return (x - jnp.asarray(s.mean, jnp.float32)) / jnp.asarray(s.std, jnp.float32)
 
@@ -162,14 +165,14 @@ def convert_command(name: str, out: str = 'DIR') -> str:
   return (f'python tools/convert_weights.py --arch {name} --from /path/to/{src} --out {out}')
 
 
-def _missing_message(name: str, weights: str) -> str:
+def _missing_message(name: str, weights: str, reason: str = '') -> str:
   s = spec(name)
   where = (f' (torchvision IMAGENET1K_V1 weights: https://download.pytorch.org/models/'
            f'{s.torchvision_file}, or ~/.cache/torch/hub/checkpoints/{s.torchvision_file})'
            if s.torchvision_file else '')
   target = weights or 'DIR'
-  return (f'no pretrained weights for backbone {name!r}'
-          + (f': {weights} does not exist' if weights else ' (it has no embedded default)')
+  reason = reason or (f'{weights} does not exist' if weights else 'it has no embedded default')
+  return (f'no pretrained weights for backbone {name!r} ({reason})'
           + f'. Produce them with\n  {convert_command(name, target)}{where}\n'
           f'and set config model.weights={target} (or pass the .pth file itself). '
           'For smoke tests only, model.allow_random_init=True uses random, NOT pretrained, '
@@ -213,7 +216,11 @@ def load_variables(name: str, weights: str = '', *, allow_random_init: bool = Fa
       raise FileNotFoundError(_missing_message(name, path))
     if os.path.isfile(path):
       return convert.to_jax(convert_state_dict(name, torch_pickle.load_state_dict(path)))
-    return convert.to_jax(convert.restore(path, name, abstract_variables(name)))
+    try:
+      restored = convert.restore(path, name, abstract_variables(name))
+    except FileNotFoundError as e:
+      raise FileNotFoundError(_missing_message(name, path, str(e))) from e
+    return convert.to_jax(restored)
   if s.embedded_weights:
     sd = torch_pickle.load_state_dict(embedded_lite0_path())
     return convert.to_jax(convert_state_dict(name, sd))
@@ -228,11 +235,23 @@ def load_variables(name: str, weights: str = '', *, allow_random_init: bool = Fa
   return convert.to_jax(convert.random_variables(abstract_variables(name), seed))
 
 
+def _top_level_modules(name: str) -> set[str]:
+  """Names of the top-level parameter groups of `name` (no tracing needed)."""
+  family = spec(name).family
+  if family == 'resnet':
+    return {'conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4', 'fc'}
+  if family == 'densenet':
+    return ({'conv0', 'norm0', 'norm5', 'classifier'} | {f'denseblock{k}' for k in range(1, 5)}
+            | {f'transition{k}' for k in range(1, 4)})
+  return ({'conv_stem', 'bn0', 'conv_head', 'bn1', 'fc'}
+          | {f'blocks_{i}' for i in range(len(efficientnet_lite.lite0_blocks()))})
+
+
 def check_variables(name: str, variables: Mapping[str, Any]) -> None:
   """Raises ValueError when `variables` lack the top-level modules of backbone `name`."""
   if not isinstance(variables, Mapping) or 'params' not in variables:
     raise ValueError(f'variables for {name!r} must be a dict with "params" (and "batch_stats")')
-  want = set(abstract_variables(name)['params'])
+  want = _top_level_modules(name)
   have = set(variables['params'])
   if not want <= have:
     raise ValueError(f'variables do not belong to backbone {name!r}: missing '
