@@ -110,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.ablations = ()            # extra variants to evaluate, e.g. ('baseline', 'N', 'N+P', 'N+P+R')
 
   c.memory = mem = ml_collections.ConfigDict()
-  mem.feature_cap_mb = 4096   # host memory for stored patch features before spilling to disk
+  mem.feature_cap_mb = 4096.0  # host memory for stored patch features before spilling to disk
   return c
 
 

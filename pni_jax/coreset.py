@@ -5,12 +5,17 @@ then repeatedly add the point farthest from everything picked so far. We keep
 one running vector ``min_sq_dist [N]`` (squared distance of every feature to
 its nearest pick) and per pick make one pass over the features:
 
-  d = ||x - c_last||^2 for all x   (chunks of ``chunk_size`` rows, float32)
+  d = ||x||^2 - 2 x.c_last + ||c_last||^2 for all x   (chunks of ``chunk_size``
+      rows; a matrix-vector product accumulated in float32, clipped at 0)
   min_sq_dist = min(min_sq_dist, d);   next = argmax(min_sq_dist)
 
-so memory is O(N * p + N) (the features and the vector), never N x N, and the
-largest temporary is [chunk_size, p]. A pass reads N * p feature values and
-N distances: selection is memory-bound and linear in N per pick.
+so memory is O(N * p + N) (the features, their squared norms and the running
+vector), never N x N, and the largest temporary is [chunk_size] float32. A pass
+reads N * p feature values and 3 N floats (norms, running min read and
+written): selection is memory-bound and linear in N per pick. (The expansion
+ran 1.2-2x faster on XLA:CPU than a fused sum of squared differences and is
+what PatchCore uses; its float32 cancellation only affects near-zero
+distances, never the far points the argmax looks for.)
 
 Rules (a numpy loop following them reproduces the indices exactly, see
 tests/test_coreset.py):
@@ -115,9 +120,11 @@ def project(features: jax.Array, matrix: jax.Array | None,
 class CoresetState(NamedTuple):
   """Selection state carried between segments (plain arrays).
 
+  sq_norms: [N] float32, ||x||^2 of every feature row (constant).
   min_sq_dist: [N] float32, squared distance to the nearest pick; -inf for picks.
   picks: [num] int32, selection order (entries >= `done` are not yet valid).
   """
+  sq_norms: jax.Array
   min_sq_dist: jax.Array
   picks: jax.Array
 
@@ -126,7 +133,7 @@ def chunk_rows(n: int, chunk_size: int) -> int:
   """Rows per chunk: the fewest nearly equal chunks of at most ``chunk_size`` rows."""
   if int(chunk_size) < 1:
     raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
-  return knn_lib.balanced_tile(n, int(chunk_size), 8)
+  return knn_lib.balanced_tile(n, int(chunk_size), 128)
 
 
 def _pick_step(features: jax.Array, chunk: int, step: jax.Array,
@@ -134,7 +141,8 @@ def _pick_step(features: jax.Array, chunk: int, step: jax.Array,
   """Adds pick number ``step`` (>= 1) given picks[step - 1]; one pass over features."""
   n, p = features.shape
   last = state.picks[step - 1]
-  center = lax.dynamic_slice(features, (last, 0), (1, p)).astype(jnp.float32)
+  center = lax.dynamic_slice(features, (last, 0), (1, p))[0]  # [p], features' dtype
+  center_sq = state.sq_norms[last]
   min_d = state.min_sq_dist.at[last].set(-jnp.inf)
   num_chunks = -(-n // chunk)
 
@@ -143,9 +151,11 @@ def _pick_step(features: jax.Array, chunk: int, step: jax.Array,
     # The last chunk is shifted back to end at row n (no padded copy of the
     # features); its overlap with the previous chunk is recomputed identically.
     start = jnp.minimum(c * chunk, n - chunk)
-    x = lax.dynamic_slice(features, (start, 0), (chunk, p)).astype(jnp.float32)
-    diff = x - center
-    d = jnp.sum(diff * diff, axis=1)
+    x = lax.dynamic_slice(features, (start, 0), (chunk, p))
+    dot = lax.dot_general(x, center, (((1,), (0,)), ((), ())),
+                          precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    sq = lax.dynamic_slice(state.sq_norms, (start,), (chunk,))
+    d = jnp.maximum(sq - 2.0 * dot + center_sq, 0.0)
     new = jnp.minimum(lax.dynamic_slice(min_d, (start,), (chunk,)), d)
     min_d = lax.dynamic_update_slice(min_d, new, (start,))
     j = jnp.argmax(new).astype(jnp.int32)  # first index among ties
@@ -155,7 +165,7 @@ def _pick_step(features: jax.Array, chunk: int, step: jax.Array,
 
   init = (min_d, jnp.array(-jnp.inf, jnp.float32), jnp.array(0, jnp.int32))
   min_d, _, best_i = lax.fori_loop(0, num_chunks, chunk_body, init)
-  return CoresetState(min_d, state.picks.at[step].set(best_i))
+  return CoresetState(state.sq_norms, min_d, state.picks.at[step].set(best_i))
 
 
 @functools.partial(jax.jit, static_argnames=('chunk',))
@@ -175,10 +185,14 @@ def run_picks(features: jax.Array, state: CoresetState, lo: jax.Array, hi: jax.A
   return lax.fori_loop(lo, hi, functools.partial(_pick_step, features, chunk), state)
 
 
-def init_state(n: int, num: int, start_index: jax.Array) -> CoresetState:
-  """State with only the first pick made: min_sq_dist +inf, picks[0] = start_index."""
+@functools.partial(jax.jit, static_argnames=('num',))
+def init_state(features: jax.Array, num: int, start_index: jax.Array) -> CoresetState:
+  """State with only the first pick made: features [N, p] -> norms, min_sq_dist +inf,
+  picks [num] with picks[0] = start_index."""
+  x = features.astype(jnp.float32)
   picks = jnp.zeros((num,), jnp.int32).at[0].set(jnp.asarray(start_index, jnp.int32))
-  return CoresetState(jnp.full((n,), jnp.inf, jnp.float32), picks)
+  return CoresetState(jnp.sum(x * x, axis=1),
+                      jnp.full((features.shape[0],), jnp.inf, jnp.float32), picks)
 
 
 def greedy_k_center(features: jax.Array, start_index: jax.Array, num: int,
@@ -190,7 +204,7 @@ def greedy_k_center(features: jax.Array, start_index: jax.Array, num: int,
   """
   n = features.shape[0]
   chunk = chunk_rows(n, chunk_size)
-  state = init_state(n, num, start_index)
+  state = init_state(features, num, start_index)
   return run_picks(features, state, jnp.int32(1), jnp.int32(num), chunk).picks
 
 
@@ -238,7 +252,7 @@ def greedy_coreset(features: jax.Array,
     start_index = jax.random.randint(key, (), 0, n, dtype=jnp.int32)
 
   features = jnp.asarray(features)
-  state = init_state(n, num, start_index)
+  state = init_state(features, num, start_index)
   seg = segment_size if segment_size > 0 else num
   t0 = time.perf_counter()
   done = 1

@@ -187,7 +187,7 @@ def _bank_sq_norms(bank: jax.Array, bank_mask: jax.Array | None) -> jax.Array:
   return b_sq
 
 
-def _row_argmin(dist: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
+def row_argmin(dist: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
   """Row minima and their first (lowest) column: dist [tq, tk] -> ([tq] float32, [tq] int32).
 
   Two levels when tk splits into blocks: minima of ``block``-wide column blocks,
@@ -273,7 +273,7 @@ def knn(queries: jax.Array,
       dist = _tile_sq_dists(qt, qt_sq, bt, bt_sq, precision)  # [tq, tk]
       if k == 1:
         # Strict '<' keeps the earlier (lower-index) row on ties; argmin is first-index.
-        dmin, j = _row_argmin(dist)
+        dmin, j = row_argmin(dist)
         better = dmin[:, None] < best_d
         return (jnp.where(better, dmin[:, None], best_d),
                 jnp.where(better, start + j[:, None], best_i))
@@ -387,12 +387,12 @@ def masked_min_dist(queries: jax.Array,
       ok = jnp.logical_and(ok, jnp.isfinite(bt_sq)[None, :])
       masked = jnp.where(ok, dist, jnp.inf)
 
-      dj, j = _row_argmin(masked)
+      dj, j = row_argmin(masked)
       better = dj < best_d
       best_d = jnp.where(better, dj, best_d)
       best_i = jnp.where(better, start + j, best_i)
 
-      dj, j = _row_argmin(dist)
+      dj, j = row_argmin(dist)
       better = dj < near_d
       near_d = jnp.where(better, dj, near_d)
       near_i = jnp.where(better, start + j, near_i)

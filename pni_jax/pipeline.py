@@ -175,7 +175,7 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
   n = len(train_split.paths)
   if n == 0:
     raise ValueError(f'[{category}] the training set is empty')
-  cap = int(cfg.memory.feature_cap_mb) * 2 ** 20
+  cap = int(float(cfg.memory.feature_cap_mb) * 2 ** 20)
   fit_dir.mkdir(parents=True, exist_ok=True)
   key = jax.random.key(cfg.seed)
   k_proj, k_core, k_mlp = jax.random.split(key, 3)
@@ -186,7 +186,7 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
   with tempfile.TemporaryDirectory(dir=fit_dir, prefix='scratch-') as scratch, \
        FeatureStore((n, h, w, d), cap_bytes=cap, scratch_dir=scratch) as store:
     if store.spilled:
-      logging.info('[%s] train features (%.1f MB) exceed memory.feature_cap_mb=%d: '
+      logging.info('[%s] train features (%.1f MB) exceed memory.feature_cap_mb=%g: '
                    'memory-mapped in %s', category, store.nbytes / 2 ** 20,
                    cfg.memory.feature_cap_mb, scratch)
     t = time.perf_counter()

@@ -5,9 +5,9 @@ timed per pick for
   * pni_jax.coreset (jitted, chunked over rows, --picks picks in one call),
   * a numpy greedy loop (||x||^2 - 2 x.c + ||c||^2 with a BLAS matvec; --baseline-picks picks),
   * a scikit-learn loop (metrics.pairwise.euclidean_distances per pick, same rule),
-and printed as ms per pick, GB/s (bytes read and written per pick: the features
-once plus the [N] running-min vector read and written) and ns per row per pick,
-which stays flat when selection time is linear in N. The baseline picks are
+and printed as ms per pick, GB/s (bytes moved per pick: the features and the [N]
+norms read once, the [N] running-min vector read and written) and ns per row per
+pick, which stays flat when selection time is linear in N. The baseline picks are
 compared with the first picks of pni_jax (same start). Times: min over --repeats
 (pni_jax and numpy alternate; scikit-learn runs once).
 """
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
     x = jax.random.normal(jax.random.key(args.seed + n), (n, p), jnp.float32).astype(dtype)
     num = min(args.picks, n)
     chunk = coreset.chunk_rows(n, args.chunk_size)
-    state0 = coreset.init_state(n, num, 0)
+    state0 = coreset.init_state(x, num, 0)
 
     def run():
       return coreset.run_picks(x, state0, jnp.int32(1), jnp.int32(num), chunk).picks
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
       ref = numpy_greedy(x_np, nb, 0)
       t_np = min(t_np, time.perf_counter() - t)
     per_pick = t_jax / (num - 1)
-    bytes_pick = n * p * dtype.itemsize + 2 * 4 * n
+    bytes_pick = n * p * dtype.itemsize + 3 * 4 * n
     row = dict(n=n, dim=p, ms_per_pick=1e3 * per_pick, gb_per_s=bytes_pick / per_pick / 1e9,
                ns_per_row_pick=1e9 * per_pick / n, numpy_ms_per_pick=1e3 * t_np / (nb - 1),
                picks_equal_numpy=int(np.sum(np.cumprod(ref == np.asarray(picks)[:nb]))))

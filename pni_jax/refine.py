@@ -1,0 +1,891 @@
+"""Pixelwise refinement (paper section 3.3, eq. 9-11, Figure 4): network, losses, training, fusion.
+
+Network `RefineNet` f(I, A_hat): an ImageNet encoder (DenseNet-161 in the paper, EfficientNet-Lite0
+for CPU runs) with EARLY FUSION after its first convolution: the preprocessed image goes through the
+encoder's own first conv, the map (scaled to [-1, 1]) through a conv of the same kernel, stride,
+padding and channel count, and the two are SUMMED (FuseNet-style element-wise sum; keeps the
+pretrained statistics the encoder's first BatchNorm expects, and adds no extra layer). The rest of
+the encoder runs from that sum (`from_first_conv`) and returns the taps stem, layer1..layer4
+(strides 2..32). Decoder (after Lee & Kim's depth network, which the paper builds on): 5 blocks of
+  bilinear x2 upsampling -> concat skip -> 1x1 conv + ReLU -> 3x3 conv + ReLU,
+with C4 / 2, C4 / 4, ..., C4 / 32 channels (C4 = channels of layer4; DenseNet-161: 1104 .. 69,
+Lite0: 160 .. 10). Skips are concatenated at matching resolutions: layer3, layer2, layer1 and stem
+for blocks 1-4, and the 4-channel network input (preprocessed image + scaled map) at full
+resolution for block 5, so the last block sees the image edges the refinement is meant to follow.
+A final 1x1 conv to one channel gives the residual r, zero-initialised (the untrained network
+returns its input map), and the output is `A_hat + r` ("output added to the input map").
+
+Heads. For the paper's loss ('reg_grad') the refined map is `A_hat + r`. For the Table 4
+alternatives ('ce', 'focal') the residual is added in logit space: logits = logit(clip(A_hat,
+1e-3, 1 - 1e-3)) + r and the refined map is sigmoid(logits), a probability that equals A_hat at
+initialisation; the losses take those logits (numerically stable sigmoid cross-entropy).
+
+Losses (eq. 10-11), per image, then averaged over the batch:
+  l_reg  = ||A~ - A||_2 / (H W)
+  l_grad = (||grad_h A~ - grad_h A||_2 + ||grad_w A~ - grad_w A||_2) / (2 H W)
+  loss   = (l_reg + l_grad) / 2
+with forward differences (grad_h X = X[1:, :] - X[:-1, :]) and ||.||_2 the Frobenius norm.
+
+Map normalisation. The input map and the target both live in [0, 1] (paper): A_hat is mapped with
+GLOBAL statistics `normalize_map(a, lo, hi) = clip((a - lo) / (hi - lo), 0, 1)`, where, at fit time,
+lo = the `norm_quantiles[0]` (default 1 %) quantile of A_hat over the pixels outside the synthetic
+defects (normal texture) and hi = the `norm_quantiles[1]` (default 99 %) quantile of A_hat inside
+the synthetic defect masks. A low normal quantile keeps almost the whole normal range unclipped (the
+network can still see how normal a pixel is), a high defect quantile maps clearly detected defects
+to ~1 like the target. Per-image min-max would stretch a normal image's noise to [0, 1].
+
+Training (`train_refiner`, flax examples/imagenet style): `TrainState`, a pure jitted
+`train_step(state, batch, key)` (online flip / 90-degree rotation / colour augmentation inside the
+step, forward, loss, Adam), and a Python loop with clu metrics, progress lines, orbax checkpoints
+every `checkpoint_every` iterations. Each sample: normal training images (picked from the run key
+and the step number), a synthetic defect (`synth.synthesize_balanced`: the four kinds in equal
+ratio), A_hat from the caller's `amap_fn` on the synthetic image at full size, then image, map and
+mask resized to `input_size`. `pool_size > 0` synthesises a fixed pool of samples (and their A_hat)
+once and trains with online augmentation drawn from it (amap_fn dominates on CPU); `pool_size = 0`
+synthesises every batch afresh, as the paper. All randomness derives from (key, step): a run killed
+and resumed from its checkpoint directory ends with bit-identical weights.
+
+Fusion at inference (`fuse`): final = (1 - w) * normalize(A_hat) + w * refined (paper: w = 0.1),
+the network running at `input_size` (image and map resized there, the refined map resized back).
+
+Shapes: images [B, S, S, 3] float32 in [0, 1] (NHWC); maps and masks [B, S, S] float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+from clu import metrics as clu_metrics
+import flax
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from pni_jax import backbones
+from pni_jax import fileio
+from pni_jax import synth
+
+LOSSES = ('reg_grad', 'ce', 'focal')
+HEADS = ('residual', 'logit')
+ENCODER_TAPS = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
+TEXTURE_SOURCES = ('procedural', 'images')
+LOGIT_EPS = 1e-3              # A_hat is clipped to [eps, 1 - eps] before logit() (ce / focal)
+FOCAL_GAMMA = 2.0
+
+# First convolution of each encoder family: (kernel, padding) as the encoder's own first conv.
+_FIRST_CONV = {
+    'densenet': (7, ((3, 3), (3, 3))),
+    'resnet': (7, ((3, 3), (3, 3))),
+    'efficientnet_lite': (3, 'SAME'),
+}
+
+# Salts for `jax.random.fold_in`: one independent stream per use of the run key.
+_SALT_INIT, _SALT_POOL, _SALT_CALIB, _SALT_STEP = 0, 1, 2, 3
+
+# Defaults of the fields proposed for cfg.model.refine (read with .get until they exist).
+DEFAULTS = dict(pool_size=0, allow_random_init=False, texture_source='procedural',
+                norm_quantiles=(0.01, 0.99), calibration_samples=64, augment=True,
+                log_every=100)
+
+
+def head_for_loss(loss: str) -> str:
+  """'reg_grad' -> 'residual' (A_hat + r); 'ce' | 'focal' -> 'logit' (sigmoid(logit A_hat + r))."""
+  if loss not in LOSSES:
+    raise ValueError(f'model.refine.loss must be one of {LOSSES}, got {loss!r}')
+  return 'residual' if loss == 'reg_grad' else 'logit'
+
+
+def _get(cfg, name: str):
+  return cfg.get(name, DEFAULTS[name]) if hasattr(cfg, 'get') else DEFAULTS[name]
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def _resize(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
+  """Bilinear resize of the spatial axes 1, 2 of [B, H, W, ...] (half-pixel centres,
+  antialiased when shrinking)."""
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return jax.image.resize(x, (x.shape[0], *size, *x.shape[3:]), 'bilinear')
+
+
+class UpBlock(nn.Module):
+  """Bilinear upsampling to `size` (x2 for the encoder's strides), concat skip, 1x1 conv + ReLU,
+  3x3 conv + ReLU. x: [B, h, w, c] -> [B, size[0], size[1], features]."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, skip: jnp.ndarray | None,
+               size: tuple[int, int]) -> jnp.ndarray:
+    x = _resize(x, size)
+    if skip is not None:
+      x = jnp.concatenate([x, jnp.asarray(skip, x.dtype)], axis=-1)
+    conv = functools.partial(nn.Conv, self.features, dtype=self.dtype, param_dtype=jnp.float32,
+                             kernel_init=backbones.layers.conv_init)
+    x = nn.relu(conv((1, 1), name='conv1x1')(x))
+    return nn.relu(conv((3, 3), padding='SAME', name='conv3x3')(x))
+
+
+def decoder_features(encoder: str) -> tuple[int, ...]:
+  """Channels of the 5 decoder blocks: C4 / 2 .. C4 / 32 (C4 = layer4 channels), at least 8."""
+  c4 = backbones.spec(encoder).channels['layer4']
+  return tuple(max(c4 // 2 ** k, 8) for k in range(1, 6))
+
+
+class RefineNet(nn.Module):
+  """The refinement network f(I, A_hat) (module docstring).
+
+  Attributes:
+    encoder: backbone name ('densenet161' | 'efficientnet_lite0' | any `backbones.names()`); its
+      variables live under the submodule 'encoder'.
+    head: 'residual' (refined = A_hat + r) or 'logit' (refined = sigmoid(logit(A_hat) + r)).
+    dtype: compute dtype (params stay float32; outputs are float32).
+  """
+  encoder: str = 'densenet161'
+  head: str = 'residual'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def residual(self, images01: jnp.ndarray, amap: jnp.ndarray, train: bool) -> jnp.ndarray:
+    """images01: [B, S, S, 3] float in [0, 1]; amap: [B, S, S] in [0, 1] -> r [B, S, S] float32."""
+    if images01.ndim != 4 or images01.shape[-1] != 3:
+      raise ValueError(f'images01 must be [B, S, S, 3], got shape {tuple(images01.shape)}')
+    if tuple(amap.shape) != tuple(images01.shape[:3]):
+      raise ValueError(f'amap must be [B, S, S] = {tuple(images01.shape[:3])}, got shape '
+                       f'{tuple(amap.shape)}')
+    spec = backbones.spec(self.encoder)
+    kernel, padding = _FIRST_CONV[spec.family]
+    size = tuple(images01.shape[1:3])
+    x = backbones.preprocess(self.encoder, jnp.asarray(images01, jnp.float32))
+    m = (2.0 * jnp.asarray(amap, jnp.float32) - 1.0)[..., None]        # [0, 1] -> [-1, 1]
+    enc = backbones.build(self.encoder, self.dtype).clone(name='encoder', parent=self)
+    h_img = enc.first_conv(x)
+    h_map = nn.Conv(spec.channels['stem'], (kernel, kernel), strides=(2, 2), padding=padding,
+                    use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=backbones.layers.conv_init, name='map_conv')(m)
+    taps = enc.from_first_conv(h_img + h_map, taps=ENCODER_TAPS, train=train)
+    skips = [taps['layer3'], taps['layer2'], taps['layer1'], taps['stem'],
+             jnp.concatenate([x, m], axis=-1)]
+    h = taps['layer4']
+    for i, (features, skip) in enumerate(zip(decoder_features(self.encoder), skips)):
+      h = UpBlock(features, dtype=self.dtype, name=f'up{i + 1}')(h, skip, tuple(skip.shape[1:3]))
+    r = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                name='out_conv')(h)
+    return jnp.asarray(r[..., 0], jnp.float32).reshape(images01.shape[0], *size)
+
+  def logits(self, images01: jnp.ndarray, amap: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """'logit' head: logit(clip(A_hat, eps, 1 - eps)) + r, [B, S, S] float32."""
+    a = jnp.clip(jnp.asarray(amap, jnp.float32), LOGIT_EPS, 1.0 - LOGIT_EPS)
+    return jnp.log(a) - jnp.log1p(-a) + self.residual(images01, amap, train)
+
+  def __call__(self, images01: jnp.ndarray, amap: jnp.ndarray,
+               train: bool = False) -> jnp.ndarray:
+    """images01: [B, S, S, 3] in [0, 1]; amap: [B, S, S] normalised A_hat in [0, 1] ->
+    refined [B, S, S] float32 (A_hat + r, or sigmoid(logits) for the 'logit' head)."""
+    if self.head == 'residual':
+      return jnp.asarray(amap, jnp.float32) + self.residual(images01, amap, train)
+    if self.head == 'logit':
+      return jax.nn.sigmoid(self.logits(images01, amap, train))
+    raise ValueError(f'RefineNet.head must be one of {HEADS}, got {self.head!r}')
+
+
+def _merge_pretrained(init: Mapping, pretrained: Mapping, path: str = '') -> dict:
+  """`init`'s tree with every leaf taken from `pretrained` (which may hold more, e.g. the
+  classifier the encoder never builds); shapes must match."""
+  out = {}
+  for k, v in init.items():
+    where = f'{path}/{k}'
+    if k not in pretrained:
+      raise ValueError(f'pretrained encoder variables lack {where}')
+    if isinstance(v, Mapping):
+      out[k] = _merge_pretrained(v, pretrained[k], where)
+    else:
+      p = jnp.asarray(pretrained[k], jnp.float32)
+      if p.shape != v.shape:
+        raise ValueError(f'pretrained encoder variable {where} has shape {p.shape}, '
+                         f'the network expects {v.shape}')
+      out[k] = p
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'size'))
+def _init(model: RefineNet, key: jax.Array, size: int):
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
+  return model.init(key, x, jnp.zeros((1, size, size), jnp.float32), train=False)
+
+
+def init_variables(encoder: str, key: jax.Array, *, input_size: int = 64, weights: str = '',
+                   pretrained: bool = True, allow_random_init: bool = False,
+                   head: str = 'residual', dtype=jnp.float32) -> dict:
+  """Variables {'params', 'batch_stats'} of a fresh RefineNet.
+
+  The encoder's subtree is replaced by its ImageNet variables (`backbones.load_variables(encoder,
+  weights)`) when `pretrained`; with no weights available for `encoder` (e.g. densenet161 without
+  converted weights) that raises FileNotFoundError unless `allow_random_init`, which keeps random
+  encoder variables and warns. The decoder and map conv are random from `key`.
+  """
+  model = RefineNet(encoder, head, dtype)
+  variables = flax.core.unfreeze(_init(model, key, int(input_size)))
+  if not pretrained:
+    return variables
+  try:
+    loaded = backbones.load_variables(encoder, weights, allow_random_init=allow_random_init,
+                                      key=jax.random.fold_in(key, 1))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f'refinement encoder {encoder!r}: {e}\n(for the refinement network the settings are '
+        'model.refine.encoder_weights and model.refine.allow_random_init)') from e
+  for col in ('params', 'batch_stats'):
+    variables[col]['encoder'] = _merge_pretrained(variables[col]['encoder'], loaded[col],
+                                                  f'{col}/encoder')
+  return variables
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _l2(x: jnp.ndarray) -> jnp.ndarray:
+  """Frobenius norm over the last two axes, with a zero (not NaN) gradient at 0."""
+  s = jnp.sum(jnp.square(x), axis=(-2, -1))
+  positive = s > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
+
+
+def loss_reg_grad(pred: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
+  """(l_reg + l_grad) / 2 of eq. 10-11, mean over the batch.
+
+  pred, target: [B, H, W] float (refined map, ground-truth mask in [0, 1]) -> [] float32.
+  """
+  pred = jnp.asarray(pred, jnp.float32)
+  target = jnp.asarray(target, jnp.float32)
+  if pred.shape != target.shape or pred.ndim != 3:
+    raise ValueError(f'pred and target must both be [B, H, W], got {pred.shape} and '
+                     f'{target.shape}')
+  h, w = pred.shape[1:]
+  d = pred - target
+  l_reg = _l2(d) / (h * w)
+  grad_h = d[:, 1:, :] - d[:, :-1, :]          # = grad_h pred - grad_h target
+  grad_w = d[:, :, 1:] - d[:, :, :-1]
+  l_grad = (_l2(grad_h) + _l2(grad_w)) / (2 * h * w)
+  return jnp.mean((l_reg + l_grad) / 2)
+
+
+def loss_ce(logits: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
+  """Pixelwise sigmoid cross-entropy (the 'logit' head's logits vs mask), mean -> [] float32."""
+  logits = jnp.asarray(logits, jnp.float32)
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(target, jnp.float32)))
+
+
+def loss_focal(logits: jnp.ndarray, target: jnp.ndarray, gamma: float = FOCAL_GAMMA) -> jnp.ndarray:
+  """Pixelwise sigmoid focal loss (gamma 2, no alpha class weighting), mean -> [] float32."""
+  logits = jnp.asarray(logits, jnp.float32)
+  return jnp.mean(optax.sigmoid_focal_loss(logits, jnp.asarray(target, jnp.float32), alpha=None,
+                                           gamma=gamma))
+
+
+def loss_fn(name: str) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+  """cfg.model.refine.loss -> loss(pred, target): 'reg_grad' takes the refined map, 'ce' and
+  'focal' the logits of the 'logit' head (`head_for_loss`)."""
+  head_for_loss(name)
+  return {'reg_grad': loss_reg_grad, 'ce': loss_ce, 'focal': loss_focal}[name]
+
+
+# ----------------------------------------------------------------------------- normalisation, fusion
+
+
+def normalize_map(amap: jnp.ndarray, lo, hi) -> jnp.ndarray:
+  """clip((amap - lo) / (hi - lo), 0, 1) with global fit-time statistics lo < hi (scalars, may be
+  traced). amap: [...] float -> same shape float32."""
+  amap = jnp.asarray(amap, jnp.float32)
+  lo = jnp.asarray(lo, jnp.float32)
+  span = jnp.maximum(jnp.asarray(hi, jnp.float32) - lo, 1e-12)
+  return jnp.clip((amap - lo) / span, 0.0, 1.0)
+
+
+def map_stats(raw_maps: np.ndarray, masks: np.ndarray,
+              quantiles: Sequence[float] = DEFAULTS['norm_quantiles']) -> dict[str, float]:
+  """Normalisation statistics from A_hat of synthetic samples (module docstring).
+
+  raw_maps: [N, S, S] float (A_hat before normalisation); masks: [N, S, S] synthetic defect masks.
+  Returns {'lo': quantile q0 of A_hat outside the masks, 'hi': quantile q1 inside them}; when
+  hi <= lo (a degenerate A_hat), hi = the overall maximum, else lo + 1e-6 (logged).
+  """
+  raw = np.asarray(raw_maps, np.float32)
+  inside = np.asarray(masks) > 0.5
+  q0, q1 = (float(q) for q in quantiles)
+  if not 0.0 <= q0 < 1.0 or not 0.0 < q1 <= 1.0:
+    raise ValueError(f'model.refine.norm_quantiles must be two quantiles in [0, 1], got '
+                     f'{tuple(quantiles)}')
+  normal, defect = raw[~inside], raw[inside]
+  if normal.size == 0 or defect.size == 0:
+    raise ValueError('map_stats needs pixels both inside and outside the synthetic defect masks')
+  lo = float(np.quantile(normal, q0))
+  hi = float(np.quantile(defect, q1))
+  if not hi > lo:
+    logging.warning('refinement: A_hat inside synthetic defects (q%.2f = %g) is not above the '
+                    'normal pixels (q%.2f = %g); using the overall maximum', q1, hi, q0, lo)
+    hi = float(raw.max())
+    if not hi > lo:
+      hi = lo + 1e-6
+  return {'lo': lo, 'hi': hi}
+
+
+@functools.partial(jax.jit, static_argnames=('input_size', 'encoder', 'loss', 'dtype'))
+def refine_maps(variables, images01: jnp.ndarray, amap_norm: jnp.ndarray, input_size: int,
+                encoder: str, loss: str = 'reg_grad', dtype=jnp.float32) -> jnp.ndarray:
+  """The refined map A~ at the images' size: the network runs at `input_size`.
+
+  images01: [B, S, S, 3] float in [0, 1]; amap_norm: [B, S, S] normalised A_hat ->
+  [B, S, S] float32 (bilinear back to S).
+  """
+  size = tuple(amap_norm.shape[1:3])
+  s = (int(input_size), int(input_size))
+  model = RefineNet(encoder, head_for_loss(loss), dtype)
+  img = _resize(jnp.asarray(images01, jnp.float32), s)
+  a = _resize(jnp.asarray(amap_norm, jnp.float32), s)
+  refined = model.apply(variables, img, a, train=False)
+  return _resize(refined, size)
+
+
+@functools.partial(jax.jit, static_argnames=('input_size', 'encoder', 'loss', 'dtype'))
+def fuse(variables, images01: jnp.ndarray, amap_raw: jnp.ndarray, lo, hi, weight,
+         input_size: int, encoder: str, loss: str = 'reg_grad', dtype=jnp.float32) -> jnp.ndarray:
+  """Final map = (1 - w) * normalize(A_hat) + w * refined (paper: w = 0.1).
+
+  Args:
+    variables: RefineNet variables {'params', 'batch_stats'} (`train_refiner`).
+    images01: [B, S, S, 3] float in [0, 1].
+    amap_raw: [B, S, S] A_hat as the scorer returns it.
+    lo, hi: the fit-time statistics (`train_refiner`'s stats); weight: w in [0, 1].
+    input_size, encoder, loss: cfg.model.refine.{input_size, encoder, loss} (static).
+  Returns:
+    [B, S, S] float32.
+  """
+  a = normalize_map(amap_raw, lo, hi)
+  refined = refine_maps(variables, images01, a, input_size, encoder, loss, dtype)
+  w = jnp.asarray(weight, jnp.float32)
+  return (1.0 - w) * a + w * refined
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Parameters, batch statistics and Adam state; the model and hyper-parameters are static
+  (hashable), so `train_step` compiles once per network shape."""
+  step: jax.Array                    # [] int32, optimiser steps taken
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  model: RefineNet = flax.struct.field(pytree_node=False)
+  loss: str = flax.struct.field(pytree_node=False)
+  learning_rate: float = flax.struct.field(pytree_node=False)
+  augment: bool = flax.struct.field(pytree_node=False)
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return optax.adam(self.learning_rate)
+
+  def apply_gradients(self, grads, batch_stats) -> 'TrainState':
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+
+  @property
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def create_train_state(variables: Mapping, encoder: str, loss: str = 'reg_grad',
+                       learning_rate: float = 1e-4, augment: bool = True,
+                       dtype=jnp.float32) -> TrainState:
+  """A TrainState around `variables` (`init_variables`) with a fresh Adam state."""
+  model = RefineNet(encoder, head_for_loss(loss), dtype)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                     batch_stats=variables['batch_stats'], opt_state=None, model=model,
+                     loss=loss, learning_rate=float(learning_rate), augment=bool(augment))
+  return state.replace(opt_state=state.tx.init(state.params))
+
+
+Metrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output('loss'),
+                                        input_loss=clu_metrics.Average.from_output('input_loss'))
+
+
+def augment_batch(key: jax.Array, images: jnp.ndarray, amaps: jnp.ndarray,
+                  masks: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """`synth.augment` per sample: one geometry (90-degree rotation, flip) for image, map and mask,
+  colour jitter on the image only. [B, s, s, 3], [B, s, s], [B, s, s] -> the same shapes."""
+  keys = jax.random.split(key, images.shape[0])
+
+  def one(k, image, amap, mask):
+    out_image, out_mask = synth.augment(k, image, mask)
+    _, out_map = synth.augment(k, image, amap)     # same key: the same index map
+    return out_image, out_map, out_mask
+
+  return jax.vmap(one)(keys, images, amaps, masks)
+
+
+def _predictions(model: RefineNet, variables, images, amaps, train: bool):
+  """(predictions the loss takes, updated batch stats or None)."""
+  method = 'logits' if model.head == 'logit' else None
+  if train:
+    out, updates = model.apply(variables, images, amaps, train=True, method=method,
+                               mutable=['batch_stats'])
+    return out, updates['batch_stats']
+  return model.apply(variables, images, amaps, train=False, method=method), None
+
+
+def _input_predictions(head: str, amaps: jnp.ndarray) -> jnp.ndarray:
+  """What the loss sees for the unrefined map (r = 0): A_hat, or its logits."""
+  if head == 'logit':
+    a = jnp.clip(amaps, LOGIT_EPS, 1.0 - LOGIT_EPS)
+    return jnp.log(a) - jnp.log1p(-a)
+  return amaps
+
+
+@jax.jit
+def train_step(state: TrainState, batch: Mapping[str, jax.Array],
+               key: jax.Array) -> tuple[TrainState, Metrics]:
+  """One Adam step.
+
+  Args:
+    state: the TrainState.
+    batch: 'image' [B, s, s, 3] float32 in [0, 1], 'amap' [B, s, s] normalised A_hat, 'mask'
+      [B, s, s] target in [0, 1].
+    key: augmentation key of this step (unused when state.augment is False).
+  Returns:
+    (new state, Metrics: the batch loss and the loss of the unrefined input map).
+  """
+  images, amaps, masks = batch['image'], batch['amap'], batch['mask']
+  if state.augment:
+    images, amaps, masks = augment_batch(key, images, amaps, masks)
+  criterion = loss_fn(state.loss)
+
+  def objective(params):
+    pred, stats = _predictions(state.model, {'params': params, 'batch_stats': state.batch_stats},
+                               images, amaps, train=True)
+    return criterion(pred, masks), stats
+
+  (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  state = state.apply_gradients(grads, stats)
+  input_loss = criterion(_input_predictions(state.model.head, amaps), masks)
+  return state, Metrics.single_from_model_output(loss=loss, input_loss=input_loss)
+
+
+@jax.jit
+def eval_loss(state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """The loss of `batch` in inference mode (running BN statistics, no augmentation) -> []."""
+  pred, _ = _predictions(state.model, state.variables, batch['image'], batch['amap'], train=False)
+  return loss_fn(state.loss)(pred, batch['mask'])
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+@functools.partial(jax.jit, static_argnames=('procedural',))
+def _synthesize(key: jax.Array, images: jnp.ndarray, textures: jnp.ndarray | None,
+                procedural: bool):
+  """synthesize_balanced with textures given or procedural (one per image)."""
+  k_tex, k_syn = jax.random.split(key)
+  if procedural:
+    b, h, w = images.shape[:3]
+    textures = jax.vmap(lambda k: synth.procedural_texture(k, h, w))(jax.random.split(k_tex, b))
+  out, masks, _ = synth.synthesize_balanced(k_syn, images, textures)
+  return out, masks
+
+
+@functools.partial(jax.jit, static_argnames=('size',))
+def _to_input(images: jnp.ndarray, amaps: jnp.ndarray, masks: jnp.ndarray, size: int):
+  """Resizes a full-size sample to the network's input size (bilinear, antialiased)."""
+  s = (size, size)
+  return (_resize(images, s), _resize(jnp.asarray(amaps, jnp.float32), s), _resize(masks, s))
+
+
+class SampleSource:
+  """Synthetic training samples (image, raw A_hat, mask) drawn from normal images by key.
+
+  Host arrays are indexed per batch, so memory is bounded by the batch, not the dataset.
+  """
+
+  def __init__(self, normal_images, amap_fn: Callable, batch_size: int,
+               textures: np.ndarray | None, texture_source: str):
+    images = np.asarray(normal_images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'normal_images must be [N, S, S, 3], got shape {images.shape}')
+    if images.shape[1] != images.shape[2]:
+      raise ValueError(f'normal_images must be square, got {images.shape[1:3]}')
+    if images.shape[0] < 1:
+      raise ValueError('normal_images is empty')
+    self.images = images
+    self.amap_fn = amap_fn
+    self.batch_size = int(batch_size)
+    self.size = int(images.shape[1])
+    if textures is not None:
+      textures = np.asarray(textures)
+      if textures.ndim != 4 or tuple(textures.shape[1:]) != tuple(images.shape[1:]):
+        raise ValueError(f'textures must be [T, {self.size}, {self.size}, 3] like the images, '
+                         f'got shape {textures.shape}')
+    elif texture_source not in TEXTURE_SOURCES:
+      raise ValueError(f'model.refine.texture_source must be one of {TEXTURE_SOURCES}, got '
+                       f'{texture_source!r}')
+    self.textures = textures
+    self.texture_source = texture_source
+
+  def draw(self, key: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch at full size: (images [B, S, S, 3], raw A_hat [B, S, S], masks [B, S, S])."""
+    b, n = self.batch_size, self.images.shape[0]
+    k_pick, k_tex, k_syn = jax.random.split(key, 3)
+    idx = np.asarray(jax.random.randint(k_pick, (b,), 0, n))
+    images = synth.to_unit_float(self.images[idx])
+    textures, procedural = None, False
+    if self.textures is not None:
+      t_idx = np.asarray(jax.random.randint(k_tex, (b,), 0, self.textures.shape[0]))
+      textures = synth.to_unit_float(self.textures[t_idx])
+    elif self.texture_source == 'images' and n > 1:
+      shift = np.asarray(jax.random.randint(k_tex, (b,), 1, n))   # another training image
+      textures = synth.to_unit_float(self.images[(idx + shift) % n])
+    else:
+      procedural = True
+    out, masks = _synthesize(k_syn, jnp.asarray(images), None if procedural else
+                             jnp.asarray(textures), procedural)
+    raw = self.amap_fn(out)
+    raw = jnp.asarray(raw, jnp.float32)
+    if tuple(raw.shape) != tuple(out.shape[:3]):
+      raise ValueError(f'amap_fn must return [B, S, S] = {tuple(out.shape[:3])}, got '
+                       f'{tuple(raw.shape)}')
+    return np.asarray(out), np.asarray(raw), np.asarray(masks)
+
+
+def synthetic_samples(key: jax.Array, normal_images, amap_fn: Callable, batch_size: int = 8,
+                      textures: np.ndarray | None = None,
+                      texture_source: str = 'procedural') -> dict[str, np.ndarray]:
+  """A batch of synthetic training samples (e.g. for `save_refine_samples`): {'image' [B, S, S, 3],
+  'amap' raw A_hat [B, S, S], 'mask' [B, S, S]} numpy float32; batch_size divisible by 4."""
+  src = SampleSource(normal_images, amap_fn, batch_size, textures, texture_source)
+  image, amap, mask = src.draw(key)
+  return {'image': image, 'amap': amap, 'mask': mask}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _key_words(key: jax.Array) -> list[int]:
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return [int(v) for v in np.asarray(key).ravel()]
+
+
+class _Checkpoints:
+  """Orbax CheckpointManager holding the train-state arrays and a JSON record per step."""
+
+  def __init__(self, directory: str):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import)
+    self._ocp = ocp
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=2,
+                                                                         create=True))
+
+  def latest(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore_record(self, step: int) -> dict:
+    ocp = self._ocp
+    return self._manager.restore(step, args=ocp.args.Composite(
+        record=ocp.args.JsonRestore()))['record']
+
+  def restore_arrays(self, step: int, arrays_like):
+    ocp = self._ocp
+    return self._manager.restore(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(arrays_like)))['arrays']
+
+  def save(self, step: int, arrays, record: dict) -> None:
+    ocp = self._ocp
+    self._manager.save(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record)))
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _state_arrays(state: TrainState) -> dict:
+  return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
+          'opt_state': state.opt_state}
+
+
+def _json_ready(tree):
+  if isinstance(tree, dict):
+    return {k: _json_ready(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_json_ready(v) for v in tree]
+  if isinstance(tree, (np.generic, jax.Array)):
+    return tree.item()
+  return tree
+
+
+def _fmt(seconds: float) -> str:
+  seconds = max(0.0, float(seconds))
+  if seconds < 60:
+    return f'{seconds:.1f}s'
+  minutes, sec = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{sec:02d}s'
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def check_config(cfg_refine) -> None:
+  """Raises ValueError naming the first bad `model.refine` field."""
+  def bad(field, value, why):
+    raise ValueError(f'model.refine.{field} = {value!r}: {why}')
+  if cfg_refine.encoder not in backbones.names():
+    bad('encoder', cfg_refine.encoder, f'must be one of {backbones.names()}')
+  if int(cfg_refine.input_size) < 32:
+    bad('input_size', cfg_refine.input_size, 'must be >= 32 (the encoder has stride 32)')
+  if int(cfg_refine.batch_size) < 4 or int(cfg_refine.batch_size) % 4:
+    bad('batch_size', cfg_refine.batch_size, 'must be a positive multiple of 4 (the four defect '
+        'kinds in equal ratio)')
+  if int(cfg_refine.iterations) < 0:
+    bad('iterations', cfg_refine.iterations, 'must be >= 0')
+  if float(cfg_refine.learning_rate) <= 0:
+    bad('learning_rate', cfg_refine.learning_rate, 'must be > 0')
+  head_for_loss(cfg_refine.loss)
+  if int(cfg_refine.checkpoint_every) < 1:
+    bad('checkpoint_every', cfg_refine.checkpoint_every, 'must be >= 1')
+  if int(_get(cfg_refine, 'pool_size')) < 0:
+    bad('pool_size', _get(cfg_refine, 'pool_size'), 'must be >= 0 (0 = fully online)')
+  if _get(cfg_refine, 'texture_source') not in TEXTURE_SOURCES:
+    bad('texture_source', _get(cfg_refine, 'texture_source'), f'must be one of {TEXTURE_SOURCES}')
+  q = tuple(_get(cfg_refine, 'norm_quantiles'))
+  if len(q) != 2 or not 0.0 <= q[0] < 1.0 or not 0.0 < q[1] <= 1.0:
+    bad('norm_quantiles', q, 'must be two quantiles (normal pixels, defect pixels) in [0, 1]')
+  if int(_get(cfg_refine, 'calibration_samples')) < 1:
+    bad('calibration_samples', _get(cfg_refine, 'calibration_samples'), 'must be >= 1')
+  if int(_get(cfg_refine, 'log_every')) < 1:
+    bad('log_every', _get(cfg_refine, 'log_every'), 'must be >= 1')
+
+
+def _draw_many(src: SampleSource, key: jax.Array, num_batches: int, size: int):
+  """num_batches batches from fold_in(key, j): the net-size samples and the full-size raw maps and
+  masks (for the statistics). Returns (images [M, s, s, 3], raw maps [M, s, s], masks [M, s, s],
+  raw maps [M, S, S], masks [M, S, S]) numpy."""
+  parts = [[], [], [], [], []]
+  for j in range(num_batches):
+    image, raw, mask = src.draw(jax.random.fold_in(key, j))
+    small = _to_input(jnp.asarray(image), jnp.asarray(raw), jnp.asarray(mask), size)
+    for p, v in zip(parts, (*small, raw, mask)):
+      p.append(np.asarray(v))
+  return tuple(np.concatenate(p) for p in parts)
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size',))
+def _pool_batch(key: jax.Array, pool: Mapping[str, jax.Array], lo, hi, batch_size: int) -> dict:
+  idx = jax.random.randint(key, (batch_size,), 0, pool['image'].shape[0])
+  return {'image': pool['image'][idx], 'amap': normalize_map(pool['amap'][idx], lo, hi),
+          'mask': pool['mask'][idx]}
+
+
+@jax.jit
+def _online_batch(images, amaps, masks, lo, hi) -> dict:
+  return {'image': images, 'amap': normalize_map(amaps, lo, hi), 'mask': masks}
+
+
+def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
+                  cfg_refine: ml_collections.ConfigDict, key: jax.Array,
+                  ckpt_dir: str | None = None, log_fn: Callable[[str], None] | None = None,
+                  textures: np.ndarray | None = None, *, dtype=jnp.float32):
+  """Trains the refinement network on synthetic defects of `normal_images`.
+
+  Args:
+    normal_images: [N, S, S, 3] float32 in [0, 1] or uint8 host array (kept on the host; each
+      step reads only its batch).
+    amap_fn: `amap_fn(images01 [B, S, S, 3] float32) -> [B, S, S]` raw A_hat of the fitted model,
+      B = cfg_refine.batch_size (treated as opaque and expensive).
+    cfg_refine: cfg.model.refine (encoder, encoder_weights, input_size, iterations, batch_size,
+      learning_rate, loss, texture_dir, checkpoint_every; optional fields in `DEFAULTS`).
+    key: PRNG key of the run; initialisation, pool, statistics, image picks, synthesis and
+      augmentation all derive from it and the step number.
+    ckpt_dir: if given, orbax checkpoints are written there every `checkpoint_every` iterations and
+      at the end, and a re-run with the same arguments continues from the latest one (raising
+      `iterations` extends a run).
+    log_fn: progress lines (default absl logging.info).
+    textures: optional [T, S, S, 3] texture images for the DRAEM-style defects; else
+      cfg.texture_dir (`synth.load_textures`), else `texture_source` ('procedural' textures or
+      other training 'images').
+    dtype: compute dtype of the network.
+
+  Returns:
+    (variables {'params', 'batch_stats'}, stats {'lo': float, 'hi': float}, history) where
+    history holds lists step, loss, input_loss (the loss of the unrefined map on the same
+    batches), interval_seconds (one entry per log / checkpoint point), and pool_size, num_images,
+    total_seconds (this call).
+  """
+  check_config(cfg_refine)
+  log = log_fn or logging.info
+  t_start = time.time()
+  encoder = str(cfg_refine.encoder)
+  batch_size = int(cfg_refine.batch_size)
+  size = int(cfg_refine.input_size)
+  iterations = int(cfg_refine.iterations)
+  every = int(cfg_refine.checkpoint_every)
+  log_every = int(_get(cfg_refine, 'log_every'))
+  pool_size = int(_get(cfg_refine, 'pool_size'))
+  pool_batches = -(-pool_size // batch_size)
+  calib_batches = pool_batches or -(-int(_get(cfg_refine, 'calibration_samples')) // batch_size)
+  texture_dir = str(cfg_refine.get('texture_dir', '') or '')
+  images = np.asarray(normal_images)
+  if textures is None and texture_dir:
+    if images.ndim != 4:
+      raise ValueError(f'normal_images must be [N, S, S, 3], got shape {images.shape}')
+    textures = synth.load_textures(texture_dir, tuple(images.shape[1:3]))
+  src = SampleSource(images, amap_fn, batch_size, textures, _get(cfg_refine, 'texture_source'))
+
+  fingerprint = _json_ready({
+      'images_shape': list(images.shape), 'key': _key_words(key),
+      'textures_shape': None if textures is None else list(np.shape(textures)),
+      **{k: cfg_refine.get(k) for k in ('encoder', 'encoder_weights', 'input_size', 'batch_size',
+                                        'learning_rate', 'loss', 'texture_dir')},
+      **{k: _get(cfg_refine, k) for k in ('pool_size', 'texture_source', 'norm_quantiles',
+                                          'calibration_samples', 'augment',
+                                          'allow_random_init')}})
+  device = jax.devices()[0]
+  variables = init_variables(encoder, jax.random.fold_in(key, _SALT_INIT), input_size=size,
+                             weights=str(cfg_refine.get('encoder_weights', '') or ''),
+                             allow_random_init=bool(_get(cfg_refine, 'allow_random_init')),
+                             head=head_for_loss(cfg_refine.loss), dtype=dtype)
+  state = jax.device_put(create_train_state(
+      variables, encoder, cfg_refine.loss, float(cfg_refine.learning_rate),
+      bool(_get(cfg_refine, 'augment')), dtype), device)
+  history = {k: [] for k in ('step', 'loss', 'input_loss', 'interval_seconds')}
+  start, stats = 0, None
+  ckpts = _Checkpoints(ckpt_dir) if ckpt_dir else None
+  if ckpts is not None and ckpts.latest() is not None:
+    start = int(ckpts.latest())
+    record = ckpts.restore_record(start)
+    for field, value in fingerprint.items():
+      if record['fingerprint'].get(field) != value:
+        raise ValueError(f'checkpoint in {ckpt_dir} was written by a different run: {field} = '
+                         f"{record['fingerprint'].get(field)!r} there, {value!r} now; use a fresh "
+                         'ckpt_dir or the original settings')
+    s = jax.device_put(ckpts.restore_arrays(start, _state_arrays(state)), device)
+    state = state.replace(step=s['step'], params=s['params'], batch_stats=s['batch_stats'],
+                          opt_state=s['opt_state'])
+    stats, history = record['stats'], record['history']
+    log(f'refinement: resumed from {ckpt_dir} at iteration {start}')
+
+  try:
+    t = time.time()
+    pool = None
+    if pool_batches and start < iterations:
+      img, raw, mask, raw_full, mask_full = _draw_many(src, jax.random.fold_in(key, _SALT_POOL),
+                                                       pool_batches, size)
+      pool = jax.device_put({'image': img, 'amap': raw, 'mask': mask}, device)
+      if stats is None:
+        stats = map_stats(raw_full, mask_full, _get(cfg_refine, 'norm_quantiles'))
+      log(f'refinement: pool of {img.shape[0]} synthetic samples in {time.time() - t:.1f}s')
+    elif stats is None:
+      _, _, _, raw_full, mask_full = _draw_many(src, jax.random.fold_in(key, _SALT_CALIB),
+                                                calib_batches, size)
+      stats = map_stats(raw_full, mask_full, _get(cfg_refine, 'norm_quantiles'))
+      log(f'refinement: statistics from {calib_batches * batch_size} synthetic samples in '
+          f'{time.time() - t:.1f}s')
+    lo, hi = float(stats['lo']), float(stats['hi'])
+    log(f'refinement: {encoder} encoder at {size} px, {iterations} iterations x {batch_size}, '
+        f'loss {cfg_refine.loss}, {"pool of " + str(pool_batches * batch_size) if pool else "online"}'
+        f' samples, A_hat normalised with lo {lo:.4g}, hi {hi:.4g}')
+
+    step_key = jax.random.fold_in(key, _SALT_STEP)
+    metrics, t_loop, t_point = None, time.time(), time.time()
+    for step in range(start, iterations):
+      k_data, k_aug = jax.random.split(jax.random.fold_in(step_key, step))
+      if pool is not None:
+        batch = _pool_batch(k_data, pool, lo, hi, batch_size)
+      else:
+        image, raw, mask = src.draw(k_data)
+        batch = _online_batch(*_to_input(jnp.asarray(image), jnp.asarray(raw), jnp.asarray(mask),
+                                         size), lo, hi)
+      state, m = train_step(state, batch, k_aug)
+      metrics = m if metrics is None else metrics.merge(m)
+      done = step + 1
+      save = ckpts is not None and (done % every == 0 or done == iterations)
+      if done % log_every == 0 or done == iterations or save:
+        summary = {k: float(v) for k, v in metrics.compute().items()}
+        metrics = None
+        now = time.time()
+        history['step'].append(done)
+        history['loss'].append(summary['loss'])
+        history['input_loss'].append(summary['input_loss'])
+        history['interval_seconds'].append(now - t_point)
+        t_point = now
+        elapsed = now - t_loop
+        eta = elapsed / (done - start) * (iterations - done)
+        log(f'refinement iteration {done}/{iterations}  loss {summary["loss"]:.5f}  (input map '
+            f'{summary["input_loss"]:.5f})  elapsed {_fmt(elapsed)}  ETA {_fmt(eta)}')
+      if save:
+        ckpts.save(done, _state_arrays(state),
+                   _json_ready({'fingerprint': fingerprint, 'stats': stats, 'history': history}))
+  finally:
+    if ckpts is not None:
+      ckpts.close()
+  history.update(pool_size=pool_batches * batch_size, num_images=int(images.shape[0]),
+                 total_seconds=time.time() - t_start)
+  return state.variables, {'lo': lo, 'hi': hi}, history
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def save_refine_samples(path: str | os.PathLike, images: np.ndarray, masks: np.ndarray,
+                        amaps: np.ndarray, refined: np.ndarray, *, max_rows: int = 8,
+                        panel_inches: float = 2.2, dpi: int = 100) -> None:
+  """A figure of synthetic training samples: rows of image (+ mask contour) | mask | A_hat
+  (normalised) | refined map, both maps coloured over [0, 1].
+
+  images: [N, S, S, 3] float in [0, 1]; masks, amaps, refined: [N, S, S] (amaps normalised).
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f'images must be [N, S, S, 3], got shape {images.shape}')
+  arrays = {'masks': masks, 'amaps': amaps, 'refined': refined}
+  for name, a in arrays.items():
+    if np.shape(a) != images.shape[:3]:
+      raise ValueError(f'{name} must be [N, S, S] = {images.shape[:3]}, got {np.shape(a)}')
+  rows = min(int(max_rows), images.shape[0])
+  fig = Figure(figsize=(4 * panel_inches, rows * panel_inches + 0.4), dpi=dpi)
+  FigureCanvasAgg(fig)
+  axes = np.asarray(fig.subplots(rows, 4, squeeze=False))
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.4 / (rows * panel_inches + 0.4),
+                      wspace=0.03, hspace=0.03)
+  titles = ('synthetic image', 'mask', 'A_hat (normalised)', 'refined')
+  for i in range(rows):
+    mask = np.asarray(masks[i], np.float32)
+    panels = (images[i], mask, np.asarray(amaps[i], np.float32), np.asarray(refined[i], np.float32))
+    for j, (ax, panel) in enumerate(zip(axes[i], panels)):
+      if j == 0:
+        ax.imshow(panel)
+        if mask.max() > 0.5:
+          ax.contour(mask, levels=[0.5], colors=['red'], linewidths=0.8)
+      else:
+        ax.imshow(panel, cmap='gray' if j == 1 else 'jet', vmin=0.0, vmax=1.0)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(titles[j], fontsize=9)
+  with fileio.atomic_open(path, 'wb') as f:
+    fig.savefig(f, format='png', dpi=dpi)

@@ -1,0 +1,171 @@
+"""End to end on a small generated set: fit, evaluate, report, resume, checkpoints, memory cap."""
+
+import csv
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from pni_jax import data as data_lib
+from pni_jax import fit
+from pni_jax import infer
+from pni_jax import model as model_lib
+from pni_jax import pipeline
+from pni_jax.cli import normalize_config
+
+CATS = ('tokens', 'weave')
+
+
+def _small_config(root, **overrides):
+  cfg = demo.get_config()
+  cfg.data.root = str(root)
+  cfg.data.categories = CATS
+  cfg.data.resize = cfg.data.crop = 128
+  g = cfg.data.generated
+  g.image_size, g.num_train, g.num_test_good, g.num_test_defect = 128, 14, 4, 8
+  m = cfg.model
+  m.pre_dim, m.dim = 128, 64
+  m.coreset.ratio, m.coreset.dist_size = 0.2, 64
+  m.neighborhood.width, m.neighborhood.epochs, m.neighborhood.batch_size = 64, 2, 128
+  m.neighborhood.infer_chunk = 1024
+  cfg.eval.ablations = ('baseline', 'N', 'P', 'N+P')
+  cfg.eval.max_figures = 2
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return normalize_config(cfg)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  base = tmp_path_factory.mktemp('e2e')
+  cfg = _small_config(base / 'data')
+  results = pipeline.run(cfg, base / 'work')
+  return cfg, base / 'work', results
+
+
+def test_outputs_follow_the_contract(run):
+  cfg, workdir, results = run
+  keys = ('image_auroc', 'pixel_auroc', 'aupro', 'pixel_f1_max', 'image_f1_max', 'fpr', 'fnr')
+  for cat in CATS:
+    m = json.loads((workdir / cat / 'metrics.json').read_text())
+    for k in keys:
+      assert 0.0 <= m[k] <= 1.0, (cat, k, m[k])
+    assert m == pytest.approx(results[cat])
+    n_test = len(data_lib.load_split(cfg.data, cat, 'test').paths)
+    assert len(list((workdir / cat / 'maps').glob('*.png'))) == n_test
+    figures = {p.name for p in (workdir / cat / 'figures').glob('*.png')}
+    assert {'score_histogram.png', 'pr_curve.png', 'pr_curve_variants.png'} <= figures
+    assert len(figures) == 3 + 2
+  with open(workdir / 'results.csv') as f:
+    rows = [r[0] for r in csv.reader(f)]
+  assert rows == ['category', 'tokens', 'weave', 'mean (object)', 'mean (texture)', 'mean']
+  with open(workdir / 'ablation.csv') as f:
+    variants = [r[0] for r in csv.reader(f)][1:]
+  assert variants == ['+N+P', 'baseline', '+N', '+P']
+  assert (workdir / 'results.md').read_text().count('\n') >= 7
+
+
+def test_position_prior_beats_patchcore_on_locally_invisible_object_defects(run):
+  _, workdir, _ = run
+  ev = {v: json.loads((workdir / 'tokens' / 'eval' / f'{v}.json').read_text())['metrics']
+        for v in ('baseline', '+P', '+N+P')}
+  assert ev['+P']['pixel_auroc'] > ev['baseline']['pixel_auroc'] + 0.03
+  assert ev['+N+P']['pixel_auroc'] > ev['baseline']['pixel_auroc'] + 0.03
+  assert ev['+P']['allowed_fraction'] < 0.5 <= ev['baseline']['allowed_fraction']
+
+
+def _maps(cfg, fitted, images, variant):
+  extractor = pipeline.make_extractor(cfg)
+  scorer = infer.make_scorer(cfg.model, variant, (cfg.data.crop, cfg.data.crop))
+  feats = extractor.fn(extractor.variables, jnp.asarray(images))
+  return np.asarray(scorer(model_lib.arrays(fitted), feats)['maps'])
+
+
+def _test_batch(cfg, category, n=8):
+  split = data_lib.load_split(cfg.data, category, 'test')
+  batch = next(data_lib.iterate_numpy(data_lib.make_dataset(split, cfg.data, batch_size=n)))
+  return batch
+
+
+def test_defects_score_higher_inside_their_masks(run):
+  cfg, workdir, _ = run
+  fitted = model_lib.load(workdir / 'weave' / 'model')
+  batch = _test_batch(cfg, 'weave', n=cfg.data.batch_size)
+  maps = _maps(cfg, fitted, batch['image'], infer.Variant())
+  masks = batch['mask'] > 0.5
+  defective = [i for i in range(len(maps)) if masks[i].any()]
+  assert defective
+  for i in defective:
+    assert maps[i][masks[i]].mean() > maps[i][~masks[i]].mean() * 1.2
+
+
+def test_checkpoint_round_trip_is_bit_identical(run, tmp_path):
+  cfg, workdir, _ = run
+  fitted = model_lib.load(workdir / 'tokens' / 'model')
+  model_lib.save(fitted, tmp_path / 'copy')
+  again = model_lib.load(tmp_path / 'copy')
+  for name in ('c_emb', 'emb_to_dist', 'position'):
+    np.testing.assert_array_equal(getattr(again, name), getattr(fitted, name))
+  assert jax.tree.structure(again.mlp) == jax.tree.structure(fitted.mlp)
+  for a, b in zip(jax.tree.leaves(fitted.mlp), jax.tree.leaves(again.mlp)):
+    np.testing.assert_array_equal(a, b)
+  images = _test_batch(cfg, 'tokens', n=cfg.data.batch_size)['image']
+  variant = infer.Variant(True, True)
+  np.testing.assert_array_equal(_maps(cfg, fitted, images, variant),
+                                _maps(cfg, again, images, variant))
+
+
+def test_second_run_reuses_fitted_stages_and_evaluations(run, monkeypatch):
+  cfg, workdir, results = run
+
+  def fail(*a, **k):
+    raise AssertionError('a second run must not extract training features again')
+
+  monkeypatch.setattr(fit, 'extract_features', fail)
+  monkeypatch.setattr(pipeline.metrics_lib, 'evaluate_with_curves', fail)
+  again = pipeline.run(cfg, workdir)
+  assert again == results
+
+
+def test_changed_feature_settings_refuse_the_saved_model(run):
+  cfg, workdir, _ = run
+  other = _small_config(cfg.data.root, **{'model.dim': 32})
+  with pytest.raises(ValueError, match='other data / feature / coreset settings'):
+    pipeline.run(other, workdir)
+
+
+def test_fitting_under_a_memory_cap_streams_and_gives_the_same_coreset(run, tmp_path,
+                                                                      monkeypatch):
+  cfg, workdir, _ = run
+  capped = _small_config(cfg.data.root, **{'memory.feature_cap_mb': 0.25,
+                                           'data.categories': ('weave',),
+                                           'eval.ablations': ('baseline',),
+                                           'model.use_neighborhood': False,
+                                           'model.use_position': False})
+  extractor = pipeline.make_extractor(capped)
+  train = data_lib.load_split(capped.data, 'weave', 'train')
+  train, _ = pipeline.train_holdout(train, capped.data.holdout_fraction, capped.seed)
+  h, w, d = pipeline._feature_shape(extractor, capped.data.crop)
+  assert len(train.paths) * h * w * d * 4 > 0.25 * 2 ** 20   # the features exceed the cap
+  stores = []
+
+  class RecordingStore(pipeline.FeatureStore):
+    def __init__(self, *a, **k):
+      super().__init__(*a, **k)
+      stores.append(self)
+
+  monkeypatch.setattr(pipeline, 'FeatureStore', RecordingStore)
+  fitted = pipeline.fit_category(capped, 'weave', tmp_path / 'weave', extractor, train,
+                                 infer.Variant())
+  assert [s.spilled for s in stores] == [True]
+  reference = model_lib.load(workdir / 'weave' / 'model')
+  np.testing.assert_array_equal(fitted.c_emb, reference.c_emb)
+  np.testing.assert_array_equal(fitted.emb_to_dist, reference.emb_to_dist)
