@@ -75,22 +75,23 @@ def normalize_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return cfg
 
 
-def run(cfg, workdir: str, *, mode: str = 'fit_eval', images: str | None = None) -> None:
-  if cfg is None:
-    raise app.UsageError('--config is required (e.g. --config=configs/demo.py)')
+def run(cfg, workdir: str, *, mode: str = 'fit_eval', images: str | None = None,
+        category: str | None = None, out: str | None = None) -> None:
   if not workdir:
     raise app.UsageError('--workdir is required')
+  if mode == 'predict':
+    if not images:
+      raise app.UsageError('--mode=predict needs --images=DIR_OR_GLOB')
+    from pni_jax import predict
+    predict.run(workdir, images, category=category, out=out)
+    return
+  if mode != 'fit_eval':
+    raise app.UsageError(f'unknown --mode={mode}')
+  if cfg is None:
+    raise app.UsageError('--config is required (e.g. --config=configs/demo.py)')
   try:
     cfg = normalize_config(cfg)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if mode == 'fit_eval':
-    from pni_jax import pipeline
-    pipeline.run(cfg, workdir)
-  elif mode == 'predict':
-    if not images:
-      raise app.UsageError('--mode=predict needs --images=DIR_OR_GLOB')
-    from pni_jax import predict
-    predict.run(workdir, images, cfg)
-  else:
-    raise app.UsageError(f'unknown --mode={mode}')
+  from pni_jax import pipeline
+  pipeline.run(cfg, workdir)

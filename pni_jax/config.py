@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   cs.dist_size = 2048         # |C_dist|, the first picks of the same greedy run
   cs.projection_dim = 128     # random projection used for the selection (0 = none)
   cs.chunk_size = 16384       # rows per distance-update tile
+  cs.segment_size = 256       # picks per jitted call between progress reports (0 = one call)
 
   # Position model (Algorithm 1).
   m.position = pos = ml_collections.ConfigDict()
@@ -106,7 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.save_maps = True          # PNG anomaly maps per test image
   e.max_figures = 24          # per-image figures per category (0 = none)
   e.max_fpr = 0.3             # AUPRO integration limit
-  e.threshold_fpr = 0.01      # fit-time threshold: this FPR on held-out normal images
+  e.threshold_fpr = 0.01      # fit-time image threshold: this FPR on held-out normal images
+  e.pixel_threshold_fpr = 0.001  # fit-time pixel threshold (defect masks in predict mode)
+  e.calibration_pixels = 2 ** 22 # held-out pixels kept for the pixel threshold (strided)
   e.ablations = ()            # extra variants to evaluate, e.g. ('baseline', 'N', 'N+P', 'N+P+R')
 
   c.memory = mem = ml_collections.ConfigDict()

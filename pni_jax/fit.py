@@ -89,7 +89,8 @@ def select_coreset(projected: np.ndarray, store: FeatureStore, cfg_coreset, key)
     prog.update(done - prog.done)
 
   order = coreset.greedy_coreset(jnp.asarray(projected), num_emb, key=key,
-                                 chunk_size=int(cfg_coreset.chunk_size), progress=on_progress)
+                                 chunk_size=int(cfg_coreset.chunk_size),
+                                 segment_size=int(cfg_coreset.segment_size), progress=on_progress)
   prog.close()
   order = np.asarray(order)
   c_emb = store.flat_rows(order)

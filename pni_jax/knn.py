@@ -55,7 +55,7 @@ def _dot_t(a: jax.Array, b: jax.Array, precision) -> jax.Array:
 def _tile_sq_dists(a, a_sq, b, b_sq, precision) -> jax.Array:
   """Squared distances of one tile: a [tq, d], a_sq [tq], b [tk, d], b_sq [tk] -> [tq, tk].
 
-  A +inf in ``b_sq`` (padded / masked bank row) gives +inf in its column.
+  A +inf in ``b_sq`` (masked or already-seen bank row) gives +inf in its column.
   """
   d = a_sq[:, None] - 2.0 * _dot_t(a, b, precision) + b_sq[None, :]
   return jnp.maximum(d, 0.0)

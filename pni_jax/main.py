@@ -2,7 +2,8 @@
 
 Modes:
   fit_eval (default)  for each category: fit, evaluate, write metrics / tables / figures.
-  predict             load a fitted workdir and inspect new images (--images=DIR_OR_GLOB).
+  predict             load a fitted workdir and inspect new images (--images=DIR_OR_GLOB
+                      [--category=CAT] [--out=DIR]); the workdir's own config is used.
 Any config field can be overridden: `--config.data.root=/data/mvtec --config.data.categories=bottle,cable`.
 """
 
@@ -25,13 +26,16 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/
 flags.DEFINE_string('workdir', None, 'Where models, metrics, maps and figures are written.')
 flags.DEFINE_enum('mode', 'fit_eval', ['fit_eval', 'predict'], 'What to do.')
 flags.DEFINE_string('images', None, 'predict mode: a folder or glob of images to inspect.')
+flags.DEFINE_string('category', None, 'predict mode: which fitted category (if several).')
+flags.DEFINE_string('out', None, 'predict mode: output folder (default RUN/predictions/CAT).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.INFO)
-  cli.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, images=FLAGS.images)
+  cli.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, images=FLAGS.images,
+          category=FLAGS.category, out=FLAGS.out)
 
 
 if __name__ == '__main__':

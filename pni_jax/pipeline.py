@@ -253,7 +253,93 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
   return model_lib.load(model_dir)
 
 
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor,
+              fitted: model_lib.PNIModel, holdout_split, variant: infer.Variant
+              ) -> model_lib.PNIModel:
+  """Fit-time thresholds and normalisation from held-out normal training images (no test labels).
+
+  Adds to `fitted.stats` (and saves the model):
+    image_threshold  the (1 - eval.threshold_fpr) quantile of held-out image scores
+    pixel_threshold  the (1 - eval.pixel_threshold_fpr) quantile of held-out pixel scores
+    pixel_mean / pixel_std / image_mean / image_std  held-out score statistics, used by the
+      deployable ensemble normalisation.
+  """
+  fp = fingerprint(variant.name, cfg.model.scoring, cfg.eval.threshold_fpr,
+                   cfg.eval.pixel_threshold_fpr, fitted.meta.get('mlp_fingerprint'),
+                   fitted.meta.get('position_fingerprint'), fitted.meta.get('refine_fingerprint'))
+  if fitted.meta.get('calibration_fingerprint') == fp:
+    return fitted
+  if holdout_split is None or len(holdout_split.paths) == 0:
+    logging.warning('[%s] no held-out normal images (data.holdout_fraction=%s): no fit-time '
+                    'thresholds; predict mode will need them', category,
+                    cfg.data.holdout_fraction)
+    return fitted
+  n = len(holdout_split.paths)
+  stride = max(1, (n * int(cfg.data.crop) ** 2) // int(cfg.eval.calibration_pixels))
+  image_scores, pixels = [], []
+  prog = Progress(f'[{category}] held-out images', n, unit='img')
+  batches = _batches(holdout_split, cfg, with_masks=False)
+  for batch, outs in score_batches(cfg, extractor, fitted, [variant], batches):
+    out = outs[variant.name]
+    image_scores.append(out['image'])
+    pixels.append(out['maps'].reshape(-1)[::stride])
+    prog.update(out['image'].shape[0])
+  prog.close()
+  image_scores = np.concatenate(image_scores).astype(np.float64)
+  pixels = np.concatenate(pixels).astype(np.float64)
+  stats = dict(fitted.stats)
+  stats.update(
+      image_threshold=np.float32(np.quantile(image_scores, 1 - float(cfg.eval.threshold_fpr),
+                                             method='higher')),
+      pixel_threshold=np.float32(np.quantile(pixels, 1 - float(cfg.eval.pixel_threshold_fpr),
+                                             method='higher')),
+      image_mean=np.float32(image_scores.mean()), image_std=np.float32(image_scores.std()),
+      pixel_mean=np.float32(pixels.mean()), pixel_std=np.float32(pixels.std()))
+  # The config saved with the model is the one its thresholds belong to (predict mode uses it).
+  meta = dict(fitted.meta, calibration_fingerprint=fp, calibration_variant=variant.name,
+              num_holdout=n, config=_to_plain(cfg))
+  fitted = fitted.replace(stats=stats, meta=meta)
+  model_lib.save(fitted, cat_dir / 'model')
+  logging.info('[%s] fit-time thresholds from %d held-out images: image %.4f, pixel %.4f',
+               category, n, stats['image_threshold'], stats['pixel_threshold'])
+  return fitted
+
+
 # ----------------------------------------------------------------------------- evaluation
+
+
+def pad_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
+  """Pads [b, S, S, 3] to [batch_size, S, S, 3] by repeating the last image (one jit shape)."""
+  b = images.shape[0]
+  if b == batch_size:
+    return images
+  return np.concatenate([images, np.repeat(images[-1:], batch_size - b, axis=0)])
+
+
+def score_batches(cfg, extractor: Extractor, fitted: model_lib.PNIModel,
+                  variants: list[infer.Variant], batches):
+  """Scores batches of images with every variant.
+
+  Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])}) with numpy
+  arrays cut to the batch's real size.
+  """
+  crop = int(cfg.data.crop)
+  arrays = model_lib.arrays(fitted)
+  scorers = {v.name: infer.make_scorer(cfg.model, v, (crop, crop)) for v in variants}
+  for batch in batches:
+    images = np.asarray(batch['image'], np.float32)
+    b = images.shape[0]
+    feats = extractor.fn(extractor.variables, jnp.asarray(pad_batch(images, extractor.batch_size)))
+    outs = {}
+    for v in variants:
+      out = scorers[v.name](arrays, feats)
+      if v.refinement:
+        raise ValueError('the refinement stage (R) is not available in this build')
+      outs[v.name] = {k: np.asarray(out[k][:b]) for k in ('maps', 'image', 'allowed')}
+    yield batch, outs
 
 
 def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor,
@@ -279,40 +365,31 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extr
 
   crop = int(cfg.data.crop)
   n = len(test_split.paths)
-  arrays = model_lib.arrays(fitted)
-  scorers = {v.name: infer.make_scorer(cfg.model, v, (crop, crop)) for v in todo}
-  main = todo[0] if todo[0] == variants[0] else None
   num_fig = int(cfg.eval.max_figures)
   with tempfile.TemporaryDirectory(dir=cat_dir, prefix='scratch-') as scratch:
     maps = {v.name: np.memmap(os.path.join(scratch, f'{v.name}.f32'), np.float32, 'w+',
                               shape=(n, crop, crop)) for v in todo}
     masks = np.memmap(os.path.join(scratch, 'masks.u8'), np.uint8, 'w+', shape=(n, crop, crop))
     image_scores = {v.name: np.zeros(n, np.float32) for v in todo}
-    allowed = {v.name: [] for v in todo}
+    allowed = {v.name: 0.0 for v in todo}
     labels = np.zeros(n, np.int32)
     fig_index = set(np.unique(np.linspace(0, n - 1, num_fig).round().astype(int)).tolist()
                     if num_fig > 0 and n > 0 else [])
     fig_images = {}
     prog = Progress(f'[{category}] test images', n, unit='img')
     start = 0
-    for batch in _batches(test_split, cfg, with_masks=True):
+    batches = _batches(test_split, cfg, with_masks=True)
+    for batch, outs in score_batches(cfg, extractor, fitted, todo, batches):
       b = batch['image'].shape[0]
-      images = np.asarray(batch['image'], np.float32)
-      padded = images if b == extractor.batch_size else np.concatenate(
-          [images, np.repeat(images[-1:], extractor.batch_size - b, axis=0)])
-      feats = extractor.fn(extractor.variables, jnp.asarray(padded))
       for v in todo:
-        out = scorers[v.name](arrays, feats)
-        if v.refinement:
-          raise ValueError('the refinement stage (R) is not available in this build')
-        maps[v.name][start:start + b] = np.asarray(out['maps'][:b])
-        image_scores[v.name][start:start + b] = np.asarray(out['image'][:b])
-        allowed[v.name].append(np.asarray(out['allowed'][:b]).mean())
+        maps[v.name][start:start + b] = outs[v.name]['maps']
+        image_scores[v.name][start:start + b] = outs[v.name]['image']
+        allowed[v.name] += float(outs[v.name]['allowed'].mean()) * b
       masks[start:start + b] = np.asarray(batch['mask'] > 0.5, np.uint8)
       labels[start:start + b] = np.asarray(batch['label'])
       for j in range(b):
         if start + j in fig_index:
-          fig_images[start + j] = images[j]
+          fig_images[start + j] = np.asarray(batch['image'][j], np.float32)
       start += b
       prog.update(b)
     prog.close()
@@ -323,7 +400,7 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extr
       m, curve = metrics_lib.evaluate_with_curves(image_scores[v.name], labels, maps[v.name],
                                                   masks, max_fpr=float(cfg.eval.max_fpr))
       m = {k: float(val) for k, val in m.items()}
-      m['allowed_fraction'] = float(np.mean(allowed[v.name])) if allowed[v.name] else 1.0
+      m['allowed_fraction'] = allowed[v.name] / max(n, 1)
       results[v.name] = m
       curves[v.name] = curve
       logging.info('[%s] %-10s I-AUROC %.4f  P-AUROC %.4f  AUPRO %.4f  P-F1 %.4f  allowed %.3f '
@@ -403,8 +480,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     cat_dir = workdir / category
     train = data_lib.load_split(cfg.data, category, 'train')
     test = data_lib.load_split(cfg.data, category, 'test')
-    train, _holdout = train_holdout(train, float(cfg.data.holdout_fraction), int(cfg.seed))
+    train, holdout = train_holdout(train, float(cfg.data.holdout_fraction), int(cfg.seed))
     fitted = fit_category(cfg, category, cat_dir, extractor, train, needed)
+    fitted = calibrate(cfg, category, cat_dir, extractor, fitted, holdout, variants[0])
     results = evaluate_category(cfg, category, cat_dir, extractor, fitted, test, variants)
     main = results[variants[0].name]
     report.write_category_metrics(cat_dir, main)

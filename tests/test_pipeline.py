@@ -169,3 +169,49 @@ def test_fitting_under_a_memory_cap_streams_and_gives_the_same_coreset(run, tmp_
   reference = model_lib.load(workdir / 'weave' / 'model')
   np.testing.assert_array_equal(fitted.c_emb, reference.c_emb)
   np.testing.assert_array_equal(fitted.emb_to_dist, reference.emb_to_dist)
+
+
+def test_fit_time_thresholds_come_from_held_out_normal_images(run):
+  _, workdir, _ = run
+  fitted = model_lib.load(workdir / 'tokens' / 'model')
+  stats = {k: float(v) for k, v in fitted.stats.items()}
+  assert fitted.meta['num_holdout'] >= 1
+  assert fitted.meta['calibration_variant'] == '+N+P'
+  assert stats['pixel_threshold'] > stats['pixel_mean'] > 0
+  assert stats['image_threshold'] >= stats['image_mean'] > 0
+
+
+def test_predict_reports_corrupt_files_and_returns_masks_at_original_size(run, tmp_path):
+  from PIL import Image
+  from pni_jax import predict
+  cfg, workdir, _ = run
+  test = data_lib.load_split(cfg.data, 'tokens', 'test')
+  good = [p for p, l in zip(test.paths, test.labels) if l == 0][0]
+  bad = [p for p, l in zip(test.paths, test.labels) if l == 1][0]
+  folder = tmp_path / 'inbox'
+  folder.mkdir()
+  Image.open(good).save(folder / 'a_good.png')
+  Image.open(bad).save(folder / 'b_defect.png')
+  Image.open(bad).convert('L').resize((150, 200)).save(folder / 'c_gray_other_size.png')
+  (folder / 'd_corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\x00' * 40)
+  rows = predict.run(str(workdir), str(folder), category='tokens', out=str(tmp_path / 'out'))
+  by_name = {pathlib.Path(r['path']).name: r for r in rows}
+  assert list(by_name) == ['a_good.png', 'b_defect.png', 'c_gray_other_size.png', 'd_corrupt.png']
+  assert 'd_corrupt.png' in by_name['d_corrupt.png']['error']
+  assert by_name['d_corrupt.png']['defective'] is None
+  for name in ('a_good.png', 'b_defect.png', 'c_gray_other_size.png'):
+    r = by_name[name]
+    assert r['error'] == ''
+    mask = np.asarray(Image.open(tmp_path / 'out' / r['mask']))
+    overlay = np.asarray(Image.open(tmp_path / 'out' / r['overlay']))
+    orig = Image.open(folder / name)
+    assert mask.shape == (orig.height, orig.width)
+    assert overlay.shape == (orig.height, orig.width, 3)
+    assert set(np.unique(mask)) <= {0, 255}
+  assert by_name['b_defect.png']['score'] > by_name['a_good.png']['score']
+  table = (tmp_path / 'out' / 'predictions.csv').read_text().splitlines()
+  assert len(table) == 5 and table[0].startswith('path,score,threshold,defective')
+  with pytest.raises(FileNotFoundError, match='no image files'):
+    predict.run(str(workdir), str(tmp_path / 'empty*'), category='tokens')
+  with pytest.raises(FileNotFoundError, match='fitted: tokens, weave'):
+    predict.run(str(workdir), str(folder), category='bottle')

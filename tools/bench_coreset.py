@@ -131,10 +131,10 @@ def main(argv: list[str]) -> int:
           f'{row["ns_per_row_pick"]:.2f} | ' + ' | '.join(cells)
           + f' | {row["picks_equal_numpy"]}/{nb} |', flush=True)
   if len(rows) > 1:
-    first = rows[0]
-    print('scaling (time per pick vs N, 1.00 = linear): ' + ', '.join(
-        f'N={r["n"]}: {(r["ms_per_pick"] / first["ms_per_pick"]) / (r["n"] / first["n"]):.2f}'
-        for r in rows[1:]))
+    print('scaling, time-per-pick ratio / N ratio between successive N (1.00 = linear): '
+          + ', '.join(f'{a["n"]} -> {b["n"]}: '
+                      f'{(b["ms_per_pick"] / a["ms_per_pick"]) / (b["n"] / a["n"]):.2f}'
+                      for a, b in zip(rows[:-1], rows[1:])))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(rows, f, indent=1)

@@ -1,0 +1,188 @@
+"""Inspect new images with a fitted workdir: "is this image defective, and where?".
+
+`python -m pni_jax.main --mode=predict --workdir=RUN --images=DIR_OR_GLOB [--category=CAT]`
+writes, under `<RUN>/predictions/<category>/` (or --out):
+  <name>_overlay.png   the input at its original size, the predicted defect region tinted red
+  <name>_mask.png      the binary defect mask (0 / 255) at the input's original size
+  predictions.csv / predictions.json   per image: score, threshold, decision, defect area, error
+Images of any size, grayscale or RGBA go through the model's own preprocessing (resize short side,
+center crop); maps come back to the original size. An unreadable file is reported in the table
+(and the log) and the others are still processed. Thresholds are the fit-time ones (held-out
+normal images), stored with the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+import pathlib
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from pni_jax import data as data_lib
+from pni_jax import fileio
+from pni_jax import infer
+from pni_jax import model as model_lib
+from pni_jax import pipeline
+from pni_jax.progress import Progress
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def find_images(spec: str) -> list[str]:
+  """A folder (its image files, recursively, sorted) or a glob pattern -> file paths."""
+  if os.path.isdir(spec):
+    paths = [str(p) for p in sorted(pathlib.Path(spec).rglob('*'))
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+  else:
+    paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise FileNotFoundError(f'--images={spec}: no image files found (a folder or a glob such as '
+                            f'"parts/*.png"; suffixes {", ".join(IMAGE_SUFFIXES)})')
+  return paths
+
+
+def pick_category(workdir: pathlib.Path, category: str | None) -> str:
+  fitted = sorted(p.parent.parent.name for p in workdir.glob('*/model/meta.json'))
+  if not fitted:
+    raise FileNotFoundError(f'no fitted model under {workdir} (expected <category>/model/)')
+  if category:
+    if category not in fitted:
+      raise FileNotFoundError(f'no fitted model for category {category!r} in {workdir}; '
+                              f'fitted: {", ".join(fitted)}')
+    return category
+  if len(fitted) > 1:
+    raise ValueError(f'{workdir} holds several fitted categories ({", ".join(fitted)}): choose one '
+                     'with --category')
+  return fitted[0]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] image with the mask tinted red and its border drawn: uint8 [H, W, 3]."""
+  out = image.astype(np.float32)
+  red = np.array([255.0, 0.0, 0.0], np.float32)
+  out[mask] = 0.55 * out[mask] + 0.45 * red
+  border = mask & ~_erode(mask)
+  out[border] = [255.0, 255.0, 0.0]
+  return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+  padded = np.pad(mask, 1, constant_values=False)
+  h, w = mask.shape
+  out = np.ones_like(mask)
+  for dy in (0, 1, 2):
+    for dx in (0, 1, 2):
+      out &= padded[dy:dy + h, dx:dx + w]
+  return out
+
+
+def _save_png(path: pathlib.Path, array: np.ndarray) -> None:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format='PNG')
+  fileio.atomic_write_bytes(path, buf.getvalue())
+
+
+def predict_images(workdir: pathlib.Path, category: str, paths: list[str],
+                   out_dir: pathlib.Path) -> list[dict]:
+  """Scores `paths` with the fitted model of `category`; writes masks, overlays and tables.
+
+  The model's own saved config (the one it was fitted with) drives preprocessing and scoring.
+  """
+  fitted = model_lib.load(workdir / category / 'model')
+  cfg = ml_collections.ConfigDict(fitted.meta['config'])
+  stats = {k: float(v) for k, v in fitted.stats.items()}
+  if 'image_threshold' not in stats:
+    raise ValueError(f'the model in {workdir / category} has no fit-time thresholds (it was '
+                     'fitted with data.holdout_fraction=0); refit with held-out images')
+  variant = infer.parse_variant(fitted.meta.get('calibration_variant', 'baseline'))
+  resize, crop = int(cfg.data.resize), int(cfg.data.crop)
+  extractor = pipeline.make_extractor(cfg)
+  bs = extractor.batch_size
+
+  rows, pending = [], []
+
+  def flush():
+    if not pending:
+      return
+    images = np.stack([p['crop'] for p in pending])
+    _, outs = next(pipeline.score_batches(cfg, extractor, fitted, [variant], [{'image': images}]))
+    out = outs[variant.name]
+    for k, item in enumerate(pending):
+      h, w = item['orig'].shape[:2]
+      amap = data_lib.unprocess_map(out['maps'][k], h, w, resize, crop)
+      mask = amap >= stats['pixel_threshold']
+      score = float(out['image'][k])
+      name = item['name']
+      _save_png(out_dir / f'{name}_mask.png', mask.astype(np.uint8) * 255)
+      _save_png(out_dir / f'{name}_overlay.png', overlay(item['orig'], mask))
+      rows.append(dict(path=item['path'], score=score, threshold=stats['image_threshold'],
+                       defective=bool(score >= stats['image_threshold']),
+                       defect_fraction=float(mask.mean()), height=h, width=w,
+                       mask=f'{name}_mask.png', overlay=f'{name}_overlay.png', error=''))
+    pending.clear()
+
+  prog = Progress(f'[{category}] predict', len(paths), unit='img')
+  names = _unique_names(paths)
+  for path, name in zip(paths, names):
+    try:
+      image = data_lib.load_image(path)
+    except (OSError, ValueError) as e:
+      logging.error('skipping %s: %s', path, e)
+      rows.append(dict(path=path, score=float('nan'), threshold=stats['image_threshold'],
+                       defective=None, defect_fraction=float('nan'), height=0, width=0,
+                       mask='', overlay='', error=str(e)))
+      prog.update(1)
+      continue
+    pending.append(dict(path=path, name=name, orig=image,
+                        crop=data_lib.preprocess(image, resize, crop)))
+    if len(pending) == bs:
+      flush()
+    prog.update(1)
+  flush()
+  prog.close()
+  rows.sort(key=lambda r: paths.index(r['path']))
+  _write_tables(out_dir, rows)
+  bad = [r for r in rows if r['error']]
+  logging.info('[%s] %d images: %d defective, %d normal, %d unreadable -> %s', category,
+               len(rows), sum(bool(r['defective']) for r in rows),
+               sum(r['defective'] is False for r in rows), len(bad), out_dir)
+  return rows
+
+
+def _unique_names(paths: list[str]) -> list[str]:
+  """File stems, made unique by prefixing parent folders where two stems collide."""
+  stems = [pathlib.Path(p).stem for p in paths]
+  out = []
+  for p, stem in zip(paths, stems):
+    out.append(f'{pathlib.Path(p).parent.name}_{stem}' if stems.count(stem) > 1 else stem)
+  return out
+
+
+COLUMNS = ('path', 'score', 'threshold', 'defective', 'defect_fraction', 'height', 'width', 'mask',
+           'overlay', 'error')
+
+
+def _write_tables(out_dir: pathlib.Path, rows: list[dict]) -> None:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator='\n')
+  writer.writeheader()
+  for r in rows:
+    writer.writerow(r)
+  fileio.atomic_write_text(out_dir / 'predictions.csv', buf.getvalue())
+  fileio.atomic_write_json(out_dir / 'predictions.json', rows)
+
+
+def run(workdir: str, images: str, category: str | None = None, out: str | None = None
+        ) -> list[dict]:
+  workdir = pathlib.Path(workdir)
+  category = pick_category(workdir, category)
+  paths = find_images(images)
+  out_dir = pathlib.Path(out) if out else workdir / 'predictions' / category
+  out_dir.mkdir(parents=True, exist_ok=True)
+  return predict_images(workdir, category, paths, out_dir)
