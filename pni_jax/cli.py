@@ -69,6 +69,11 @@ def normalize_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.data.categories = _split_names(cfg.data.categories)
   cfg.model.layers = _split_names(cfg.model.layers)
+  cfg.model.ensemble = _split_names(cfg.model.ensemble)
+  weights = tuple(str(w) for w in cfg.model.ensemble_weights)
+  if len(weights) == 1 and ',' in weights[0]:   # 'a,,b' from the command line; '' = embedded
+    weights = tuple(w.strip() for w in weights[0].strip('()[] ').split(','))
+  cfg.model.ensemble_weights = weights
   if 'ablations' in cfg.eval:
     cfg.eval.ablations = _split_names(cfg.eval.ablations)
   config_lib.validate(cfg)

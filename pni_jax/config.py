@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.use_neighborhood = True   # N: p(c | neighbourhood) from the MLP
   m.use_position = True       # P: p(c | position) from histograms
   m.use_refinement = True     # R: refinement network on the anomaly map
+  # Ensemble (paper Table 2): one full PNI model per backbone, normalised and averaged.
+  # Paper: ('wide_resnet101_2', 'resnext101_32x8d', 'densenet201'); empty = single model.
+  m.ensemble = ()
+  m.ensemble_weights = ()     # one converted-weights path per member ('' = embedded)
 
   # Coresets (greedy k-center on a random projection).
   m.coreset = cs = ml_collections.ConfigDict()

@@ -44,8 +44,12 @@ from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from pni_jax import knn as knn_lib
+from pni_jax import sharding
 
 ProgressFn = Callable[[int, int, float], None]
 PROJECTIONS = ('sparse', 'gaussian')
@@ -136,14 +140,27 @@ def chunk_rows(n: int, chunk_size: int) -> int:
   return knn_lib.balanced_tile(n, int(chunk_size), 128)
 
 
-def _pick_step(features: jax.Array, chunk: int, step: jax.Array,
-               state: CoresetState) -> CoresetState:
-  """Adds pick number ``step`` (>= 1) given picks[step - 1]; one pass over features."""
+def _pick_step(features: jax.Array, chunk: int, step: jax.Array, state: CoresetState, *,
+               axis: str | None = None, offset: jax.Array | int = 0) -> CoresetState:
+  """Adds pick number ``step`` (>= 1) given picks[step - 1]; one pass over features.
+
+  ``features`` [n, p], ``state.sq_norms`` and ``state.min_sq_dist`` [n] are this device's rows
+  ``offset .. offset + n - 1`` of the global arrays (all of them without a mesh); ``picks`` holds
+  global row indices. Under ``shard_map`` (``axis`` given) the device owning the last pick
+  broadcasts its row with a ``psum`` and the farthest row is the ``pmax`` of the local maxima,
+  the lowest global index among equal maxima (``pmin``): the same pick as on one device.
+  """
   n, p = features.shape
   last = state.picks[step - 1]
-  center = lax.dynamic_slice(features, (last, 0), (1, p))[0]  # [p], features' dtype
-  center_sq = state.sq_norms[last]
-  min_d = state.min_sq_dist.at[last].set(-jnp.inf)
+  local = last - offset
+  mine = (local >= 0) & (local < n)
+  li = jnp.clip(local, 0, n - 1)
+  row = lax.dynamic_slice(features, (li, 0), (1, p))[0]  # [p], features' dtype
+  center = jnp.where(mine, row, jnp.zeros((), row.dtype))
+  center_sq = jnp.where(mine, state.sq_norms[li], 0.0)
+  if axis is not None:
+    center, center_sq = lax.psum((center, center_sq), axis)
+  min_d = state.min_sq_dist.at[li].set(jnp.where(mine, -jnp.inf, state.min_sq_dist[li]))
   num_chunks = -(-n // chunk)
 
   def chunk_body(c, carry):
@@ -164,14 +181,18 @@ def _pick_step(features: jax.Array, chunk: int, step: jax.Array,
     return (min_d, jnp.where(better, v, best_v), jnp.where(better, start + j, best_i))
 
   init = (min_d, jnp.array(-jnp.inf, jnp.float32), jnp.array(0, jnp.int32))
-  min_d, _, best_i = lax.fori_loop(0, num_chunks, chunk_body, init)
+  min_d, best_v, best_i = lax.fori_loop(0, num_chunks, chunk_body, init)
+  best_i = best_i + offset
+  if axis is not None:
+    top = lax.pmax(best_v, axis)
+    best_i = lax.pmin(jnp.where(best_v == top, best_i, jnp.iinfo(jnp.int32).max), axis)
   return CoresetState(state.sq_norms, min_d, state.picks.at[step].set(best_i))
 
 
 @functools.partial(jax.jit, static_argnames=('chunk',))
 def run_picks(features: jax.Array, state: CoresetState, lo: jax.Array, hi: jax.Array,
               chunk: int) -> CoresetState:
-  """Makes picks number lo .. hi - 1 of ``state`` (1 <= lo <= hi <= num).
+  """Makes picks number lo .. hi - 1 of ``state`` (1 <= lo <= hi <= num), one device.
 
   Args:
     features: [N, p] float.
@@ -195,6 +216,45 @@ def init_state(features: jax.Array, num: int, start_index: jax.Array) -> Coreset
                       jnp.full((features.shape[0],), jnp.inf, jnp.float32), picks)
 
 
+# The same two functions over a mesh: features, norms and min_sq_dist split by rows
+# ([N_pad / D, ...] per device), picks replicated.
+
+
+@functools.partial(jax.jit, static_argnames=('num', 'rows', 'mesh'))
+def _init_state_sharded(features: jax.Array, num: int, rows: int, start_index: jax.Array,
+                        mesh) -> CoresetState:
+  """`init_state` for row-sharded features [N_pad, p]; padded rows (>= rows) start at -inf."""
+
+  def local(x):
+    offset = lax.axis_index(sharding.DATA) * x.shape[0]
+    x32 = x.astype(jnp.float32)
+    valid = offset + jnp.arange(x.shape[0]) < rows
+    return jnp.sum(x32 * x32, axis=1), jnp.where(valid, jnp.inf, -jnp.inf).astype(jnp.float32)
+
+  sq, min_d = jax.shard_map(local, mesh=mesh, in_specs=P(sharding.DATA),
+                            out_specs=(P(sharding.DATA), P(sharding.DATA)))(features)
+  picks = jnp.zeros((num,), jnp.int32).at[0].set(jnp.asarray(start_index, jnp.int32))
+  return CoresetState(sq, min_d, picks)
+
+
+@functools.partial(jax.jit, static_argnames=('chunk', 'mesh'))
+def _run_picks_sharded(features: jax.Array, state: CoresetState, lo: jax.Array, hi: jax.Array,
+                       chunk: int, mesh) -> CoresetState:
+  """`run_picks` with every device scanning its own rows (chunk: rows per tile per device)."""
+
+  def local(x, sq, min_d, picks, lo, hi):
+    offset = lax.axis_index(sharding.DATA) * x.shape[0]
+    step = functools.partial(_pick_step, x, chunk, axis=sharding.DATA, offset=offset)
+    out = lax.fori_loop(lo, hi, step, CoresetState(sq, min_d, picks))
+    return out.min_sq_dist, out.picks
+
+  rows = P(sharding.DATA)
+  min_d, picks = jax.shard_map(
+      local, mesh=mesh, in_specs=(rows, rows, rows, P(), P(), P()), out_specs=(rows, P()),
+      check_vma=False)(features, state.sq_norms, state.min_sq_dist, state.picks, lo, hi)
+  return CoresetState(state.sq_norms, min_d, picks)
+
+
 def greedy_k_center(features: jax.Array, start_index: jax.Array, num: int,
                     chunk_size: int = 16384) -> jax.Array:
   """Pure, jit/vmap-able greedy k-center: [N, p] features -> [num] int32 picks in order.
@@ -215,12 +275,17 @@ def greedy_coreset(features: jax.Array,
                    start_index: int | None = None,
                    chunk_size: int = 16384,
                    segment_size: int = 0,
-                   progress: ProgressFn | None = None) -> jax.Array:
-  """Greedy k-center selection order over ``features``.
+                   progress: ProgressFn | None = None,
+                   mesh: Mesh | None = None) -> jax.Array:
+  """Greedy k-center selection order over ``features``, split by rows over a device mesh.
 
   Args:
-    features: [N, p] float32 or bfloat16 (already projected), on device. Memory
-      used: the features, one [N] float32 vector and a [chunk_size, p] tile.
+    features: [N, p] float32 or bfloat16 (already projected), numpy (host) or
+      jax. They are placed on the mesh split by rows (padded to a multiple of
+      the device count; padded rows are never picked); a host array goes to the
+      devices shard by shard, without a second full host copy. Memory per
+      device: N / D feature rows, two [N / D] float32 vectors and a
+      [chunk_size, p] tile.
     num: number of picks, 0 <= num <= N.
     key: PRNG key; the start row is uniform in [0, N) from it (PatchCore starts
       at a random point). Deterministic given the key.
@@ -230,9 +295,12 @@ def greedy_coreset(features: jax.Array,
     segment_size: picks per jitted call; 0 = all in one call. Between calls
       ``progress(done, num, elapsed_seconds)`` is called.
     progress: optional callback, e.g. `log_progress`.
+    mesh: device mesh (`sharding.make_mesh`); default all devices. Every
+      device scans its rows and the farthest point is a cross-device
+      max-reduction; the picks equal the one-device run's.
 
   Returns:
-    [num] int32 distinct row indices in selection order.
+    [num] int32 distinct row indices in selection order (replicated).
   """
   if features.ndim != 2:
     raise ValueError(f'features must be [N, p], got shape {tuple(features.shape)}')
@@ -245,20 +313,26 @@ def greedy_coreset(features: jax.Array,
     raise ValueError(f'start_index must be in [0, {n}), got {start_index}')
   if segment_size < 0:
     raise ValueError(f'segment_size must be >= 0, got {segment_size}')
-  chunk = chunk_rows(n, chunk_size)
+  chunk_rows(n, chunk_size)  # validates chunk_size
   if num == 0:
     return jnp.zeros((0,), jnp.int32)
   if start_index is None:
     start_index = jax.random.randint(key, (), 0, n, dtype=jnp.int32)
 
-  features = jnp.asarray(features)
-  state = init_state(features, num, start_index)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  if isinstance(features, jax.Array):
+    features = jax.device_put(sharding.pad_rows(features, sharding.num_shards(mesh),
+                                                mode='zeros')[0], sharding.data_sharding(mesh))
+  else:
+    features = sharding.shard_host_rows(np.asarray(features), mesh)
+  chunk = chunk_rows(features.shape[0] // sharding.num_shards(mesh), chunk_size)
+  state = _init_state_sharded(features, num, n, start_index, mesh)
   seg = segment_size if segment_size > 0 else num
   t0 = time.perf_counter()
   done = 1
   while done < num:
     hi = min(done + seg, num)
-    state = run_picks(features, state, jnp.int32(done), jnp.int32(hi), chunk)
+    state = _run_picks_sharded(features, state, jnp.int32(done), jnp.int32(hi), chunk, mesh)
     done = hi
     if progress is not None:
       jax.block_until_ready(state)
@@ -289,7 +363,8 @@ def select_coresets(features: jax.Array,
                     *,
                     chunk_size: int = 16384,
                     segment_size: int = 0,
-                    progress: ProgressFn | None = None) -> tuple[jax.Array, jax.Array]:
+                    progress: ProgressFn | None = None,
+                    mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
   """C_emb and C_dist indices from ONE greedy run (C_dist is a prefix of C_emb).
 
   Args:
@@ -297,7 +372,7 @@ def select_coresets(features: jax.Array,
     ratio: |C_emb| = ceil(ratio * N) (paper: 0.01).
     dist_size: |C_dist| (paper: 2048); clipped to |C_emb| with a logged note.
     key: PRNG key for the start point.
-    chunk_size, segment_size, progress: as in `greedy_coreset`.
+    chunk_size, segment_size, progress, mesh: as in `greedy_coreset`.
 
   Returns:
     (emb_indices [K_emb] int32, dist_indices [K_dist] int32) rows of ``features``;
@@ -316,7 +391,7 @@ def select_coresets(features: jax.Array,
                  dist_size, num_emb, n, ratio, num_emb)
     dist_size = num_emb
   emb = greedy_coreset(features, num_emb, key=key, chunk_size=chunk_size,
-                       segment_size=segment_size, progress=progress)
+                       segment_size=segment_size, progress=progress, mesh=mesh)
   return emb, emb[:dist_size]
 
 

@@ -201,7 +201,7 @@ def used_params(flat_fn, flat: dict, image_spec) -> list[str]:
 
 
 def _resolve(source):
-  """(cfg, fitted, extractor variables) from a category / model dir or a (cfg, fitted, extractor)."""
+  """(cfg, fitted, backbone variables) from a category or model dir, or (cfg, fitted, extractor)."""
   if isinstance(source, (tuple, list)):
     if len(source) != 3:
       raise ValueError('export_model: pass a category directory or (cfg, fitted model, extractor)')
@@ -212,7 +212,8 @@ def _resolve(source):
   from pni_jax import pipeline  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(source)
-  model_dir = path if (path / 'meta.json').exists() and (path / 'arrays').exists() else path / 'model'
+  is_model_dir = (path / 'meta.json').exists() and (path / 'arrays').exists()
+  model_dir = path if is_model_dir else path / 'model'
   if not (model_dir / 'meta.json').exists():
     raise FileNotFoundError(f'no fitted model at {path} (expected {path}/model/meta.json, i.e. '
                             '<workdir>/<category>); fit one with `python -m pni_jax.main`')
@@ -237,11 +238,16 @@ def _score_units(cfg_model, variant: infer.Variant) -> dict:
               f'({dist})')
 
 
-def _thresholds(stats: dict) -> dict:
+def _thresholds(fitted, variant: infer.Variant) -> dict:
+  """{'image', 'pixel'} fit-time thresholds from `fitted.stats` (None when absent, or when they
+  were calibrated on another variant than the exported one)."""
+  calibrated_on = fitted.meta.get('calibration_variant')
+  if calibrated_on is not None and calibrated_on != variant.name:
+    return dict(image=None, pixel=None)
   out = {}
-  for key in ('image_threshold', 'pixel_threshold'):
-    value = (stats or {}).get(key)
-    out[key.split('_')[0]] = None if value is None else float(np.asarray(value))
+  for key in ('image', 'pixel'):
+    value = (fitted.stats or {}).get(f'{key}_threshold')
+    out[key] = None if value is None else float(np.asarray(value))
   return out
 
 
@@ -306,7 +312,8 @@ def export_model(source, out_path: str | os.PathLike, *, batch_size: int | None 
       batch_size=None if batch_size is None else int(batch_size),
       platforms=list(exported.platforms),
       outputs=dict(maps=['B', crop, crop], image=['B'], patch=['B', *grid]),
-      thresholds=_thresholds(fitted.stats), score_units=_score_units(cfg.model, variant),
+      thresholds=_thresholds(fitted, variant), score_units=_score_units(cfg.model, variant),
+      thresholds_calibrated_on=fitted.meta.get('calibration_variant'),
       num_params=int(sum(v.size for v in flat.values())), num_unused_params_dropped=len(dropped))
 
   if out.exists():
@@ -337,7 +344,7 @@ def load_artifact(path: str | os.PathLike):
 # ----------------------------------------------------------------------------- the loader
 
 
-LOADER_SOURCE = r'''"""Runs a pni-jax inference artifact (written by pni_jax.export); needs only jax, numpy, PIL.
+LOADER_SOURCE = r'''"""Standalone runner of a pni-jax inference artifact (jax, numpy, PIL only).
 
   python run_artifact.py IMAGE_OR_FOLDER [...] [--json results.json] [--npz maps.npz] [--batch 8]
 
@@ -408,6 +415,8 @@ def preprocess(image, resize, crop):
 def list_images(inputs):
   paths = []
   for item in inputs:
+    if not os.path.exists(item):
+      raise FileNotFoundError('no such image file or folder: %s' % item)
     if os.path.isdir(item):
       paths += sorted(os.path.join(item, f) for f in os.listdir(item)
                       if f.lower().endswith(EXTENSIONS))
@@ -438,7 +447,7 @@ class Artifact:
     self._call = jax.jit(self.exported.call)
 
   def __call__(self, images01):
-    """images01 [B, S, S, 3] float in [0, 1] -> dict of numpy float32 arrays (maps, image, patch)."""
+    """images01 [B, S, S, 3] float in [0, 1] -> numpy float32 dict(maps, image, patch)."""
     x = np.asarray(images01, dtype=np.float32)
     s = self.size
     if x.ndim != 4 or x.shape[1:] != (s, s, 3):

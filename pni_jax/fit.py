@@ -5,7 +5,13 @@ together per category and caches their results in the workdir so an interrupted 
 
 Memory: the training patch features live in a `FeatureStore` (host RAM up to a cap, else a
 memory-mapped file); the coreset selection only needs their random projection
-([N_patches, projection_dim]); device memory is bounded by the batch and tile sizes.
+([N_patches, projection_dim], one host buffer filled in place, sent to the devices shard by
+shard); device memory is bounded by the batch and tile sizes (the MLP's by
+`memory.device_feature_cap_mb`, see `neighborhood.train_mlp`). Nothing here is N x N.
+
+Devices: every stage runs over a `sharding.make_mesh()` mesh (all devices, axis 'data'): the
+image batches, the coreset rows and the nearest-code queries are split over it, the backbone
+variables and the coreset bank replicated. On one device that is the plain computation.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from absl import logging
 from pni_jax import coreset
 from pni_jax import knn
 from pni_jax import position as position_lib
+from pni_jax import sharding
 from pni_jax.progress import Progress
 from pni_jax.store import FeatureStore
 
@@ -43,25 +50,47 @@ def _project(feats, matrix):
 
 
 def extract_features(feature_fn: Callable, variables, batches: Iterable[dict], num_images: int,
-                     batch_size: int, store: FeatureStore, projection: jax.Array | None):
-  """Runs the feature function over the training images.
+                     batch_size: int, store: FeatureStore, projection: jax.Array | None, *,
+                     mesh=None) -> np.ndarray:
+  """Runs the feature function over the training images, batches split over the devices.
 
-  Fills `store` with [N, H', W', d] maps and returns the projected patch features
-  [N * H' * W', projection_dim] float32 (numpy, host) used by the coreset selection.
+  Args:
+    feature_fn: jitted `fn(variables, images [B, S, S, 3]) -> [B, H', W', d]`.
+    variables: backbone variables (replicated on the mesh once here).
+    batches: dicts with 'image' [b, S, S, 3] float32, b <= batch_size.
+    num_images: N, the number of images `batches` yields in total.
+    batch_size: images per call; padded up to a multiple of the device count.
+    store: receives the [N, H', W', d] maps.
+    projection: [d, p] random projection or None.
+    mesh: `sharding.make_mesh()` (default: all devices).
+
+  Returns:
+    The projected patch features [N * H' * W', p] float32 (numpy, host; p = d without a
+    projection) used by the coreset selection: one preallocated buffer, filled batch by batch.
   """
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  per_call = sharding.padded_size(batch_size, sharding.num_shards(mesh))
+  variables = sharding.replicate(variables, mesh)
+  if projection is not None:
+    projection = sharding.replicate(projection, mesh)
   prog = Progress('train features', num_images, unit='img')
-  projected, start = [], 0
-  for images, n in padded_batches(batches, batch_size):
-    feats = feature_fn(variables, jnp.asarray(images))
-    store.write(start, np.asarray(feats[:n]))
+  projected, start = None, 0
+  for images, n in padded_batches(batches, per_call):
+    if start + n > num_images:
+      raise ValueError(f'expected {num_images} training images, the pipeline gave more')
+    feats = feature_fn(variables, sharding.shard_rows(images, mesh))
     proj = _project(feats, projection)
-    projected.append(np.asarray(proj[:n * feats.shape[1] * feats.shape[2]]))
+    _, h, w, _ = feats.shape
+    if projected is None:
+      projected = np.empty((num_images * h * w, proj.shape[-1]), np.float32)
+    store.write(start, np.asarray(feats)[:n])
+    projected[start * h * w:(start + n) * h * w] = np.asarray(proj)[:n * h * w]
     start += n
     prog.update(n)
   prog.close()
   if start != num_images:
     raise ValueError(f'expected {num_images} training images, the pipeline gave {start}')
-  return np.concatenate(projected, axis=0)
+  return projected
 
 
 def coreset_sizes(num_patches: int, ratio: float, dist_size: int) -> tuple[int, int]:
@@ -76,8 +105,12 @@ def coreset_sizes(num_patches: int, ratio: float, dist_size: int) -> tuple[int, 
   return num_emb, num_dist
 
 
-def select_coreset(projected: np.ndarray, store: FeatureStore, cfg_coreset, key) -> dict:
+def select_coreset(projected: np.ndarray, store: FeatureStore, cfg_coreset, key, *,
+                   mesh=None) -> dict:
   """Greedy k-center selection -> C_emb (full features), the C_dist prefix and emb -> dist map.
+
+  `projected` [N_patches, p] (host) is split by rows over the mesh; the full d-dimensional
+  features are read from `store` only for the selected rows.
 
   Returns dict(c_emb [K_emb, d] float32, emb_to_dist [K_emb] int32, num_dist, order [K_emb]).
   """
@@ -88,27 +121,34 @@ def select_coreset(projected: np.ndarray, store: FeatureStore, cfg_coreset, key)
     del total, elapsed
     prog.update(done - prog.done)
 
-  order = coreset.greedy_coreset(jnp.asarray(projected), num_emb, key=key,
+  order = coreset.greedy_coreset(projected, num_emb, key=key,
                                  chunk_size=int(cfg_coreset.chunk_size),
-                                 segment_size=int(cfg_coreset.segment_size), progress=on_progress)
+                                 segment_size=int(cfg_coreset.segment_size), progress=on_progress,
+                                 mesh=mesh)
   prog.close()
   order = np.asarray(order)
   c_emb = store.flat_rows(order)
-  emb_to_dist = coreset.emb_to_dist(jnp.asarray(c_emb), jnp.asarray(c_emb[:num_dist]))
+  _, idx = knn.knn_sharded(c_emb, c_emb[:num_dist], 1, mesh=mesh)
+  emb_to_dist = idx[:, 0]
   return dict(c_emb=c_emb, emb_to_dist=np.asarray(emb_to_dist, np.int32), num_dist=num_dist,
               order=order.astype(np.int32))
 
 
 def nearest_codes(store: FeatureStore, c_dist: np.ndarray, *, images_per_chunk: int,
-                  query_tile: int, bank_tile: int) -> np.ndarray:
-  """Index of the nearest C_dist row for every stored patch: [N, H', W'] int32."""
+                  query_tile: int, bank_tile: int, mesh=None) -> np.ndarray:
+  """Index of the nearest C_dist row for every stored patch: [N, H', W'] int32.
+
+  Streams `images_per_chunk` images at a time; each chunk's patches are split over the mesh's
+  devices, C_dist is replicated.
+  """
   n, h, w, d = store.shape
-  bank = jnp.asarray(c_dist)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  bank = sharding.replicate(jnp.asarray(c_dist), mesh)
   out = np.empty((n, h, w), np.int32)
   prog = Progress('nearest codes', n, unit='img')
   for start, maps in store.chunks(images_per_chunk):
-    _, idx = knn.knn(jnp.asarray(maps.reshape(-1, d)), bank, k=1, query_tile=query_tile,
-                     bank_tile=bank_tile)
+    _, idx = knn.knn_sharded(maps.reshape(-1, d), bank, k=1, mesh=mesh, query_tile=query_tile,
+                             bank_tile=bank_tile)
     out[start:start + maps.shape[0]] = np.asarray(idx[:, 0]).reshape(maps.shape[:3])
     prog.update(maps.shape[0])
   prog.close()

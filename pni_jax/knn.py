@@ -19,9 +19,9 @@ distances the lowest bank index wins. Entries without any candidate (k larger
 than the number of valid bank rows, or nothing allowed) are +inf with index -1.
 
 All functions are pure functions of arrays; tile sizes are static. They work
-under ``jax.vmap`` (batches of banks or query sets) and can later be wrapped in
-``shard_map`` (queries sharded, bank replicated, or bank sharded followed by a
-top-k merge of the per-shard results).
+under ``jax.vmap`` (batches of banks or query sets) and under ``shard_map``:
+`knn_sharded` splits the queries over a device mesh and replicates the bank
+(each device runs `knn` on its rows; same results as one device).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from pni_jax import sharding
 
 # float32 matmuls at full precision by default: on GPUs the default precision
 # may use TF32 (10-bit mantissa), which can change which bank row is nearest.
@@ -292,6 +294,49 @@ def knn_dists(queries: jax.Array, bank: jax.Array, k: int = 1, **kwargs
   """Like `knn`, with Euclidean (not squared) distances: ([M, k] float32, [M, k] int32)."""
   sq, idx = knn(queries, bank, k, **kwargs)
   return jnp.sqrt(sq), idx
+
+
+@functools.lru_cache(maxsize=64)
+def _knn_data_parallel(mesh, k: int, query_tile: int, bank_tile: int, precision):
+  """One compiled `knn` over `mesh` per static setting (queries split, bank and mask whole)."""
+
+  def local(queries, bank, bank_mask):
+    return knn(queries, bank, k, query_tile=query_tile, bank_tile=bank_tile,
+               bank_mask=bank_mask, precision=precision)
+
+  return sharding.data_parallel(local, mesh, sharded_argnums=(0,))
+
+
+def knn_sharded(queries: jax.Array,
+                bank: jax.Array,
+                k: int = 1,
+                *,
+                mesh=None,
+                query_tile: int = 1024,
+                bank_tile: int = 4096,
+                bank_mask: jax.Array | None = None,
+                precision=_HIGHEST) -> tuple[jax.Array, jax.Array]:
+  """`knn` with the query rows split over a device mesh and the bank replicated.
+
+  Args:
+    queries: [M, d] (host or device); padded to a multiple of the device count
+      internally (the padding is cut from the results).
+    bank: [K, d], copied whole to every device.
+    mesh: `sharding.make_mesh()` (default: all devices).
+    k, query_tile, bank_tile, bank_mask, precision: as in `knn` (tiles apply
+      per device).
+
+  Returns:
+    (sq_dists [M, k] float32, indices [M, k] int32), as `knn`.
+  """
+  _check_2d(queries, 'queries')
+  _check_2d(bank, 'bank')
+  _check_same_dim(queries, bank, 'queries', 'bank')
+  if k < 1:
+    raise ValueError(f'k must be >= 1, got {k}')
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  fn = _knn_data_parallel(mesh, int(k), int(query_tile), int(bank_tile), precision)
+  return fn(queries, bank, bank_mask)
 
 
 # ----------------------------------------------------------------------------- masked nearest

@@ -33,6 +33,7 @@ from absl import logging
 
 from pni_jax import coreset
 from pni_jax import data as data_lib
+from pni_jax import ensemble
 from pni_jax import features
 from pni_jax import fileio
 from pni_jax import fit
@@ -443,6 +444,114 @@ def _write_main_outputs(cfg, cat_dir, split, maps, masks, labels, image_scores, 
                        {'pixel': m['pixel_f1_max']})
 
 
+def _score_split(cfg, extractor, fitted, variant, split, maps_out, *, what: str):
+  """Streams `split` through one scorer, writing maps into `maps_out` [N, S, S]; returns the
+  image scores [N] float32."""
+  n = len(split.paths)
+  scores = np.zeros(n, np.float32)
+  prog = Progress(what, n, unit='img')
+  start = 0
+  for _, outs in score_batches(cfg, extractor, fitted, [variant],
+                               _batches(split, cfg, with_masks=False)):
+    out = outs[variant.name]
+    b = out['image'].shape[0]
+    maps_out[start:start + b] = out['maps']
+    scores[start:start + b] = out['image']
+    start += b
+    prog.update(b)
+  prog.close()
+  return scores
+
+
+def _labels_masks_figures(cfg, split, masks_out, num_fig: int):
+  """Ground truth of a split into `masks_out` [N, S, S] uint8; returns (labels [N], figure images)."""
+  n = len(split.paths)
+  labels = np.zeros(n, np.int32)
+  fig_index = set(np.unique(np.linspace(0, n - 1, num_fig).round().astype(int)).tolist()
+                  if num_fig > 0 and n > 0 else [])
+  fig_images, start = {}, 0
+  for batch in _batches(split, cfg, with_masks=True):
+    b = batch['image'].shape[0]
+    masks_out[start:start + b] = np.asarray(batch['mask'] > 0.5, np.uint8)
+    labels[start:start + b] = np.asarray(batch['label'])
+    for j in range(b):
+      if start + j in fig_index:
+        fig_images[start + j] = np.asarray(batch['image'][j], np.float32)
+    start += b
+  return labels, fig_images
+
+
+def evaluate_ensemble(cfg, category: str, cat_dir: pathlib.Path, member_fits: list,
+                      test_split, variant: infer.Variant) -> tuple[str, dict[str, dict]]:
+  """Scores the test set with every member's `variant`, then the normalised average.
+
+  Args:
+    member_fits: [(member name, member cfg, Extractor, fitted PNIModel)].
+  Returns:
+    (main result name, {name: metrics}) with names 'ensemble (holdout)' (deployable, the main
+    result), 'ensemble (test min-max, paper)' and one entry per member.
+  """
+  main_name = 'ensemble (holdout)'
+  paper_name = 'ensemble (test min-max, paper)'
+  eval_dir = cat_dir / 'eval'
+  eval_fp = fingerprint([f.meta.get('base_fingerprint') for *_, f in member_fits],
+                        [f.meta.get('calibration_fingerprint') for *_, f in member_fits],
+                        cfg.model.scoring, variant.name)
+  names = [main_name, paper_name] + [name for name, *_ in member_fits]
+  cached = {}
+  for name in names:
+    path = eval_dir / f'{_safe(name)}.json'
+    if path.exists():
+      saved = json.loads(path.read_text())
+      if saved.get('fingerprint') == eval_fp:
+        cached[name] = saved['metrics']
+  if len(cached) == len(names):
+    logging.info('[%s] reusing the evaluated ensemble', category)
+    return main_name, cached
+
+  crop = int(cfg.data.crop)
+  n = len(test_split.paths)
+  results = {}
+  with tempfile.TemporaryDirectory(dir=cat_dir, prefix='scratch-') as scratch:
+    def memmap(name, dtype=np.float32):
+      return np.memmap(os.path.join(scratch, name), dtype, 'w+', shape=(n, crop, crop))
+    masks = memmap('masks.u8', np.uint8)
+    labels, fig_images = _labels_masks_figures(cfg, test_split, masks, int(cfg.eval.max_figures))
+    member_maps, member_scores, holdout_aff, minmax_aff = [], [], [], []
+    for i, (name, mcfg, extractor, fitted) in enumerate(member_fits):
+      maps = memmap(f'member{i}.f32')
+      scores = _score_split(mcfg, extractor, fitted, variant, test_split, maps,
+                            what=f'[{category}] {name} test images')
+      m, _ = metrics_lib.evaluate_with_curves(scores, labels, maps, masks,
+                                              max_fpr=float(cfg.eval.max_fpr))
+      results[name] = {k: float(v) for k, v in m.items()}
+      member_maps.append(maps)
+      member_scores.append(scores)
+      holdout_aff.append(ensemble.holdout_affine(fitted.stats))
+      minmax_aff.append(ensemble.minmax_affine(maps, scores))
+    for res_name, affines in ((main_name, holdout_aff), (paper_name, minmax_aff)):
+      maps = ensemble.combine(member_maps, [a[0] for a in affines], out=memmap('ens.f32'))
+      scores = ensemble.combine(member_scores, [a[1] for a in affines])
+      m, curve = metrics_lib.evaluate_with_curves(scores, labels, maps, masks,
+                                                  max_fpr=float(cfg.eval.max_fpr))
+      results[res_name] = {k: float(v) for k, v in m.items()}
+      if res_name == main_name:
+        _write_main_outputs(cfg, cat_dir, test_split, maps, masks, labels, scores, fig_images,
+                            results[res_name], curve)
+      del maps
+    for name, m in results.items():
+      logging.info('[%s] %-32s I-AUROC %.4f  P-AUROC %.4f  AUPRO %.4f  P-F1 %.4f', category, name,
+                   m['image_auroc'], m['pixel_auroc'], m['aupro'], m['pixel_f1_max'])
+      fileio.atomic_write_json(eval_dir / f'{_safe(name)}.json',
+                               dict(fingerprint=eval_fp, metrics=m))
+    del member_maps, masks
+  return main_name, {name: results[name] for name in names}
+
+
+def _safe(name: str) -> str:
+  return ''.join(c if c.isalnum() or c in '+-_.' else '_' for c in name)
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -473,26 +582,47 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
   variants = variants_to_evaluate(cfg)
   needed = infer.Variant(any(v.neighborhood for v in variants), any(v.position for v in variants),
                          any(v.refinement for v in variants))
-  extractor = make_extractor(cfg)
+  member_list = ensemble.members(cfg)
+  if member_list:
+    member_cfgs = [ensemble.member_config(cfg, b, w) for b, w in member_list]
+    extractors = [make_extractor(mcfg) for mcfg in member_cfgs]
+    if len(variants) > 1:
+      logging.info('ensemble run: eval.ablations are not evaluated (members use %s)',
+                   variants[0].name)
+    variants = variants[:1]
+  else:
+    extractor = make_extractor(cfg)
   writer = report.scalar_writer(str(workdir / 'logs'))
   main_results, all_results, groups = {}, {}, {}
+  row_names = [v.name for v in variants]
   for step, category in enumerate(categories):
     cat_dir = workdir / category
     train = data_lib.load_split(cfg.data, category, 'train')
     test = data_lib.load_split(cfg.data, category, 'test')
     train, holdout = train_holdout(train, float(cfg.data.holdout_fraction), int(cfg.seed))
-    fitted = fit_category(cfg, category, cat_dir, extractor, train, needed)
-    fitted = calibrate(cfg, category, cat_dir, extractor, fitted, holdout, variants[0])
-    results = evaluate_category(cfg, category, cat_dir, extractor, fitted, test, variants)
-    main = results[variants[0].name]
+    if member_list:
+      fits = []
+      for i, ((backbone, _), mcfg, ext) in enumerate(zip(member_list, member_cfgs, extractors)):
+        mdir = cat_dir / 'members' / f'{i}-{backbone}'
+        fitted = fit_category(mcfg, category, mdir, ext, train, needed)
+        fitted = calibrate(mcfg, category, mdir, ext, fitted, holdout, variants[0])
+        fits.append((f'member {i}: {backbone}', mcfg, ext, fitted))
+      main_name, results = evaluate_ensemble(cfg, category, cat_dir, fits, test, variants[0])
+      row_names = list(results)
+    else:
+      fitted = fit_category(cfg, category, cat_dir, extractor, train, needed)
+      fitted = calibrate(cfg, category, cat_dir, extractor, fitted, holdout, variants[0])
+      results = evaluate_category(cfg, category, cat_dir, extractor, fitted, test, variants)
+      main_name = variants[0].name
+    main = results[main_name]
     report.write_category_metrics(cat_dir, main)
     report.log_metrics(writer, step, main, prefix=f'{category}/')
     main_results[category] = main
     all_results[category] = results
     groups[category] = data_lib.category_group(cfg.data.name, category)
   report.write_results_table(workdir, main_results, groups)
-  if len(variants) > 1:
-    write_ablation_table(workdir, all_results, groups, [v.name for v in variants])
+  if len(row_names) > 1:
+    write_ablation_table(workdir, all_results, groups, row_names)
   writer.flush()
   return main_results
 
@@ -510,7 +640,8 @@ def write_ablation_table(workdir, all_results, groups, names):
     for metric in metrics:
       for g in group_names + ['mean']:
         cats = [c for c in all_results if g == 'mean' or groups[c] == g]
-        vals = [all_results[c][name][metric] for c in cats if name in all_results[c]]
+        vals = [all_results[c][name][metric] for c in cats
+                if metric in all_results[c].get(name, {})]
         row[f'{headers.get(metric, metric)} ({g})'] = float(np.mean(vals)) if vals else float('nan')
     rows.append((name, row))
   report.write_table(workdir / 'ablation', rows, columns, label='variant', percent_columns=columns)

@@ -70,6 +70,7 @@ import numpy as np
 import optax
 
 from pni_jax import backbones
+from pni_jax.backbones import convert
 from pni_jax import fileio
 from pni_jax import synth
 
@@ -142,12 +143,39 @@ def decoder_features(encoder: str) -> tuple[int, ...]:
   return tuple(max(c4 // 2 ** k, 8) for k in range(1, 6))
 
 
+class Decoder(nn.Module):
+  """5 `UpBlock`s from the deepest tap through the skips, then the zero-initialised 1x1 conv to
+  one channel. deepest: [B, h, w, C4]; skips: 5 arrays [B, h_i, w_i, c_i], coarse to fine ->
+  r [B, h_5, w_5] float32."""
+  features: Sequence[int]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, deepest: jnp.ndarray, skips: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    h = deepest
+    for i, (features, skip) in enumerate(zip(self.features, skips)):
+      h = UpBlock(features, dtype=self.dtype, name=f'up{i + 1}')(h, skip, tuple(skip.shape[1:3]))
+    r = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                name='out_conv')(h)
+    return jnp.asarray(r[..., 0], jnp.float32)
+
+
+def _map_conv(encoder: str, dtype, name: str | None = None) -> nn.Conv:
+  """The map's first conv: kernel, stride, padding and channels of the encoder's first conv."""
+  spec = backbones.spec(encoder)
+  kernel, padding = _FIRST_CONV[spec.family]
+  return nn.Conv(spec.channels['stem'], (kernel, kernel), strides=(2, 2), padding=padding,
+                 use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=backbones.layers.conv_init, name=name)
+
+
 class RefineNet(nn.Module):
   """The refinement network f(I, A_hat) (module docstring).
 
   Attributes:
     encoder: backbone name ('densenet161' | 'efficientnet_lite0' | any `backbones.names()`); its
-      variables live under the submodule 'encoder'.
+      variables live under the submodule 'encoder' (then 'map_conv' and 'decoder').
     head: 'residual' (refined = A_hat + r) or 'logit' (refined = sigmoid(logit(A_hat) + r)).
     dtype: compute dtype (params stay float32; outputs are float32).
   """
@@ -163,26 +191,15 @@ class RefineNet(nn.Module):
     if tuple(amap.shape) != tuple(images01.shape[:3]):
       raise ValueError(f'amap must be [B, S, S] = {tuple(images01.shape[:3])}, got shape '
                        f'{tuple(amap.shape)}')
-    spec = backbones.spec(self.encoder)
-    kernel, padding = _FIRST_CONV[spec.family]
-    size = tuple(images01.shape[1:3])
     x = backbones.preprocess(self.encoder, jnp.asarray(images01, jnp.float32))
     m = (2.0 * jnp.asarray(amap, jnp.float32) - 1.0)[..., None]        # [0, 1] -> [-1, 1]
     enc = backbones.build(self.encoder, self.dtype).clone(name='encoder', parent=self)
-    h_img = enc.first_conv(x)
-    h_map = nn.Conv(spec.channels['stem'], (kernel, kernel), strides=(2, 2), padding=padding,
-                    use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=backbones.layers.conv_init, name='map_conv')(m)
-    taps = enc.from_first_conv(h_img + h_map, taps=ENCODER_TAPS, train=train)
-    skips = [taps['layer3'], taps['layer2'], taps['layer1'], taps['stem'],
-             jnp.concatenate([x, m], axis=-1)]
-    h = taps['layer4']
-    for i, (features, skip) in enumerate(zip(decoder_features(self.encoder), skips)):
-      h = UpBlock(features, dtype=self.dtype, name=f'up{i + 1}')(h, skip, tuple(skip.shape[1:3]))
-    r = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                name='out_conv')(h)
-    return jnp.asarray(r[..., 0], jnp.float32).reshape(images01.shape[0], *size)
+    fused = enc.first_conv(x) + _map_conv(self.encoder, self.dtype, name='map_conv')(m)
+    taps = enc.from_first_conv(fused, taps=ENCODER_TAPS, train=train)
+    skips = (taps['layer3'], taps['layer2'], taps['layer1'], taps['stem'],
+             jnp.concatenate([x, m], axis=-1))
+    return Decoder(decoder_features(self.encoder), self.dtype, name='decoder')(taps['layer4'],
+                                                                               skips)
 
   def logits(self, images01: jnp.ndarray, amap: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """'logit' head: logit(clip(A_hat, eps, 1 - eps)) + r, [B, S, S] float32."""
@@ -201,8 +218,8 @@ class RefineNet(nn.Module):
 
 
 def _merge_pretrained(init: Mapping, pretrained: Mapping, path: str = '') -> dict:
-  """`init`'s tree with every leaf taken from `pretrained` (which may hold more, e.g. the
-  classifier the encoder never builds); shapes must match."""
+  """`init`'s tree (arrays or ShapeDtypeStructs) with every leaf taken from `pretrained` (which may
+  hold more, e.g. the classifier the encoder never builds); shapes must match."""
   out = {}
   for k, v in init.items():
     where = f'{path}/{k}'
@@ -212,43 +229,66 @@ def _merge_pretrained(init: Mapping, pretrained: Mapping, path: str = '') -> dic
       out[k] = _merge_pretrained(v, pretrained[k], where)
     else:
       p = jnp.asarray(pretrained[k], jnp.float32)
-      if p.shape != v.shape:
+      if p.shape != tuple(v.shape):
         raise ValueError(f'pretrained encoder variable {where} has shape {p.shape}, '
-                         f'the network expects {v.shape}')
+                         f'the network expects {tuple(v.shape)}')
       out[k] = p
   return out
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'size'))
-def _init(model: RefineNet, key: jax.Array, size: int):
-  x = jnp.zeros((1, size, size, 3), jnp.float32)
-  return model.init(key, x, jnp.zeros((1, size, size), jnp.float32), train=False)
+def _seed(key: jax.Array) -> int:
+  return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
 
 
-def init_variables(encoder: str, key: jax.Array, *, input_size: int = 64, weights: str = '',
-                   pretrained: bool = True, allow_random_init: bool = False,
-                   head: str = 'residual', dtype=jnp.float32) -> dict:
-  """Variables {'params', 'batch_stats'} of a fresh RefineNet.
+def _random_head(expected: Mapping, seed: int) -> dict:
+  """Random params of the map conv and the decoder, drawn on the host (numpy) as the modules'
+  initialisers define them: conv kernels ~ N(0, 2 / fan_out) (`backbones.layers.conv_init`),
+  biases 0, the last conv (decoder/out_conv) all zeros. (Jitting `RefineNet.init` instead costs
+  15-25 s of XLA compile on CPU.)"""
+  head = {k: v for k, v in expected.items() if k != 'encoder'}
+  params = convert.random_variables(head, seed)
+  params['decoder']['out_conv'] = jax.tree.map(np.zeros_like, params['decoder']['out_conv'])
+  return convert.to_jax(params)
 
-  The encoder's subtree is replaced by its ImageNet variables (`backbones.load_variables(encoder,
+
+def init_variables(encoder: str, key: jax.Array, *, weights: str = '', pretrained: bool = True,
+                   allow_random_init: bool = False, dtype=jnp.float32) -> dict:
+  """Variables {'params', 'batch_stats'} of a fresh RefineNet (either head: same variables).
+
+  The encoder's subtree holds its ImageNet variables (`backbones.load_variables(encoder,
   weights)`) when `pretrained`; with no weights available for `encoder` (e.g. densenet161 without
-  converted weights) that raises FileNotFoundError unless `allow_random_init`, which keeps random
-  encoder variables and warns. The decoder and map conv are random from `key`.
+  converted weights) that raises FileNotFoundError unless `allow_random_init`, which uses random
+  encoder variables and warns. `pretrained=False` (tests) takes torchvision-like random encoder
+  variables silently. The map conv and the decoder are random from `key`; the last conv is zero.
+  (Built part by part: jitting `RefineNet.init` as a whole takes ~20 s of XLA compile on CPU.)
   """
-  model = RefineNet(encoder, head, dtype)
-  variables = flax.core.unfreeze(_init(model, key, int(input_size)))
-  if not pretrained:
-    return variables
-  try:
-    loaded = backbones.load_variables(encoder, weights, allow_random_init=allow_random_init,
-                                      key=jax.random.fold_in(key, 1))
-  except FileNotFoundError as e:
-    raise FileNotFoundError(
-        f'refinement encoder {encoder!r}: {e}\n(for the refinement network the settings are '
-        'model.refine.encoder_weights and model.refine.allow_random_init)') from e
-  for col in ('params', 'batch_stats'):
-    variables[col]['encoder'] = _merge_pretrained(variables[col]['encoder'], loaded[col],
-                                                  f'{col}/encoder')
+  model = RefineNet(encoder, 'residual', dtype)
+  k_enc, k_head = jax.random.split(key)
+  if pretrained:
+    try:
+      loaded = backbones.load_variables(encoder, weights, allow_random_init=allow_random_init,
+                                        key=k_enc)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f'refinement encoder {encoder!r}: {e}\n(for the refinement network the settings are '
+          'model.refine.encoder_weights and model.refine.allow_random_init)') from e
+  else:
+    loaded = convert.to_jax(convert.random_variables(backbones.abstract_variables(encoder),
+                                                     _seed(k_enc)))
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  a = jax.ShapeDtypeStruct((1, 64, 64), jnp.float32)
+  expected = flax.core.unfreeze(jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.key(0), x, a))
+  params = {'encoder': _merge_pretrained(expected['params']['encoder'], loaded['params'],
+                                         'params/encoder'),
+            **_random_head(expected['params'], _seed(k_head))}
+  stats = {'encoder': _merge_pretrained(expected['batch_stats']['encoder'],
+                                        loaded['batch_stats'], 'batch_stats/encoder')}
+  variables = {'params': params, 'batch_stats': stats}
+  want = jax.tree.map(lambda v: tuple(v.shape), expected)
+  have = jax.tree.map(lambda v: tuple(v.shape), variables)
+  if want != have:
+    raise RuntimeError('refinement network variables do not match the module (internal error)')
   return variables
 
 
@@ -762,10 +802,10 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
                                           'calibration_samples', 'augment',
                                           'allow_random_init')}})
   device = jax.devices()[0]
-  variables = init_variables(encoder, jax.random.fold_in(key, _SALT_INIT), input_size=size,
+  variables = init_variables(encoder, jax.random.fold_in(key, _SALT_INIT),
                              weights=str(cfg_refine.get('encoder_weights', '') or ''),
                              allow_random_init=bool(_get(cfg_refine, 'allow_random_init')),
-                             head=head_for_loss(cfg_refine.loss), dtype=dtype)
+                             dtype=dtype)
   state = jax.device_put(create_train_state(
       variables, encoder, cfg_refine.loss, float(cfg_refine.learning_rate),
       bool(_get(cfg_refine, 'augment')), dtype), device)

@@ -54,9 +54,9 @@ if bad:
 '''
 
 
-def _run_isolated(script, args, cwd):
+def _run_isolated(script, args, cwd, **extra_env):
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'PYTHONSTARTUP')}
-  env.update(PNI_REPO=str(REPO), JAX_PLATFORMS='cpu', PYTHONNOUSERSITE='1')
+  env.update(PNI_REPO=str(REPO), JAX_PLATFORMS='cpu', PYTHONNOUSERSITE='1', **extra_env)
   return subprocess.run([sys.executable, '-c', _ISOLATE, str(script), *map(str, args)],
                         cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -167,7 +167,8 @@ def test_isolation_really_blocks_the_package(tmp_path):
   probe = tmp_path / 'probe.py'
   probe.write_text('try:\n  import pni_jax\n  print("IMPORTED")\n'
                    'except ImportError as e:\n  print("BLOCKED", e)\n')
-  res = _run_isolated(probe, [], tmp_path)
+  # With the repository on the path, as when the package is installed (CI: pip install -e).
+  res = _run_isolated(probe, [], tmp_path, PYTHONPATH=str(REPO))
   assert res.returncode == 0, res.stderr
   assert res.stdout.startswith('BLOCKED'), res.stdout
 
@@ -263,8 +264,8 @@ def test_refinement_fusion_is_part_of_the_artifact(reference, tmp_path):
   cfg.model.refine.encoder, cfg.model.refine.input_size = 'efficientnet_lite0', 32
   variables = _random_refine_variables(jax.random.key(1), 32)
   lo, hi = 1.0, 12.0
-  model = reference['model'].replace(refine=variables,
-                                     stats=dict(reference['model'].stats, refine_lo=lo, refine_hi=hi))
+  stats = dict(reference['model'].stats, refine_lo=lo, refine_hi=hi)
+  model = reference['model'].replace(refine=variables, stats=stats)
   with pytest.raises(ValueError, match='no refine_lo / refine_hi'):
     export.export_model((cfg, reference['model'].replace(refine=variables),
                          reference['extractor']), tmp_path / 'bad', platforms=('cpu',))

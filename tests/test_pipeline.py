@@ -215,3 +215,23 @@ def test_predict_reports_corrupt_files_and_returns_masks_at_original_size(run, t
     predict.run(str(workdir), str(tmp_path / 'empty*'), category='tokens')
   with pytest.raises(FileNotFoundError, match='fitted: tokens, weave'):
     predict.run(str(workdir), str(folder), category='bottle')
+
+
+def test_ensemble_of_identical_members_equals_the_single_member(run, tmp_path):
+  cfg, workdir, _ = run
+  single = json.loads((workdir / 'weave' / 'eval' / '+N+P.json').read_text())['metrics']
+  ens_cfg = _small_config(cfg.data.root, **{
+      'data.categories': ('weave',), 'eval.ablations': (),
+      'model.ensemble': ('efficientnet_lite0', 'efficientnet_lite0')})
+  results = pipeline.run(ens_cfg, tmp_path / 'ens')
+  names = [r[0] for r in csv.reader(open(tmp_path / 'ens' / 'ablation.csv'))][1:]
+  assert names == ['ensemble (holdout)', 'ensemble (test min-max, paper)',
+                   'member 0: efficientnet_lite0', 'member 1: efficientnet_lite0']
+  evals = {p.stem: json.loads(p.read_text())['metrics']
+           for p in (tmp_path / 'ens' / 'weave' / 'eval').glob('*.json')}
+  rank_keys = ('image_auroc', 'pixel_auroc', 'aupro', 'pixel_f1_max', 'image_f1_max', 'fpr', 'fnr')
+  for name, m in evals.items():
+    for k in rank_keys:
+      assert m[k] == pytest.approx(single[k], abs=1e-6), (name, k)
+  for k in rank_keys:
+    assert results['weave'][k] == pytest.approx(single[k], abs=1e-6)

@@ -1,0 +1,181 @@
+"""Device mesh and data-parallel helpers (`jax.sharding`): one code path for 1 .. D devices.
+
+Every data-parallel stage of pni-jax follows one pattern:
+  * a 1-D `Mesh` over all devices with the axis 'data' (`make_mesh`);
+  * arrays whose leading axis is a batch of images, patches or feature rows are sharded over it
+    (`P('data')`, `data_sharding`); model arrays (backbone variables, coresets, MLP parameters,
+    optimiser state) are replicated (`P()`, `replicated`);
+  * a leading axis that is not a multiple of the device count is padded (`pad_rows`,
+    `padded_size`) and the padding is cut from the results (or masked, for reductions).
+
+On one device the mesh has one entry, every helper here is a plain `device_put` and every
+collective is the identity, so single- and multi-device runs execute the same code.
+
+Where the stage is written against local arrays (greedy k-center, kNN, scoring) it runs under
+`jax.shard_map` (`data_parallel`); where it is a model step (MLP / refinement training) it is
+jitted on sharded inputs and GSPMD inserts the cross-device reductions (batch statistics and
+gradients over the global batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA = 'data'
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, axis: str = DATA) -> Mesh:
+  """A 1-D mesh over `devices` (default: all devices of the default backend), axis `axis`."""
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise ValueError('make_mesh needs at least one device')
+  return Mesh(np.asarray(devices, dtype=object), (axis,))
+
+
+def num_shards(mesh: Mesh) -> int:
+  """Number of devices along the data axis."""
+  return int(mesh.shape[DATA])
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over the 'data' axis, the rest whole."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device of the mesh."""
+  return NamedSharding(mesh, P())
+
+
+def padded_size(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` >= n (at least `multiple`, so every shard has a row)."""
+  if multiple < 1:
+    raise ValueError(f'multiple must be >= 1, got {multiple}')
+  return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def pad_rows(x, multiple: int, *, mode: str = 'edge'):
+  """Pads the leading axis of `x` (numpy or jax) to `padded_size(len(x), multiple)`.
+
+  mode: 'edge' repeats the last row (padded rows compute valid, ignored numbers); 'zeros' fills
+  with zeros (also for empty inputs).
+  Returns (padded array, original length).
+  """
+  n = x.shape[0]
+  pad = padded_size(n, multiple) - n
+  if pad == 0:
+    return x, n
+  xp = jnp if isinstance(x, jax.Array) else np
+  if mode == 'edge' and n > 0:
+    filler = xp.repeat(x[-1:], pad, axis=0)
+  elif mode in ('edge', 'zeros'):
+    filler = xp.zeros((pad,) + tuple(x.shape[1:]), x.dtype)
+  else:
+    raise ValueError(f"pad mode must be 'edge' or 'zeros', got {mode!r}")
+  return xp.concatenate([x, filler], axis=0), n
+
+
+def shard_rows(x, mesh: Mesh) -> jax.Array:
+  """Places `x` [R, ...] on the mesh split by rows; R must be a multiple of the device count."""
+  d = num_shards(mesh)
+  if x.shape[0] % d:
+    raise ValueError(f'cannot split {x.shape[0]} rows over {d} devices: pad them first '
+                     '(sharding.pad_rows)')
+  return jax.device_put(x, data_sharding(mesh))
+
+
+def shard_host_rows(x: np.ndarray, mesh: Mesh, *, fill: float = 0.0) -> jax.Array:
+  """Host array [R, ...] -> device array [padded_size(R, D), ...] split by rows over the mesh.
+
+  Each device receives its own slice straight from `x` (only the last shard's padding is a new
+  host buffer), so the host never holds a second full copy of `x`. Padded rows hold `fill`.
+  """
+  d = num_shards(mesh)
+  rows = x.shape[0]
+  total = padded_size(rows, d)
+  shape = (total,) + tuple(x.shape[1:])
+
+  def shard(index):
+    sl = index[0]
+    start, stop = sl.start or 0, total if sl.stop is None else sl.stop
+    part = np.asarray(x[min(start, rows):min(stop, rows)])
+    if stop > rows:
+      filler = np.full((stop - max(start, rows),) + tuple(x.shape[1:]), fill, x.dtype)
+      part = np.concatenate([part, filler], axis=0)
+    return part
+
+  return jax.make_array_from_callback(shape, data_sharding(mesh), shard)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Every array leaf of `tree` as a replicated copy on the mesh (None leaves kept)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+  """Leaves with a leading batch axis -> split over the mesh when it divides, else replicated.
+
+  A batch that does not split evenly (e.g. 6 samples on 4 devices) is kept whole on every device:
+  still the same math, only without the speed-up.
+  """
+  d = num_shards(mesh)
+  leaves = jax.tree.leaves(tree)
+  even = all(leaf.shape[0] % d == 0 for leaf in leaves)
+  return jax.device_put(tree, data_sharding(mesh) if even else replicated(mesh))
+
+
+def data_parallel(fn: Callable, mesh: Mesh, sharded_argnums: Sequence[int] = (0,),
+                  *, check_vma: bool = False) -> Callable:
+  """Wraps `fn(*args)` so that the arguments in `sharded_argnums` are split by their leading
+  (batch) axis over the mesh and the others are replicated (`jax.shard_map`).
+
+  `fn` must treat batch rows independently (kNN of queries against a bank, per-image scoring)
+  and return a pytree of arrays with the same leading batch axis. The wrapper pads the batch to
+  a multiple of the device count (repeating the last row), runs `fn` on every device's rows and
+  cuts the padding from the outputs. On one device it is `fn` under `jit`.
+  """
+  sharded_argnums = tuple(sharded_argnums)
+  d = num_shards(mesh)
+
+  def wrapped(*args):
+    leaves = jax.tree.leaves([args[i] for i in sharded_argnums])
+    if not leaves:
+      raise ValueError('data_parallel: the sharded arguments hold no arrays')
+    n = leaves[0].shape[0]
+    for leaf in leaves:
+      if leaf.shape[0] != n:
+        raise ValueError(f'data_parallel: sharded arguments disagree on the batch size '
+                         f'({n} vs {leaf.shape[0]})')
+    args = list(args)
+    for i in sharded_argnums:
+      args[i] = jax.tree.map(lambda x: pad_rows(x, d)[0], args[i])
+    in_specs = tuple(P(DATA) if i in sharded_argnums else P() for i in range(len(args)))
+    out = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(DATA),
+                        check_vma=check_vma)(*args)
+    if padded_size(n, d) == n:
+      return out
+    return jax.tree.map(lambda x: x[:n], out)
+
+  return jax.jit(wrapped)
+
+
+def peak_memory_bytes(mesh: Mesh | None = None) -> int | None:
+  """Largest `peak_bytes_in_use` over the mesh's devices, None where the backend has no stats
+  (XLA:CPU)."""
+  devices = mesh.devices.ravel().tolist() if mesh is not None else jax.devices()
+  peaks = []
+  for dev in devices:
+    try:
+      stats = dev.memory_stats()
+    except Exception:  # pylint: disable=broad-except  (backends without memory stats)
+      stats = None
+    if stats and 'peak_bytes_in_use' in stats:
+      peaks.append(int(stats['peak_bytes_in_use']))
+  return max(peaks) if peaks else None

@@ -1,0 +1,291 @@
+"""Refinement network (paper 3.3): residual output, eq. 10-11, normalisation, fusion, training, resume.
+
+Every network test uses the EfficientNet-Lite0 encoder with its embedded ImageNet weights at 64 px
+and one training configuration (lr 1e-3, no augmentation, reg_grad loss), so `train_step`
+compiles once for the whole module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from pni_jax import refine
+from pni_jax.config import base_config
+
+S = 64          # image size of every test
+B = 4           # batch (a multiple of 4: the four defect kinds)
+ENCODER = 'efficientnet_lite0'
+LR = 1e-3
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+  """[n, S, S, 3] float32 smooth coloured stripes plus noise, in [0, 1]."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.meshgrid(np.arange(S), np.arange(S), indexing='ij')
+  out = []
+  for _ in range(n):
+    f, phi = rng.uniform(0.1, 0.3), rng.uniform(0, 2 * np.pi)
+    base = 0.5 + 0.2 * np.sin(f * (yy + 0.5 * xx) + phi)
+    colour = rng.uniform(0.6, 1.0, 3)
+    out.append(np.clip(base[..., None] * colour + rng.normal(0, 0.03, (S, S, 3)), 0, 1))
+  return np.asarray(out, np.float32)
+
+
+@jax.jit
+def _amap_fn(images01):
+  """A cheap stand-in for the fitted model: colour distance to a fixed grey, [B, S, S]."""
+  return jnp.sqrt(jnp.sum(jnp.square(images01 - 0.45), axis=-1))
+
+
+@pytest.fixture(scope='module')
+def variables():
+  return refine.init_variables(ENCODER, jax.random.key(0))
+
+
+@pytest.fixture(scope='module')
+def batch():
+  """A fixed batch: squares of defect with a blurred, offset input map."""
+  images = _images(B, 1)
+  mask = np.zeros((B, S, S), np.float32)
+  amap = np.zeros((B, S, S), np.float32)
+  for i in range(B):
+    y, x = 10 + 8 * i, 14 + 5 * i
+    mask[i, y:y + 16, x:x + 20] = 1
+    amap[i, y + 3:y + 19, x - 4:x + 16] = 0.7      # misplaced and too weak: work for the refiner
+    images[i, y:y + 16, x:x + 20] = [0.9, 0.2, 0.1]
+  return {'image': jnp.asarray(images), 'amap': jnp.asarray(amap), 'mask': jnp.asarray(mask)}
+
+
+def _cfg(**kw) -> ml_collections.ConfigDict:
+  cfg = base_config().model.refine
+  cfg.encoder = ENCODER
+  cfg.input_size = S
+  cfg.batch_size = B
+  cfg.learning_rate = LR
+  cfg.iterations = 4
+  cfg.checkpoint_every = 2
+  with cfg.unlocked():
+    cfg.pool_size = 8
+    cfg.augment = False
+    cfg.texture_source = 'images'
+    cfg.log_every = 1
+  for k, v in kw.items():
+    cfg[k] = v
+  return cfg
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _np_reg_grad(pred, target):
+  """Eq. 10-11 written out in float64 numpy, per image, then the batch mean."""
+  out = []
+  for p, t in zip(np.asarray(pred, np.float64), np.asarray(target, np.float64)):
+    h, w = p.shape
+    l_reg = np.sqrt(np.sum((p - t) ** 2)) / (h * w)
+    gh = (p[1:, :] - p[:-1, :]) - (t[1:, :] - t[:-1, :])
+    gw = (p[:, 1:] - p[:, :-1]) - (t[:, 1:] - t[:, :-1])
+    l_grad = (np.sqrt(np.sum(gh ** 2)) + np.sqrt(np.sum(gw ** 2))) / (2 * h * w)
+    out.append((l_reg + l_grad) / 2)
+  return float(np.mean(out))
+
+
+def test_loss_reg_grad_equals_numpy_eq_10_11():
+  rng = np.random.default_rng(0)
+  pred = rng.normal(0.3, 0.4, (3, 7, 5)).astype(np.float32)
+  target = (rng.uniform(size=(3, 7, 5)) > 0.6).astype(np.float32)
+  got = float(refine.loss_reg_grad(pred, target))
+  np.testing.assert_allclose(got, _np_reg_grad(pred, target), rtol=1e-5)
+  # Zero difference: zero loss and a finite (zero) gradient, not NaN from sqrt at 0.
+  grad = jax.grad(refine.loss_reg_grad)(jnp.asarray(target), jnp.asarray(target))
+  assert float(refine.loss_reg_grad(target, target)) == 0.0
+  assert np.all(np.asarray(grad) == 0.0)
+  with pytest.raises(ValueError, match='pred and target'):
+    refine.loss_reg_grad(pred[0], target[0])
+
+
+def test_loss_ce_and_focal_equal_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(0, 2, (2, 6, 6)).astype(np.float32)
+  target = (rng.uniform(size=(2, 6, 6)) > 0.5).astype(np.float32)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  ce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
+  np.testing.assert_allclose(float(refine.loss_fn('ce')(logits, target)), ce.mean(), rtol=1e-5)
+  p_t = target * p + (1 - target) * (1 - p)
+  focal = (1 - p_t) ** 2 * ce
+  np.testing.assert_allclose(float(refine.loss_fn('focal')(logits, target)), focal.mean(),
+                             rtol=1e-5)
+  assert refine.loss_fn('reg_grad') is refine.loss_reg_grad
+  with pytest.raises(ValueError, match='model.refine.loss'):
+    refine.loss_fn('l1')
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def test_normalize_map_clips_with_global_statistics():
+  amap = np.array([[-1.0, 2.0, 3.0], [4.5, 6.0, 9.0]], np.float32)
+  got = np.asarray(refine.normalize_map(amap, 2.0, 6.0))
+  np.testing.assert_allclose(got, [[0, 0, 0.25], [0.625, 1, 1]], rtol=0, atol=1e-7)
+
+
+def test_map_stats_quantiles():
+  rng = np.random.default_rng(2)
+  raw = rng.uniform(0, 1, (3, 16, 16)).astype(np.float32)
+  mask = np.zeros((3, 16, 16), np.float32)
+  mask[:, 4:8, 4:8] = 1
+  raw[mask > 0] += 2.0
+  stats = refine.map_stats(raw, mask, (0.1, 0.9))
+  assert stats['lo'] == pytest.approx(float(np.quantile(raw[mask == 0], 0.1)), rel=1e-6)
+  assert stats['hi'] == pytest.approx(float(np.quantile(raw[mask > 0], 0.9)), rel=1e-6)
+  with pytest.raises(ValueError, match='inside and outside'):
+    refine.map_stats(raw, np.zeros_like(mask))
+
+
+# ----------------------------------------------------------------------------- network, fusion
+
+
+def test_residual_output_and_fusion(variables, batch):
+  images = batch['image']
+  amap = np.asarray(batch['amap']) * 4.0 + 1.0          # raw scale; lo = 1, hi = 5 -> batch map
+  a_norm = np.asarray(refine.normalize_map(amap, 1.0, 5.0))
+  fuse = lambda v, w: np.asarray(refine.fuse(v, images, amap, 1.0, 5.0, w, S, ENCODER))
+  # Zero final conv (the initialisation): the network returns its input map.
+  zero = fuse(variables, 1.0)
+  assert zero.shape == (B, S, S) and zero.dtype == np.float32
+  np.testing.assert_array_equal(zero, a_norm)
+  # Weight 0: the normalised map, whatever the network says.
+  shifted = jax.tree.map(lambda x: x, variables)
+  shifted['params']['decoder']['out_conv']['bias'] = jnp.full((1,), 0.25)
+  np.testing.assert_array_equal(fuse(shifted, 0.0), a_norm)
+  # A constant residual 0.25 is added to the map; weight 0.1 mixes 0.9 / 0.1.
+  np.testing.assert_allclose(fuse(shifted, 1.0), a_norm + 0.25, atol=1e-6)
+  np.testing.assert_allclose(fuse(shifted, 0.1), a_norm + 0.1 * 0.25, atol=1e-6)
+  # A non-zero final kernel makes the output depend on the decoder (not just on the map).
+  k = shifted['params']['decoder']['out_conv']['kernel']
+  shifted['params']['decoder']['out_conv']['kernel'] = jnp.ones_like(k) * 0.05
+  assert np.abs(fuse(shifted, 1.0) - a_norm - 0.25).max() > 1e-3
+
+
+def test_init_variables_structure(variables):
+  params = variables['params']
+  assert set(params) == {'encoder', 'map_conv', 'decoder'}
+  assert set(params['decoder']) == {'up1', 'up2', 'up3', 'up4', 'up5', 'out_conv'}
+  # Channel halving: Lite0's layer4 has 320 channels -> 160, 80, 40, 20, 10.
+  assert [params['decoder'][f'up{i}']['conv3x3']['kernel'].shape[-1] for i in range(1, 6)] == [
+      160, 80, 40, 20, 10]
+  # Early fusion: the map conv has the encoder stem's kernel and channels, one input channel.
+  assert params['map_conv']['kernel'].shape == (3, 3, 1, 32)
+  assert params['encoder']['conv_stem']['kernel'].shape == (3, 3, 3, 32)
+  # The encoder holds the embedded ImageNet weights, not a random draw.
+  from pni_jax import backbones
+  pretrained = backbones.load_variables(ENCODER)
+  np.testing.assert_array_equal(params['encoder']['conv_stem']['kernel'],
+                                pretrained['params']['conv_stem']['kernel'])
+  assert 'fc' not in params['encoder']          # the classifier is never built
+
+
+def test_missing_encoder_weights_name_the_refine_settings():
+  with pytest.raises(FileNotFoundError, match='model.refine.encoder_weights'):
+    refine.init_variables('densenet161', jax.random.key(0))
+
+
+def test_augment_batch_moves_map_with_mask():
+  images = jnp.asarray(_images(B, 3))
+  mask = np.zeros((B, S, S), np.float32)
+  mask[:, 5:20, 30:60] = 1
+  amap = mask * 0.5 + 0.25
+  out_img, out_map, out_mask = refine.augment_batch(jax.random.key(5), images, amap, mask)
+  assert out_img.shape == (B, S, S, 3) and out_map.shape == out_mask.shape == (B, S, S)
+  np.testing.assert_array_equal(np.asarray(out_map), np.asarray(out_mask) * 0.5 + 0.25)
+  assert set(np.unique(np.asarray(out_mask)).tolist()) == {0.0, 1.0}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_steps_lower_the_loss(variables, batch):
+  state = jax.device_put(refine.create_train_state(variables, ENCODER, 'reg_grad', LR,
+                                                   augment=False), jax.devices()[0])
+  losses = []
+  for i in range(8):
+    state, metrics = refine.train_step(state, batch, jax.random.key(i))
+    m = metrics.compute()
+    losses.append(float(m['loss']))
+    if i == 0:   # the first loss is the untrained network's, i.e. the input map's
+      assert float(m['loss']) == pytest.approx(float(m['input_loss']), rel=1e-6)
+  assert int(state.step) == 8
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_and_resumed_training_equals_uninterrupted(tmp_path):
+  images = _images(6, 4)
+  cfg = _cfg()
+  key = jax.random.key(7)
+  ref_vars, ref_stats, ref_hist = refine.train_refiner(images, _amap_fn, cfg, key,
+                                                       log_fn=lambda msg: None)
+  assert ref_hist['step'] == [1, 2, 3, 4] and ref_hist['pool_size'] == 8
+  assert ref_stats['hi'] > ref_stats['lo']
+
+  lines = []
+
+  def killer(msg):
+    lines.append(msg)
+    if msg.startswith('refinement iteration 3/'):
+      raise _Killed()      # after step 3; the last checkpoint is step 2
+
+  ckpt = str(tmp_path / 'ckpt')
+  with pytest.raises(_Killed):
+    refine.train_refiner(images, _amap_fn, cfg, key, ckpt_dir=ckpt, log_fn=killer)
+  resumed_lines = []
+  vars2, stats2, hist2 = refine.train_refiner(images, _amap_fn, cfg, key, ckpt_dir=ckpt,
+                                              log_fn=resumed_lines.append)
+  assert any('resumed' in l and 'iteration 2' in l for l in resumed_lines), resumed_lines
+  assert stats2 == ref_stats
+  assert hist2['step'] == ref_hist['step'] and hist2['loss'] == ref_hist['loss']
+  for a, b in zip(jax.tree.leaves(vars2), jax.tree.leaves(ref_vars)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(vars2) == jax.tree.structure(ref_vars)
+  # The weights moved: training did something.
+  assert np.abs(np.asarray(vars2['params']['decoder']['out_conv']['kernel'])).max() > 0
+
+  # A checkpoint of another run is refused.
+  with pytest.raises(ValueError, match='different run'):
+    refine.train_refiner(images, _amap_fn, _cfg(input_size=32), key, ckpt_dir=ckpt,
+                         log_fn=lambda msg: None)
+
+
+def test_config_errors_name_the_field():
+  images = _images(4, 5)
+  with pytest.raises(ValueError, match='batch_size'):
+    refine.train_refiner(images, _amap_fn, _cfg(batch_size=6), jax.random.key(0))
+  with pytest.raises(ValueError, match='model.refine.loss'):
+    refine.train_refiner(images, _amap_fn, _cfg(loss='l1'), jax.random.key(0))
+  with pytest.raises(ValueError, match='pool_size'):
+    refine.train_refiner(images, _amap_fn, _cfg(pool_size=-1), jax.random.key(0))
+  with pytest.raises(ValueError, match='normal_images'):
+    refine.train_refiner(images[0], _amap_fn, _cfg(), jax.random.key(0))
+
+
+def test_save_refine_samples(tmp_path):
+  from PIL import Image
+  images = _images(3, 6)
+  maps = np.random.default_rng(0).uniform(size=(3, S, S)).astype(np.float32)
+  mask = (maps > 0.7).astype(np.float32)
+  path = tmp_path / 'samples.png'
+  refine.save_refine_samples(path, images, mask, maps, maps, panel_inches=1.0, dpi=50)
+  with Image.open(path) as im:
+    assert im.size[0] == 4 * 50 and im.size[1] == int(round((3 * 1.0 + 0.4) * 50))
+  with pytest.raises(ValueError, match='refined'):
+    refine.save_refine_samples(path, images, mask, maps, maps[:2])
