@@ -23,7 +23,7 @@ def get_config():
   m.aggregation_size = 3
   m.pre_dim = 256
   m.dim = 128
-  m.coreset.ratio = 0.1
+  m.coreset.ratio = 0.05
   m.coreset.dist_size = 512
   m.position.window = 3
   m.neighborhood.window = 5

@@ -118,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.memory = mem = ml_collections.ConfigDict()
   mem.feature_cap_mb = 4096.0  # host memory for stored patch features before spilling to disk
+  mem.device_feature_cap_mb = 16384.0  # per-device memory for the MLP's training feature maps;
+                                       # beyond it they are streamed in groups of images (0 = none)
   return c
 
 
@@ -173,3 +175,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.model.refine.fusion_weight must be in [0, 1], got '
                      f'{m.refine.fusion_weight}')
   _positive(c.memory.feature_cap_mb, 'memory.feature_cap_mb')
+  if c.memory.get('device_feature_cap_mb', 0) < 0:
+    raise ValueError(f'config.memory.device_feature_cap_mb must be >= 0 (0 = no cap), got '
+                     f'{c.memory.device_feature_cap_mb}')

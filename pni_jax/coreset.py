@@ -28,6 +28,14 @@ One run gives the whole selection order, so C_emb (first ceil(ratio * N)
 picks) and C_dist (first ``dist_size`` picks) come from the same run and
 C_dist is a prefix of C_emb (`select_coresets`).
 
+Devices: `greedy_coreset` splits the rows over a `sharding.make_mesh()` mesh
+(padded to a multiple of the device count; padded rows start at -inf and are
+never picked). Every device updates its own rows; the centre row is broadcast
+by a ``psum`` from the device that owns it, and the next pick is the ``pmax``
+of the per-device maxima, the lowest global index among equal maxima
+(``pmin``), so the picks are the one-device picks. `greedy_k_center` is the
+single-device, vmap-able form of the same step.
+
 Long runs (paper size: N ~ 700k, 7k picks) can be cut into jitted segments of
 ``segment_size`` picks with a Python progress callback between them; the state
 between segments is plain arrays, so segmented and one-shot runs are identical.

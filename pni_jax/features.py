@@ -96,6 +96,19 @@ def patch_features(taps: Mapping[str, jax.Array], layers: Sequence[str], p: int,
   return adaptive_avg_pool(stacked, dim)
 
 
+def compute_dtype(cfg_model):
+  """`model.precision` -> the compute dtype of the backbone and the neighbourhood MLP.
+
+  'bfloat16' rounds activations and weights to bfloat16 while matmuls / convolutions accumulate in
+  float32; patch features, coresets and all distances stay float32 (`patch_features` casts the
+  taps to float32 before aggregation).
+  """
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(cfg_model.precision)
+  if dtype is None:
+    raise ValueError(f"model.precision must be 'float32' or 'bfloat16', got {cfg_model.precision!r}")
+  return dtype
+
+
 def make_feature_fn(cfg_model, *, variables=None, key=None) -> tuple[Callable, dict]:
   """Builds the pure feature function for a model config.
 
@@ -105,9 +118,7 @@ def make_feature_fn(cfg_model, *, variables=None, key=None) -> tuple[Callable, d
   """
   from pni_jax import backbones  # local import: keeps this module importable without weights
 
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(cfg_model.precision)
-  if dtype is None:
-    raise ValueError(f"model.precision must be 'float32' or 'bfloat16', got {cfg_model.precision!r}")
+  dtype = compute_dtype(cfg_model)
   if variables is None:
     variables = backbones.load_variables(cfg_model.backbone, cfg_model.weights,
                                          allow_random_init=cfg_model.allow_random_init, key=key)

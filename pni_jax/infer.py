@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pni_jax import features
 from pni_jax import neighborhood
 from pni_jax import scoring
 
@@ -81,7 +82,8 @@ def patch_scores(arrays: dict, feats: jax.Array, variant: Variant, cfg_model):
     nb = cfg_model.neighborhood
     p_nb = neighborhood.neighbor_probs(arrays['mlp'], feats, window=int(nb.window),
                                        chunk=int(nb.infer_chunk),
-                                       temperature=float(sc.temperature))
+                                       temperature=float(sc.temperature),
+                                       dtype=features.compute_dtype(cfg_model))
     p_nb = p_nb.reshape(b * h * w, -1)
   if variant.position:
     if arrays.get('position') is None:

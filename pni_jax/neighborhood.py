@@ -13,6 +13,30 @@ Training (`train_mlp`) follows flax examples/imagenet: `create_train_state`, a p
 `train_step`, `eval_step`, a Python loop over epochs with clu metrics, absl progress logging and an
 orbax checkpoint after every epoch. All randomness is derived from (key, epoch, step), so a run that
 is killed and restarted from its checkpoint directory ends with bit-identical weights.
+
+Devices: training is data parallel over a `sharding.make_mesh()` mesh: each batch of positions is
+split over the devices, parameters, optimiser state and feature maps are replicated, and GSPMD
+turns the batch means (BatchNorm statistics, loss, gradients) into cross-device reductions, so the
+update is the one-device update over the global batch (up to float summation order).
+
+Device memory: the feature maps on the device are capped by `device_cap_bytes`
+(`memory.device_feature_cap_mb`). When all training maps fit, they are put on the device once.
+Otherwise every epoch streams them in groups of images: the epoch's images are shuffled into the
+fewest nearly equal groups that fit under the cap (`images_per_group`), and each group is loaded
+in turn (replacing the previous one) and trained on its share of the epoch's shuffled positions
+(in their order in the uncapped epoch permutation); each group drops its last partial batch (at
+most B - 1 positions per group and epoch, a different random subset every epoch). Validation
+streams the groups again at the end of the epoch. Group membership is drawn from (key, epoch), so
+streaming runs resume bit-identically too. The learning-rate decay keeps the nominal
+num_train // B steps per epoch. Caveat: BatchNorm's running statistics average the last ~10
+steps, i.e. mostly the last group's images; with few images per group they lean toward them
+(16-map test task, groups of 4: best val accuracy 0.78 vs 0.79 uncapped, but 0.68 vs 0.79 after
+the last epoch). With the proposed default cap of 16 GiB, streaming starts beyond ~1,100
+paper-size maps (60 x 60 x 1024 float32; ~2,200 in bfloat16).
+
+Precision: with `dtype=bfloat16` the MLP's matmuls take bfloat16 inputs and accumulate in float32
+(`preferred_element_type`), BatchNorm statistics are float32 (flax), logits are float32; the
+feature maps are kept on the device in bfloat16 (the MLP rounds its input to bfloat16 anyway).
 """
 
 from __future__ import annotations
@@ -34,10 +58,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from pni_jax import sharding
+
 TRAIN_POSITIONS = ('interior', 'all')
 
 # Salts for `jax.random.fold_in`: one independent stream per use of the run key.
-_SALT_INIT, _SALT_SPLIT, _SALT_SHUFFLE, _SALT_DROPOUT = 0, 1, 2, 3
+_SALT_INIT, _SALT_SPLIT, _SALT_SHUFFLE, _SALT_DROPOUT, _SALT_GROUPS = 0, 1, 2, 3, 4
 _PROGRESS_EVERY_S = 30.0      # an extra progress line inside long epochs
 
 
@@ -90,29 +116,42 @@ def gather_neighbors(feats: jax.Array, img: jax.Array, row: jax.Array, col: jax.
 # ----------------------------------------------------------------------------- model
 
 
+_dot_general_f32 = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+
 class MLP(nn.Module):
   """`num_layers` Dense layers; each hidden one followed by BatchNorm + ReLU + Dropout.
 
   The last layer outputs `num_classes` (= |C_dist|) logits, returned as float32. BatchNorm uses
   torch's defaults (momentum 0.1 -> flax 0.9, eps 1e-5), as in the authors' code.
+
+  The hidden Dense layers have no bias (`hidden_bias=False`): BatchNorm subtracts the batch mean
+  right after them, so a bias there has an exactly zero gradient, and Adam turns the rounding
+  noise of that zero into steps of size ~lr, i.e. a noise-driven random walk that the running
+  mean only follows with a lag (and that makes runs on different device counts drift apart).
+  Models saved with hidden biases still load (`mlp_from_variables` sets `hidden_bias=True`).
   """
   num_layers: int
   width: int
   num_classes: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  hidden_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """x: `[B, in_dim]` -> `[B, num_classes]` float32 logits."""
     x = x.astype(self.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    if jnp.dtype(self.dtype) != jnp.float32:  # low-precision inputs, float32 accumulation
+      dense = functools.partial(dense, dot_general=_dot_general_f32)
     for _ in range(self.num_layers - 1):
-      x = nn.Dense(self.width, dtype=self.dtype)(x)
+      x = dense(self.width, use_bias=self.hidden_bias)(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype)(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+    x = dense(self.num_classes)(x)
     return x.astype(jnp.float32)
 
 
@@ -124,7 +163,9 @@ def mlp_from_variables(variables, dtype=jnp.float32) -> MLP:
     raise ValueError('variables do not hold MLP parameters (no Dense_* entries in params)')
   first, last = params[names[0]]['kernel'], params[names[-1]]['kernel']
   width = first.shape[1] if len(names) > 1 else last.shape[0]
-  return MLP(num_layers=len(names), width=int(width), num_classes=int(last.shape[1]), dtype=dtype)
+  hidden_bias = len(names) > 1 and 'bias' in params[names[0]]
+  return MLP(num_layers=len(names), width=int(width), num_classes=int(last.shape[1]), dtype=dtype,
+             hidden_bias=bool(hidden_bias))
 
 
 # ----------------------------------------------------------------------------- inference
@@ -364,17 +405,84 @@ def _sample_grid(shape, window: int, train_positions: str) -> _Grid:
   return _Grid(num_images, height - 2 * r, width - 2 * r, r)
 
 
-@functools.partial(jax.jit, static_argnames=('grid', 'size'))
-def _batch_at(order: jax.Array, start: jax.Array, targets: jax.Array, grid: _Grid,
-              size: int) -> dict[str, jax.Array]:
-  """`size` samples `order[start:start + size]` (ids < 0 are padding) -> index arrays."""
-  ids = jax.lax.dynamic_slice(order, (start,), (size,))
+def _host_batch(ids: np.ndarray, targets: np.ndarray, grid: _Grid, slot: np.ndarray,
+                with_mask: bool = False) -> dict[str, np.ndarray]:
+  """Sample ids `[B]` (< 0: padding) -> `img` (slot in the device buffer), `row`, `col`, `target`
+  (and `mask`) `[B]` int32 / bool host arrays."""
   mask = ids >= 0
-  ids = jnp.maximum(ids, 0)
-  img, rest = ids // (grid.rows * grid.cols), ids % (grid.rows * grid.cols)
+  ids = np.maximum(ids, 0)
+  img, rest = np.divmod(ids, grid.rows * grid.cols)
   row, col = rest // grid.cols + grid.offset, rest % grid.cols + grid.offset
-  return {'img': img, 'row': row, 'col': col, 'target': targets[img, row, col].astype(jnp.int32),
-          'mask': mask}
+  batch = {'img': slot[img].astype(np.int32), 'row': row.astype(np.int32),
+           'col': col.astype(np.int32), 'target': targets[img, row, col].astype(np.int32)}
+  if with_mask:
+    batch['mask'] = mask
+  return batch
+
+
+def images_per_group(feats_shape, itemsize: int, cap_bytes: int | None) -> int:
+  """Images per streamed group: N when all `[N, H, W, d]` maps (`itemsize` bytes per value) fit in
+  `cap_bytes` (None or 0: no cap), else the size of the fewest nearly equal groups that fit
+  (e.g. 16 maps, room for 5: 4 groups of 4). ValueError when not even one map fits."""
+  num_images, height, width, dim = feats_shape
+  if not cap_bytes:
+    return int(num_images)
+  per_image = height * width * dim * itemsize
+  fit = int(cap_bytes) // per_image
+  if fit < 1:
+    raise ValueError(f'memory.device_feature_cap_mb = {cap_bytes / 2 ** 20:g} MB holds no '
+                     f'training feature map (one map {height} x {width} x {dim} is '
+                     f'{per_image / 2 ** 20:.2f} MB on the device); raise the cap')
+  if fit >= num_images:
+    return int(num_images)
+  groups = -(-int(num_images) // fit)
+  return -(-int(num_images) // groups)
+
+
+def _epoch_groups(key: jax.Array, epoch: int, num_images: int, per_group: int) -> list[np.ndarray]:
+  """The epoch's image groups (sorted image indices each): the fewest groups of at most
+  `per_group` images, of nearly equal sizes, from a permutation drawn from (key, epoch); one
+  group of all images when they fit."""
+  if per_group >= num_images:
+    return [np.arange(num_images)]
+  perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_images))
+  return [np.sort(g) for g in np.array_split(perm, -(-num_images // per_group))]
+
+
+class _DeviceMaps:
+  """The device-resident feature maps of one group of images, replicated over the mesh.
+
+  `load(imgs)` replaces the buffer (the old one is freed first, so device memory holds one group);
+  `slot[i]` is the buffer row of image i. The buffer always has `per_group` rows (zeros past the
+  group's images), so the jitted steps compile once.
+  """
+
+  def __init__(self, feats, per_group: int, dtype, mesh):
+    self.feats, self.per_group, self.dtype, self.mesh = feats, per_group, np.dtype(dtype), mesh
+    self.array, self.images = None, None
+    self.slot = np.zeros(feats.shape[0], np.int32)
+
+  def load(self, imgs: np.ndarray) -> jax.Array:
+    if self.images is not None and np.array_equal(self.images, imgs):
+      return self.array
+    if self.array is not None:
+      self.array.delete()
+      self.array = None
+    n = self.feats.shape[0]
+    if len(imgs) == n:
+      host = self.feats                       # all images, in order: no host copy when possible
+    else:
+      host = self.feats[imgs]
+    if isinstance(host, jax.Array):
+      host = np.asarray(host)
+    host = np.asarray(host, self.dtype)
+    if host.shape[0] < self.per_group:
+      host = np.concatenate([host, np.zeros((self.per_group - host.shape[0],) + host.shape[1:],
+                                            self.dtype)])
+    self.array = sharding.replicate_host(host, self.mesh)
+    self.images = imgs
+    self.slot[imgs] = np.arange(len(imgs), dtype=np.int32)
+    return self.array
 
 
 @functools.partial(jax.jit, static_argnames=('grid_size', 'num_samples'))
@@ -441,28 +549,34 @@ def _state_arrays(state: TrainState, best) -> dict:
 def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
               ckpt_dir: str | None = None,
               log_fn: Callable[[str], None] | None = None, *,
-              num_classes: int | None = None, dtype=jnp.float32):
+              num_classes: int | None = None, dtype=jnp.float32, mesh=None,
+              device_cap_bytes: int | None = None):
   """Trains the neighbourhood MLP on every (selected) position of the training feature maps.
 
   Args:
-    feats: `[N_img, H, W, d]` float32/float16/bfloat16 (numpy or jax); put on the device once.
+    feats: `[N_img, H, W, d]` float32/float16/bfloat16 (numpy, np.memmap or jax). Put on the
+      devices once when they fit under `device_cap_bytes`, else streamed in groups of images
+      (module docstring); never copied whole on the host.
     targets: `[N_img, H, W]` int, index of the C_dist vector nearest to each patch feature.
     cfg_nb: `cfg.model.neighborhood`.
     key: PRNG key of the run; initialisation, sample selection, validation split, per-epoch
-      shuffles and dropout are all derived from it (with the epoch and step numbers).
+      shuffles, image groups and dropout are all derived from it (with the epoch and step numbers).
     ckpt_dir: if given, an orbax checkpoint is written there after every epoch and a re-run with the
       same arguments continues from the last one (raising the number of epochs extends a run).
     log_fn: where the progress lines go (one per epoch: epoch, samples done/total, loss, train/val
       top-1 accuracy, learning rate, elapsed, ETA); default absl `logging.info`.
     num_classes: K = |C_dist|; default `targets.max() + 1` (pass it: an unused last index would
       otherwise shrink the output).
-    dtype: MLP compute dtype.
+    dtype: MLP compute dtype (float32 or bfloat16; float32 accumulation either way).
+    mesh: `sharding.make_mesh()` (default: all devices); batches are split over it.
+    device_cap_bytes: bytes of feature maps allowed on each device (None or 0: no cap).
 
   Returns:
     (variables, history): `variables = {'params', 'batch_stats'}` of the epoch with the best
     validation top-1 accuracy (the last epoch without a validation split); `history` a dict of
     per-epoch lists `loss, train_accuracy` (train mode, dropout on), `val_loss, val_accuracy`,
-    `learning_rate, seconds`, plus `best_epoch, num_train, num_val, steps_per_epoch, batch_size`.
+    `learning_rate, seconds`, plus `best_epoch, num_train, num_val, steps_per_epoch, batch_size,
+    images_per_group`.
   """
   check_config(cfg_nb)
   log = log_fn or logging.info
@@ -474,15 +588,20 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
                      f'got shape {tuple(targets.shape)}')
   if not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f'targets must be integer C_dist indices, got dtype {targets.dtype}')
+  targets = np.asarray(targets, np.int32)
   lo, hi = int(targets.min()), int(targets.max())
   num_classes = hi + 1 if num_classes is None else int(num_classes)
   if lo < 0 or hi >= num_classes:
     raise ValueError(f'targets must lie in [0, {num_classes}), found [{lo}, {hi}]')
 
-  # Everything lives committed on one device, as restored checkpoints do (same compiled steps).
-  device = jax.devices()[0]
-  feats = jax.device_put(feats, device)
-  targets = jax.device_put(jnp.asarray(targets, jnp.int32), device)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  # Feature maps on the device in the narrower of their dtype and the compute dtype (the MLP
+  # rounds its input to `dtype` first, so the values it sees are the same).
+  dev_dtype = (np.dtype(dtype) if np.dtype(dtype).itemsize < np.dtype(feats.dtype).itemsize
+               else np.dtype(feats.dtype))
+  per_group = images_per_group(feats.shape, dev_dtype.itemsize, device_cap_bytes)
+  streamed = per_group < feats.shape[0]
+  maps = _DeviceMaps(feats, per_group, dev_dtype, mesh)
   grid = _sample_grid(feats.shape, window, cfg_nb.train_positions)
   num_samples = grid.size
   if int(cfg_nb.max_train_samples) > 0:
@@ -494,13 +613,17 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
                      f'{cfg_nb.val_fraction}')
   ids = _split(jax.random.fold_in(key, _SALT_SPLIT), grid.size, num_samples)
   val_ids, train_ids = ids[:num_val], ids[num_val:]
+  val_ids_host = np.asarray(val_ids)
   batch_size = min(int(cfg_nb.batch_size), num_train)
   steps_per_epoch = num_train // batch_size                   # the last partial batch is dropped
   in_dim = (window * window - 1) * feats.shape[-1]
+  positions_per_image = grid.rows * grid.cols
 
   state = create_train_state(jax.random.fold_in(key, _SALT_INIT), cfg_nb, in_dim, num_classes,
                              steps_per_epoch, dtype)
-  state = jax.device_put(state, device)
+  # Parameters and optimiser state live replicated on the mesh, as restored checkpoints do
+  # (same compiled steps before and after a restart).
+  state = sharding.replicate(state, mesh)
   best = {'params': state.params, 'batch_stats': state.batch_stats}
   fingerprint = {
       'feats_shape': list(feats.shape), 'num_classes': num_classes, 'key': _key_words(key),
@@ -508,6 +631,8 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
       **{k: cfg_nb[k] for k in ('window', 'num_layers', 'width', 'dropout', 'learning_rate',
                                 'decay_every', 'decay_factor', 'val_fraction', 'max_train_samples',
                                 'train_positions')}}
+  if streamed:
+    fingerprint['images_per_group'] = per_group
   fingerprint = _json_ready(fingerprint)
   history = {k: [] for k in ('loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate',
                              'seconds')}
@@ -517,12 +642,14 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
   if ckpts is not None and ckpts.latest() is not None:
     start_epoch = int(ckpts.latest())
     record = ckpts.restore_record(start_epoch)
-    for field, value in fingerprint.items():
+    for field in sorted(set(fingerprint) | set(record['fingerprint'])):
+      value = fingerprint.get(field)
       if record['fingerprint'].get(field) != value:
         raise ValueError(f'checkpoint in {ckpt_dir} was written by a different run: {field} = '
                          f"{record['fingerprint'].get(field)!r} there, {value!r} now; use a fresh "
                          f'ckpt_dir or the original settings')
-    arrays = jax.device_put(ckpts.restore_arrays(start_epoch, _state_arrays(state, best)), device)
+    arrays = sharding.replicate(ckpts.restore_arrays(start_epoch, _state_arrays(state, best)),
+                                mesh)
     s = arrays['state']
     state = state.replace(step=s['step'], params=s['params'], batch_stats=s['batch_stats'],
                           opt_state=s['opt_state'])
@@ -534,38 +661,66 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
   epochs = int(cfg_nb.epochs)
   log(f'neighbourhood MLP: {num_train} train / {num_val} val positions, {steps_per_epoch} steps '
       f'x {batch_size} per epoch, inputs {in_dim} -> {cfg_nb.num_layers} layers x {cfg_nb.width} '
-      f'-> K {num_classes}')
+      f'-> K {num_classes}, {sharding.num_shards(mesh)} device(s)')
+  if streamed:
+    map_mb = dev_dtype.itemsize * np.prod(feats.shape[1:]) / 2 ** 20
+    log(f'neighbourhood MLP: feature maps ({feats.shape[0]} x {map_mb:.1f} MB) exceed the device '
+        f'cap of {device_cap_bytes / 2 ** 20:g} MB: streaming {per_group} images per group, {-(-feats.shape[0] // per_group)} groups per epoch')
   shuffle_key = jax.random.fold_in(key, _SALT_SHUFFLE)
   dropout_key = jax.random.fold_in(key, _SALT_DROPOUT)
+  group_key = jax.random.fold_in(key, _SALT_GROUPS)
   eval_size = min(max(batch_size, 1), max(num_val, 1))
-  val_order = jnp.concatenate(
-      [val_ids, jnp.full((-num_val % eval_size,), -1, jnp.int32)]) if num_val else None
   t_start = t_line = time.time()
   try:
     for epoch in range(start_epoch, epochs):
       t_epoch = time.time()
-      order = _epoch_order(shuffle_key, epoch, train_ids)
+      order = np.asarray(_epoch_order(shuffle_key, epoch, train_ids))
+      groups = _epoch_groups(group_key, epoch, feats.shape[0], per_group)
+      group_of = np.zeros(feats.shape[0], np.int32)
+      for g, imgs in enumerate(groups):
+        group_of[imgs] = g
+      sample_group = group_of[order // positions_per_image]
       epoch_key = jax.random.fold_in(dropout_key, epoch)
       train_metrics = None
-      for step in range(steps_per_epoch):
-        batch = _batch_at(order, step * batch_size, targets, grid, batch_size)
-        del batch['mask']
-        state, m = train_step(state, feats, batch, jax.random.fold_in(epoch_key, step))
-        train_metrics = m if train_metrics is None else train_metrics.merge(m)
-        if time.time() - t_line > _PROGRESS_EVERY_S and step + 1 < steps_per_epoch:
-          t_line = time.time()
-          log(f'neighbourhood MLP epoch {epoch + 1}/{epochs}  step {step + 1}/{steps_per_epoch}  '
-              f'samples {(epoch * steps_per_epoch + step + 1) * batch_size}/'
-              f'{epochs * steps_per_epoch * batch_size}  elapsed {t_line - t_start:.1f}s')
+      step = 0
+      for g, imgs in enumerate(groups):
+        dev_feats = maps.load(imgs)
+        group_order = order[sample_group == g] if streamed else order
+        for i in range(len(group_order) // batch_size):
+          batch = _host_batch(group_order[i * batch_size:(i + 1) * batch_size], targets, grid,
+                              maps.slot)
+          state, m = train_step(state, dev_feats, sharding.shard_batch(batch, mesh),
+                                jax.random.fold_in(epoch_key, step))
+          step += 1
+          train_metrics = m if train_metrics is None else train_metrics.merge(m)
+          if time.time() - t_line > _PROGRESS_EVERY_S:
+            t_line = time.time()
+            log(f'neighbourhood MLP epoch {epoch + 1}/{epochs}  step {step}/{steps_per_epoch}  '
+                f'samples {(epoch * steps_per_epoch + step) * batch_size}/'
+                f'{epochs * steps_per_epoch * batch_size}  elapsed {t_line - t_start:.1f}s')
+      if train_metrics is None:
+        raise ValueError(f'no full batch of {batch_size} positions in any group of {per_group} '
+                         'images: raise memory.device_feature_cap_mb or lower '
+                         'model.neighborhood.batch_size')
       summary = {k: float(v) for k, v in train_metrics.compute().items()}
       entry = {'loss': summary['loss'], 'train_accuracy': summary['accuracy'],
                'val_loss': math.nan, 'val_accuracy': math.nan,
                'learning_rate': _epoch_learning_rate(cfg_nb, epoch)}
       if num_val:
         val_metrics = None
-        for start in range(0, val_order.shape[0], eval_size):
-          m = eval_step(state, feats, _batch_at(val_order, start, targets, grid, eval_size))
-          val_metrics = m if val_metrics is None else val_metrics.merge(m)
+        val_group = group_of[val_ids_host // positions_per_image]
+        for g in reversed(range(len(groups))):  # the last training group is still loaded
+          group_val = val_ids_host[val_group == g] if streamed else val_ids_host
+          if not len(group_val):
+            continue
+          group_val = np.concatenate([group_val, np.full((-len(group_val) % eval_size,), -1,
+                                                         group_val.dtype)])
+          dev_feats = maps.load(groups[g])
+          for start in range(0, len(group_val), eval_size):
+            batch = _host_batch(group_val[start:start + eval_size], targets, grid, maps.slot,
+                                with_mask=True)
+            m = eval_step(state, dev_feats, sharding.shard_batch(batch, mesh))
+            val_metrics = m if val_metrics is None else val_metrics.merge(m)
         v = {k: float(x) for k, x in val_metrics.compute().items()}
         entry.update(val_loss=v['loss'], val_accuracy=v['accuracy'])
       score = entry['val_accuracy'] if num_val else float(epoch)
@@ -582,17 +737,20 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
       done_epochs = epoch + 1 - start_epoch
       elapsed = time.time() - t_start
       eta = elapsed / done_epochs * (epochs - epoch - 1)
+      streamed_note = f'  ({step} steps over {len(groups)} groups)' if streamed else ''
       log(f'neighbourhood MLP epoch {epoch + 1}/{epochs}  samples '
           f'{(epoch + 1) * steps_per_epoch * batch_size}/{epochs * steps_per_epoch * batch_size}  '
           f"loss {entry['loss']:.4f}  train acc {entry['train_accuracy']:.4f}  "
           f"val loss {entry['val_loss']:.4f}  val acc {entry['val_accuracy']:.4f}  "
-          f"lr {entry['learning_rate']:.2e}  elapsed {elapsed:.1f}s  eta {eta:.1f}s")
+          f"lr {entry['learning_rate']:.2e}  elapsed {elapsed:.1f}s  eta {eta:.1f}s"
+          + streamed_note)
   finally:
     if ckpts is not None:
       ckpts.close()
 
   history.update(best_epoch=best_epoch, num_train=num_train, num_val=num_val,
-                 steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+                 steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+                 images_per_group=per_group)
   return {'params': best['params'], 'batch_stats': best['batch_stats']}, history
 
 

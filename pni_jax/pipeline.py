@@ -42,6 +42,7 @@ from pni_jax import metrics as metrics_lib
 from pni_jax import model as model_lib
 from pni_jax import neighborhood
 from pni_jax import report
+from pni_jax import sharding
 from pni_jax.progress import Progress
 from pni_jax.store import FeatureStore
 
@@ -128,15 +129,22 @@ def _batches(split, cfg, *, with_masks: bool):
 
 @dataclasses.dataclass
 class Extractor:
-  """The jitted feature function and backbone variables, shared by every category."""
+  """The jitted feature function and backbone variables, shared by every category.
+
+  Batches are split over `mesh` (all devices); `batch_size` is data.batch_size rounded up to a
+  multiple of the device count, the variables are replicated.
+  """
   fn: object
   variables: object
   batch_size: int
+  mesh: object
 
 
 def make_extractor(cfg) -> Extractor:
   fn, variables = features.make_feature_fn(cfg.model, key=jax.random.key(cfg.seed))
-  return Extractor(fn, variables, int(cfg.data.batch_size))
+  mesh = sharding.make_mesh()
+  return Extractor(fn, sharding.replicate(variables, mesh),
+                   sharding.padded_size(int(cfg.data.batch_size), sharding.num_shards(mesh)), mesh)
 
 
 def _feature_shape(extractor: Extractor, crop: int):
@@ -193,7 +201,7 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
     t = time.perf_counter()
     projected = fit.extract_features(extractor.fn, extractor.variables,
                                      _batches(train_split, cfg, with_masks=False), n,
-                                     extractor.batch_size, store, proj)
+                                     extractor.batch_size, store, proj, mesh=extractor.mesh)
     timings['features_s'] = time.perf_counter() - t
 
     core_path = fit_dir / 'coreset.npz'
@@ -205,7 +213,7 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
         logging.info('[%s] reusing the coreset in %s', category, core_path)
     if core is None:
       t = time.perf_counter()
-      core = fit.select_coreset(projected, store, cs, k_core)
+      core = fit.select_coreset(projected, store, cs, k_core, mesh=extractor.mesh)
       timings['coreset_s'] = time.perf_counter() - t
       with fileio.atomic_open(core_path, 'wb') as f:
         np.savez(f, fingerprint=base_fp, **core)
@@ -221,7 +229,8 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
       t = time.perf_counter()
       codes = fit.nearest_codes(store, core['c_emb'][:core['num_dist']],
                                 images_per_chunk=extractor.batch_size,
-                                query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
+                                query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile),
+                                mesh=extractor.mesh)
       timings['codes_s'] = time.perf_counter() - t
     if missing_pos:
       t = time.perf_counter()
@@ -233,7 +242,9 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
       variables, history = neighborhood.train_mlp(
           store.array, codes, cfg.model.neighborhood, k_mlp,
           ckpt_dir=str((fit_dir / f'mlp-{nb_fp}').absolute()), num_classes=int(core['num_dist']),
-          log_fn=lambda msg: logging.info('[%s] %s', category, msg))
+          log_fn=lambda msg: logging.info('[%s] %s', category, msg),
+          dtype=features.compute_dtype(cfg.model), mesh=extractor.mesh,
+          device_cap_bytes=int(float(cfg.memory.get('device_feature_cap_mb', 0)) * 2 ** 20))
       mlp = jax.tree.map(np.asarray, variables)
       mlp_history = _to_plain(history)
       timings['mlp_s'] = time.perf_counter() - t
@@ -328,12 +339,15 @@ def score_batches(cfg, extractor: Extractor, fitted: model_lib.PNIModel,
   arrays cut to the batch's real size.
   """
   crop = int(cfg.data.crop)
-  arrays = model_lib.arrays(fitted)
-  scorers = {v.name: infer.make_scorer(cfg.model, v, (crop, crop)) for v in variants}
+  mesh = extractor.mesh
+  arrays = sharding.replicate(model_lib.arrays(fitted), mesh)
+  scorers = {v.name: sharding.data_parallel(infer.make_scorer(cfg.model, v, (crop, crop)), mesh,
+                                            sharded_argnums=(1,)) for v in variants}
   for batch in batches:
     images = np.asarray(batch['image'], np.float32)
     b = images.shape[0]
-    feats = extractor.fn(extractor.variables, jnp.asarray(pad_batch(images, extractor.batch_size)))
+    feats = extractor.fn(extractor.variables,
+                         sharding.shard_rows(pad_batch(images, extractor.batch_size), mesh))
     outs = {}
     for v in variants:
       out = scorers[v.name](arrays, feats)

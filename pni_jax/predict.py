@@ -3,7 +3,8 @@
 `python -m pni_jax.main --mode=predict --workdir=RUN --images=DIR_OR_GLOB [--category=CAT]`
 writes, under `<RUN>/predictions/<category>/` (or --out):
   <name>_overlay.png   the input at its original size, the predicted defect region tinted red
-  <name>_mask.png      the binary defect mask (0 / 255) at the input's original size
+  <name>_mask.png      the binary defect mask (0 / 255) at the input's original size (empty when
+                       the image is judged normal)
   predictions.csv / predictions.json   per image: score, threshold, decision, defect area, error
 Images of any size, grayscale or RGBA go through the model's own preprocessing (resize short side,
 center crop); maps come back to the original size. An unreadable file is reported in the table
@@ -116,8 +117,10 @@ def predict_images(workdir: pathlib.Path, category: str, paths: list[str],
     for k, item in enumerate(pending):
       h, w = item['orig'].shape[:2]
       amap = data_lib.unprocess_map(out['maps'][k], h, w, resize, crop)
-      mask = amap >= stats['pixel_threshold']
       score = float(out['image'][k])
+      # The defect region of an image judged normal is empty: pixels above the pixel threshold
+      # in a normal image are the expected false positives of the held-out calibration.
+      mask = (amap >= stats['pixel_threshold']) & (score >= stats['image_threshold'])
       name = item['name']
       _save_png(out_dir / f'{name}_mask.png', mask.astype(np.uint8) * 255)
       _save_png(out_dir / f'{name}_overlay.png', overlay(item['orig'], mask))

@@ -40,7 +40,9 @@ step, forward, loss, Adam), and a Python loop with clu metrics, progress lines, 
 every `checkpoint_every` iterations. Each sample: normal training images (picked from the run key
 and the step number), a synthetic defect (`synth.synthesize_balanced`: the four kinds in equal
 ratio), A_hat from the caller's `amap_fn` on the synthetic image at full size, then image, map and
-mask resized to `input_size`. `pool_size > 0` synthesises a fixed pool of samples (and their A_hat)
+mask resized to `input_size`; augmentation comes after A_hat (the geometry moves image, map and
+mask together, the colour jitter changes the image only, teaching robustness to colour shifts the
+map does not follow). `pool_size > 0` synthesises a fixed pool of samples (and their A_hat)
 once and trains with online augmentation drawn from it (amap_fn dominates on CPU); `pool_size = 0`
 synthesises every batch afresh, as the paper. All randomness derives from (key, step): a run killed
 and resumed from its checkpoint directory ends with bit-identical weights.
@@ -54,7 +56,6 @@ Shapes: images [B, S, S, 3] float32 in [0, 1] (NHWC); maps and masks [B, S, S] f
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -466,15 +467,22 @@ Metrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output('lo
 def augment_batch(key: jax.Array, images: jnp.ndarray, amaps: jnp.ndarray,
                   masks: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """`synth.augment` per sample: one geometry (90-degree rotation, flip) for image, map and mask,
-  colour jitter on the image only. [B, s, s, 3], [B, s, s], [B, s, s] -> the same shapes."""
-  keys = jax.random.split(key, images.shape[0])
+  colour jitter on the image only. [B, s, s, 3], [B, s, s], [B, s, s] -> the same shapes.
+
+  `synth.augment` moves its mask argument by a pure index map, so it is given the pixel indices
+  (exact in float32 below 2^24 pixels) and the map and the mask are gathered with the result.
+  """
+  b, h, w = amaps.shape
+  if h * w >= 2 ** 24:
+    raise ValueError(f'augment_batch: {h} x {w} pixels is too many for float32 indices')
+  index = jnp.arange(h * w, dtype=jnp.float32).reshape(h, w)
 
   def one(k, image, amap, mask):
-    out_image, out_mask = synth.augment(k, image, mask)
-    _, out_map = synth.augment(k, image, amap)     # same key: the same index map
-    return out_image, out_map, out_mask
+    out_image, moved = synth.augment(k, image, index)
+    src = moved.astype(jnp.int32)
+    return out_image, amap.reshape(-1)[src], mask.reshape(-1)[src]
 
-  return jax.vmap(one)(keys, images, amaps, masks)
+  return jax.vmap(one)(jax.random.split(key, b), images, amaps, masks)
 
 
 def _predictions(model: RefineNet, variables, images, amaps, train: bool):
@@ -857,7 +865,8 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
         image, raw, mask = src.draw(k_data)
         batch = _online_batch(*_to_input(jnp.asarray(image), jnp.asarray(raw), jnp.asarray(mask),
                                          size), lo, hi)
-      state, m = train_step(state, batch, k_aug)
+      # Committed to one device like the restored state: one compiled step for every run.
+      state, m = train_step(state, jax.device_put(batch, device), jax.device_put(k_aug, device))
       metrics = m if metrics is None else metrics.merge(m)
       done = step + 1
       save = ckpts is not None and (done % every == 0 or done == iterations)
@@ -929,3 +938,18 @@ def save_refine_samples(path: str | os.PathLike, images: np.ndarray, masks: np.n
         ax.set_title(titles[j], fontsize=9)
   with fileio.atomic_open(path, 'wb') as f:
     fig.savefig(f, format='png', dpi=dpi)
+
+
+def save_training_figure(path: str | os.PathLike, key: jax.Array, normal_images,
+                         amap_fn: Callable, variables, stats: Mapping[str, float],
+                         cfg_refine, textures: np.ndarray | None = None,
+                         num_samples: int | None = None) -> None:
+  """Synthesises one batch (cfg_refine.batch_size, like training; no augmentation), refines it
+  with the trained network and writes `save_refine_samples` (at most `num_samples` rows)."""
+  samples = synthetic_samples(key, normal_images, amap_fn, int(cfg_refine.batch_size), textures,
+                              _get(cfg_refine, 'texture_source'))
+  a = normalize_map(samples['amap'], stats['lo'], stats['hi'])
+  refined = refine_maps(variables, jnp.asarray(samples['image']), a, int(cfg_refine.input_size),
+                        str(cfg_refine.encoder), str(cfg_refine.loss))
+  save_refine_samples(path, samples['image'], samples['mask'], np.asarray(a), np.asarray(refined),
+                      max_rows=num_samples or samples['image'].shape[0])

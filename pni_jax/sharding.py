@@ -12,9 +12,10 @@ On one device the mesh has one entry, every helper here is a plain `device_put` 
 collective is the identity, so single- and multi-device runs execute the same code.
 
 Where the stage is written against local arrays (greedy k-center, kNN, scoring) it runs under
-`jax.shard_map` (`data_parallel`); where it is a model step (MLP / refinement training) it is
-jitted on sharded inputs and GSPMD inserts the cross-device reductions (batch statistics and
-gradients over the global batch).
+`jax.shard_map` (`data_parallel`); where it is a model step (the MLP's `train_step`) it is jitted
+on a batch placed with `shard_batch` and a state placed with `replicate`, and GSPMD inserts the
+cross-device reductions (batch statistics and gradients over the global batch). Any other
+training loop (e.g. the refinement network's) becomes data parallel the same way.
 """
 
 from __future__ import annotations
@@ -94,24 +95,36 @@ def shard_rows(x, mesh: Mesh) -> jax.Array:
 def shard_host_rows(x: np.ndarray, mesh: Mesh, *, fill: float = 0.0) -> jax.Array:
   """Host array [R, ...] -> device array [padded_size(R, D), ...] split by rows over the mesh.
 
-  Each device receives its own slice straight from `x` (only the last shard's padding is a new
-  host buffer), so the host never holds a second full copy of `x`. Padded rows hold `fill`.
+  Each device receives its own slice of `x` (no padded host copy of the whole array; only a
+  shard that needs padding rows, holding `fill`, is assembled in a new host buffer). The
+  transfers may alias `x` where the runtime allows it: do not modify `x` while the result is in
+  use.
   """
   d = num_shards(mesh)
   rows = x.shape[0]
   total = padded_size(rows, d)
   shape = (total,) + tuple(x.shape[1:])
-
-  def shard(index):
+  target = data_sharding(mesh)
+  parts = []
+  for device, index in target.addressable_devices_indices_map(shape).items():
     sl = index[0]
     start, stop = sl.start or 0, total if sl.stop is None else sl.stop
-    part = np.asarray(x[min(start, rows):min(stop, rows)])
+    part = x[min(start, rows):min(stop, rows)]
     if stop > rows:
       filler = np.full((stop - max(start, rows),) + tuple(x.shape[1:]), fill, x.dtype)
-      part = np.concatenate([part, filler], axis=0)
-    return part
+      part = np.concatenate([np.asarray(part), filler], axis=0)
+    parts.append(jax.device_put(part, device, may_alias=True))
+  return jax.make_array_from_single_device_arrays(shape, target, parts)
 
-  return jax.make_array_from_callback(shape, data_sharding(mesh), shard)
+
+def replicate_host(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Host array -> a full copy on every device of the mesh, each sent straight from `x` (no
+  intermediate host copy; the runtime may alias `x`: do not modify it while the result is in
+  use)."""
+  target = replicated(mesh)
+  parts = [jax.device_put(x, device, may_alias=True)
+           for device in target.addressable_devices_indices_map(x.shape)]
+  return jax.make_array_from_single_device_arrays(tuple(x.shape), target, parts)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -220,3 +220,17 @@ def test_masked_min_dist_errors(data):
 
 def _wrong_shape(query_aux, bank_aux):
   return query_aux  # [tq, 3], not [tq, tk]
+
+
+def test_knn_sharded_equals_brute_force(data):
+  """Queries split over the mesh (one device here; 4 in tests/test_sharding.py), bank replicated;
+  299 queries exercise the padding to a multiple of the device count."""
+  q, b = data
+  mask = np.arange(K) % 3 != 0
+  d, i = knn_lib.knn_sharded(q[:299], b, 3, query_tile=TQ, bank_tile=TK, bank_mask=mask)
+  ref_d, ref_i = brute_knn(q[:299], b, 3, mask)
+  assert d.shape == (299, 3) and i.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(i), ref_i)
+  np.testing.assert_allclose(np.asarray(d), ref_d, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='same feature size'):
+    knn_lib.knn_sharded(q, b[:, :5])

@@ -209,3 +209,87 @@ def test_bad_inputs(task):
     nb.train_mlp(feats, targets, small_config(1), jax.random.key(0), num_classes=3)
   with pytest.raises(ValueError, match='targets must be'):
     nb.train_mlp(feats, targets[:, :5], small_config(1), jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- device memory cap
+
+
+def _recording_train_step(monkeypatch):
+  """Wraps `train_step` to record the shape / bytes of the device feature buffer of every step."""
+  seen = []
+  real = nb.train_step
+
+  def step(state, feats, batch, key):
+    seen.append((tuple(feats.shape), feats.nbytes))
+    return real(state, feats, batch, key)
+
+  monkeypatch.setattr(nb, 'train_step', step)
+  return seen
+
+
+def test_device_cap_streams_image_groups(task, monkeypatch, tmp_path):
+  feats, targets = task                                  # 16 maps of 12 x 12 x 4 float32
+  per_map = 12 * 12 * 4 * 4
+  cap = 5 * per_map + 100                  # room for 5 maps: 4 groups of 4 (nearly equal sizes)
+  seen = _recording_train_step(monkeypatch)
+  logged = []
+  variables, history = nb.train_mlp(feats, targets, small_config(3), jax.random.key(0),
+                                    str(tmp_path / 'streamed'), log_fn=logged.append,
+                                    num_classes=NUM_CLASSES, device_cap_bytes=cap)
+  assert history['images_per_group'] == 4
+  assert {shape for shape, _ in seen} == {(4, 12, 12, 4)}
+  assert max(nbytes for _, nbytes in seen) <= cap
+  # Every group drops its last partial batch: at most 4 x 31 of the 1200 positions per epoch.
+  steps = [int(line.split('(')[1].split()[0]) for line in logged if 'steps over 4 groups' in line]
+  assert len(steps) == 3 and all((1200 - 4 * 31) // 32 <= s <= 1200 // 32 for s in steps)
+  # It still learns (measured best val acc: 0.78 here, 0.79 uncapped; chance 0.25).
+  assert max(history['val_accuracy']) > 0.55
+  # Killed after one epoch and resumed: bit-identical to the straight streamed run.
+  ckpt = str(tmp_path / 'resumed')
+  nb.train_mlp(feats, targets, small_config(1), jax.random.key(0), ckpt, num_classes=NUM_CLASSES,
+               device_cap_bytes=cap)
+  resumed, again = nb.train_mlp(feats, targets, small_config(3), jax.random.key(0), ckpt,
+                                num_classes=NUM_CLASSES, device_cap_bytes=cap)
+  assert jax.tree.all(jax.tree.map(np.array_equal, resumed, variables))
+  assert again['val_accuracy'] == history['val_accuracy']
+  # A checkpoint written with another grouping is refused.
+  with pytest.raises(ValueError, match='images_per_group'):
+    nb.train_mlp(feats, targets, small_config(3), jax.random.key(0), ckpt,
+                 num_classes=NUM_CLASSES, device_cap_bytes=2 * per_map)
+
+
+def test_device_cap_that_holds_everything_changes_nothing(task, straight_run, monkeypatch):
+  feats, targets = task
+  seen = _recording_train_step(monkeypatch)
+  variables, history = nb.train_mlp(feats, targets, small_config(3), jax.random.key(0),
+                                    num_classes=NUM_CLASSES, device_cap_bytes=feats.nbytes)
+  straight_vars, straight_hist, _ = straight_run
+  assert jax.tree.all(jax.tree.map(np.array_equal, variables, straight_vars))
+  assert history['val_accuracy'] == straight_hist['val_accuracy']
+  assert {shape for shape, _ in seen} == {feats.shape}
+
+
+def test_device_cap_below_one_map_is_an_error(task):
+  feats, targets = task
+  with pytest.raises(ValueError, match='device_feature_cap_mb'):
+    nb.train_mlp(feats, targets, small_config(1), jax.random.key(0), num_classes=NUM_CLASSES,
+                 device_cap_bytes=1000)
+
+
+def test_both_caps_below_the_features(task, monkeypatch, tmp_path):
+  """Host cap: the maps live in a memory-mapped FeatureStore; device cap: 3 maps per group.
+  Training completes and equals the in-RAM run with the same device cap bit for bit."""
+  from pni_jax.store import FeatureStore
+  feats, targets = task
+  cap = 3 * 12 * 12 * 4 * 4                 # 16 maps, room for 3: 6 groups of 2 or 3
+  in_ram, _ = nb.train_mlp(feats, targets, small_config(1), jax.random.key(1),
+                           num_classes=NUM_CLASSES, device_cap_bytes=cap)
+  seen = _recording_train_step(monkeypatch)
+  with FeatureStore(feats.shape, cap_bytes=feats.nbytes // 4, scratch_dir=tmp_path) as store:
+    assert store.spilled
+    store.write(0, feats)
+    spilled, history = nb.train_mlp(store.array, targets, small_config(1), jax.random.key(1),
+                                    num_classes=NUM_CLASSES, device_cap_bytes=cap)
+  assert history['images_per_group'] == 3
+  assert max(nbytes for _, nbytes in seen) <= cap
+  assert jax.tree.all(jax.tree.map(np.array_equal, spilled, in_ram))

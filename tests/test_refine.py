@@ -7,9 +7,6 @@ compiles once for the whole module.
 
 from __future__ import annotations
 
-import math
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -174,6 +171,14 @@ def test_residual_output_and_fusion(variables, batch):
   assert np.abs(fuse(shifted, 1.0) - a_norm - 0.25).max() > 1e-3
 
 
+def test_logit_head_starts_at_the_input_map(variables, batch):
+  # 'ce' / 'focal': refined = sigmoid(logit(clip(A_hat, eps, 1 - eps)) + r), r = 0 at init.
+  a = np.asarray(batch['amap'])
+  got = np.asarray(refine.fuse(variables, batch['image'], a, 0.0, 1.0, 1.0, S, ENCODER,
+                               loss='ce'))
+  np.testing.assert_allclose(got, np.clip(a, refine.LOGIT_EPS, 1 - refine.LOGIT_EPS), atol=1e-6)
+
+
 def test_init_variables_structure(variables):
   params = variables['params']
   assert set(params) == {'encoder', 'map_conv', 'decoder'}
@@ -212,11 +217,14 @@ def test_augment_batch_moves_map_with_mask():
 
 
 def test_train_steps_lower_the_loss(variables, batch):
+  # Everything committed to the device, as train_refiner does: the compiled step is shared.
+  device = jax.devices()[0]
   state = jax.device_put(refine.create_train_state(variables, ENCODER, 'reg_grad', LR,
-                                                   augment=False), jax.devices()[0])
+                                                   augment=False), device)
+  batch = jax.device_put(batch, device)
   losses = []
   for i in range(8):
-    state, metrics = refine.train_step(state, batch, jax.random.key(i))
+    state, metrics = refine.train_step(state, batch, jax.device_put(jax.random.key(i), device))
     m = metrics.compute()
     losses.append(float(m['loss']))
     if i == 0:   # the first loss is the untrained network's, i.e. the input map's
