@@ -38,7 +38,7 @@ def main() -> None:
               fill='red' if r['defective'] else 'darkgreen')
     canvas.paste(overlay, (x, 2 * title + s))
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  canvas.save(args.out, optimize=True)
+  canvas.quantize(colors=128).save(args.out, optimize=True)   # small enough to commit
   print(f'wrote {args.out} ({np.prod(canvas.size)} px)')
 
 
