@@ -39,7 +39,16 @@ def get_config():
   # (measured: N+P scored exactly like the baseline on 'tokens'). The product keeps both vetoes.
   m.scoring.combine = 'product'
   m.scoring.sigma = 4.0
+  # Refinement (R) is off by default to keep the demo within minutes; turn it on with
+  # --config.model.use_refinement=True or evaluate it with --config.eval.ablations=...,N+P+R.
   m.use_refinement = False
+  m.refine.encoder = 'efficientnet_lite0'   # embedded weights (DenseNet-161 needs a conversion)
+  m.refine.input_size = 128
+  m.refine.pool_size = 64
+  m.refine.iterations = 120
+  m.refine.learning_rate = 1e-3
+  m.refine.checkpoint_every = 60
+  m.refine.log_every = 20
   c.eval.ablations = ('baseline', 'N', 'P', 'N+P')
   c.eval.max_figures = 8
   return c

@@ -104,7 +104,14 @@ def base_config() -> ml_collections.ConfigDict:
   r.loss = 'reg_grad'         # 'reg_grad' (eq. 10-11) | 'ce' | 'focal'
   r.fusion_weight = 0.1
   r.texture_dir = ''          # optional folder of textures for DRAEM-style defects
+  r.texture_source = 'procedural'  # without texture_dir: 'procedural' | 'images' (training images)
   r.checkpoint_every = 1000
+  r.pool_size = 0             # 0 = synthesise every step (paper); N = a fixed pool of N samples
+  r.allow_random_init = False # encoder without pretrained weights (warns)
+  r.norm_quantiles = (0.01, 0.99)  # A_hat normalisation: lo / hi quantiles (normal / defect px)
+  r.calibration_samples = 64  # synthetic samples for the normalisation statistics
+  r.augment = True            # online flip / rotation / colour augmentation
+  r.log_every = 100
 
   # ---------------------------------------------------------------- evaluation / outputs
   c.eval = e = ml_collections.ConfigDict()
@@ -171,6 +178,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
           ('max', 'patch_max', 'top_percent', 'reweight'))
   _positive(m.scoring.temperature, 'model.scoring.temperature')
   _choice(m.refine.loss, 'model.refine.loss', ('reg_grad', 'ce', 'focal'))
+  _choice(m.refine.encoder, 'model.refine.encoder', ('densenet161', 'efficientnet_lite0'))
+  _choice(m.refine.texture_source, 'model.refine.texture_source', ('procedural', 'images'))
   if not 0 <= m.refine.fusion_weight <= 1:
     raise ValueError(f'config.model.refine.fusion_weight must be in [0, 1], got '
                      f'{m.refine.fusion_weight}')

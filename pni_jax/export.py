@@ -6,11 +6,11 @@
     -> backbone normalisation -> backbone -> patch features            (features.make_feature_fn)
     -> PNI / PatchCore patch scores of the model's main variant       (infer.make_scorer)
     -> anomaly map (bilinear upsampling + Gaussian blur) -> image score
-    -> refinement fusion, when the fitted model has refinement variables   (refine.fuse)
+    -> refinement fusion, when the main variant uses R   (infer.refine_maps -> refine.fuse)
 
 and serialises it with `jax.export` (StableHLO) for CPU and CUDA. The batch dimension is symbolic
-(any B works without re-exporting): the backbone and the fusion run on the whole batch, the patch
-scoring runs image by image (`lax.map`), because its tile / chunk arithmetic needs a static
+(any B works without re-exporting): the backbone runs on the whole batch, the patch scoring (and
+the fusion) image by image (`lax.map`), because its tile / chunk arithmetic needs a static
 number of patches, and so that its temporaries stay bounded by the configured tiles whatever B
 the caller passes. `batch_size=N` exports a fixed batch instead (the loader then pads).
 
@@ -33,8 +33,8 @@ Refinement hook: when `fitted.refine` holds RefineNet variables {'params', 'batc
 main variant asks for R (model.use_refinement), the map becomes
 `refine.fuse(variables, images01, maps, lo, hi, cfg.model.refine.fusion_weight, ...)` with
 lo = fitted.stats['refine_lo'], hi = fitted.stats['refine_hi'] (the fit-time normalisation of
-`refine.train_refiner`); the image score stays the PNI score computed before fusion (so the image
-threshold does not depend on the refinement). lo, hi and the weight are parameters, not constants.
+`refine.train_refiner`); the image score is then taken from the fused map (as in the paper's R
+rows, and as in-process). lo and hi are parameters; the weight comes from the config.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ import numpy as np
 
 from pni_jax import features
 from pni_jax import infer
+from pni_jax import model as model_lib
 
 ARTIFACT_FORMAT = 'pni-jax-inference-artifact'
 ARTIFACT_VERSION = 1
@@ -66,76 +67,51 @@ _NUMPY_DTYPES = ('float32', 'float64', 'float16', 'int32', 'int64', 'int8', 'uin
 # ----------------------------------------------------------------------------- the pure function
 
 
-def refine_settings(cfg_model) -> dict:
-  """Static refinement settings read from cfg.model.refine (encoder, input_size, loss)."""
-  r = cfg_model.refine
-  return dict(encoder=str(r.encoder), input_size=int(r.input_size), loss=str(r.loss))
-
-
 def make_inference_fn(cfg_model, variant: infer.Variant, crop: int,
                       backbone_variables) -> Callable[[dict, jax.Array], dict]:
   """The whole inference path for preprocessed crops as one pure function.
 
   Args:
     cfg_model: cfg.model (backbone, layers, feature sizes, scoring, refine settings).
-    variant: which components score the map; `variant.refinement` adds the fusion step, which
-      then reads `tree['refine']`.
+    variant: which components score the map (with R, the fused refined map; `infer.make_scorer`).
     crop: S, the square input size.
     backbone_variables: only used to check them against the architecture (they stay an argument).
   Returns:
     `fn(tree, images01) -> dict(maps [B, S, S], image [B], patch [B, h, w])` (float32), with
-    tree = {'backbone': variables, 'model': {'c_emb', 'emb_to_dist', ['position'], ['mlp']},
-    ['refine': {'variables', 'lo', 'hi', 'weight'}]} and images01 [B, S, S, 3] float32 in [0, 1].
+    tree = {'backbone': variables, 'model': {'c_emb', 'emb_to_dist', ['position'], ['mlp'],
+    ['refine': {'variables', 'lo', 'hi'}]}} and images01 [B, S, S, 3] float32 in [0, 1].
     B may be symbolic (jax.export); the scoring runs per image with `lax.map`.
   """
   feature_fn, _ = features.make_feature_fn(cfg_model, variables=backbone_variables)
-  scoring_variant = infer.Variant(variant.neighborhood, variant.position, False)
-  scorer = infer.make_scorer(cfg_model, scoring_variant, (crop, crop))
-  use_refine = bool(variant.refinement)
-  settings = refine_settings(cfg_model) if use_refine else None
+  scorer = infer.make_scorer(cfg_model, variant, (crop, crop))
 
   def fn(tree, images01):
     feats = feature_fn(tree['backbone'], images01)                     # [B, h, w, d]
 
-    def score_one(f):                                                  # [h, w, d]
-      out = scorer(tree['model'], f[None])
+    def score_one(args):                                               # one image
+      f, image = args
+      out = scorer(tree['model'], f[None], image[None])
       return {k: out[k][0] for k in ('patch', 'maps', 'image')}
 
-    out = jax.lax.map(score_one, feats)
-    if use_refine:
-      from pni_jax import refine  # pylint: disable=g-import-not-at-top
-      r = tree['refine']
-      out['maps'] = refine.fuse(r['variables'], images01, out['maps'], r['lo'], r['hi'],
-                                r['weight'], **settings)
-    return dict(maps=out['maps'].astype(jnp.float32), image=out['image'].astype(jnp.float32),
-                patch=out['patch'].astype(jnp.float32))
+    out = jax.lax.map(score_one, (feats, images01))
+    return {k: out[k].astype(jnp.float32) for k in ('maps', 'image', 'patch')}
 
   return fn
 
 
 def inference_tree(backbone_variables, fitted, variant: infer.Variant, cfg_model) -> dict:
   """The parameter pytree of `make_inference_fn` from backbone variables and a fitted PNIModel."""
-  model = {'c_emb': fitted.c_emb, 'emb_to_dist': fitted.emb_to_dist}
-  for name, used in (('position', variant.position), ('mlp', variant.neighborhood)):
+  arrays = model_lib.arrays(fitted)
+  model = {'c_emb': arrays['c_emb'], 'emb_to_dist': arrays['emb_to_dist']}
+  for name, used in (('position', variant.position), ('mlp', variant.neighborhood),
+                     ('refine', variant.refinement)):
     if used:
-      if getattr(fitted, name) is None:
+      if arrays.get(name) is None:
         raise ValueError(f'the main variant {variant.name} needs the model\'s {name} arrays but '
                          'the fitted model has none (fit with the matching model.use_* settings)')
-      model[name] = getattr(fitted, name)
-  tree = {'backbone': backbone_variables, 'model': model}
-  if variant.refinement:
-    stats = dict(fitted.stats or {})
-    missing = [k for k in ('refine_lo', 'refine_hi') if k not in stats]
-    if fitted.refine is None or missing:
-      raise ValueError(
-          'the main variant uses the refinement stage (model.use_refinement=True) but the fitted '
-          'model has ' + ('no refinement variables' if fitted.refine is None else
-                          f'no {" / ".join(missing)} in its stats') +
-          '; fit the refinement network or export with model.use_refinement=False')
-    tree['refine'] = {'variables': fitted.refine,
-                      'lo': np.float32(stats['refine_lo']), 'hi': np.float32(stats['refine_hi']),
-                      'weight': np.float32(cfg_model.refine.fusion_weight)}
-  return jax.tree.map(np.asarray, tree)
+      model[name] = arrays[name]
+  del cfg_model
+  return jax.tree.map(np.asarray, {'backbone': backbone_variables, 'model': model})
 
 
 # ----------------------------------------------------------------------------- flat parameters
@@ -208,7 +184,6 @@ def _resolve(source):
     cfg, fitted, extractor = source
     return cfg, fitted, extractor.variables
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from pni_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from pni_jax import pipeline  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(source)
@@ -229,7 +204,7 @@ def _score_units(cfg_model, variant: infer.Variant) -> dict:
   dist = (f'lambda * Euclidean feature distance (lambda = {float(sc.likelihood_lambda):g}) to the '
           + ('nearest allowed C_emb vector (PNI, eq. 3-8)' if variant.conditional else
              'nearest C_emb vector (PatchCore)'))
-  image = {'max': 'max of the PNI map (before any refinement)',
+  image = {'max': 'max of the final map',
            'patch_max': 'max patch score', 'reweight': 'PatchCore reweighted max patch score',
            'top_percent': f'mean of the top {float(sc.top_percent):g} % PNI map pixels'}
   maps = (f'{dist}, upsampled and blurred (sigma {float(sc.sigma):g})' if not variant.refinement

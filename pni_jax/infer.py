@@ -101,17 +101,42 @@ def patch_scores(arrays: dict, feats: jax.Array, variant: Variant, cfg_model):
   return scores.reshape(b, h, w), frac.reshape(b, h, w)
 
 
-def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
-  """Jitted `score(arrays, feats) -> dict(patch [B,h,w], maps [B,S,S], image [B], allowed [B,h,w])`.
+def refine_maps(refine_arrays: dict, images: jax.Array, maps: jax.Array, cfg_model) -> jax.Array:
+  """Eq. 9 fusion: (1 - w) * normalize(A_hat) + w * f(I, normalize(A_hat)).
 
-  Maps here are the PNI / PatchCore map A_hat (refinement is applied by `refine.fuse`).
+  Args:
+    refine_arrays: {'variables', 'lo', 'hi'} (`model.arrays(...)['refine']`).
+    images: [B, S, S, 3] float32 in [0, 1]; maps: [B, S, S] A_hat.
+  Returns:
+    [B, S, S] float32 in the normalised units of the refinement stage.
+  """
+  from pni_jax import refine  # the refinement network (and its encoder) only when used
+  r = cfg_model.refine
+  return refine.fuse(refine_arrays['variables'], images, maps, refine_arrays['lo'],
+                     refine_arrays['hi'], float(r.fusion_weight), input_size=int(r.input_size),
+                     encoder=str(r.encoder), loss=str(r.loss))
+
+
+def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
+  """Jitted `score(arrays, feats, images=None) -> dict(patch [B,h,w], maps [B,S,S], image [B],
+  allowed [B,h,w])`.
+
+  With `variant.refinement` the maps are the fused refined maps (images [B, S, S, 3] needed) and
+  the image score is taken from them, as in the paper's R rows.
   """
   sc = cfg_model.scoring
 
   @jax.jit
-  def score(arrays, feats):
+  def score(arrays, feats, images=None):
     patch, allowed = patch_scores(arrays, feats, variant, cfg_model)
     maps = scoring.anomaly_maps(patch, out_size, float(sc.sigma))
+    if variant.refinement:
+      if arrays.get('refine') is None:
+        raise ValueError('variant uses R but the model has no refinement network '
+                         '(fit with model.use_refinement=True)')
+      if images is None:
+        raise ValueError('the refinement stage needs the images: score(arrays, feats, images)')
+      maps = refine_maps(arrays['refine'], images, maps, cfg_model)
     if sc.image_score == 'reweight':
       image = scoring.reweighted_image_scores(
           feats, patch, arrays['c_emb'], int(sc.reweight_neighbors),

@@ -104,7 +104,19 @@ def load(directory: str | os.PathLike) -> PNIModel:
 
 
 def arrays(model: PNIModel) -> dict:
-  """The model's arrays as a pytree on the default device (pass it to jitted functions)."""
+  """The model's arrays as a pytree on the default device (pass it to jitted functions).
+
+  {'c_emb', 'emb_to_dist', 'position' | None, 'mlp' | None,
+   'refine': {'variables', 'lo', 'hi'} | None}
+  """
+  refine = None
+  if model.refine is not None:
+    missing = [k for k in ('refine_lo', 'refine_hi') if k not in model.stats]
+    if missing:
+      raise ValueError(f'the model has refinement variables but no {" / ".join(missing)} in its '
+                       'stats (the normalisation of refine.train_refiner); refit the refinement')
+    refine = {'variables': model.refine, 'lo': np.float32(model.stats['refine_lo']),
+              'hi': np.float32(model.stats['refine_hi'])}
   tree = {'c_emb': model.c_emb, 'emb_to_dist': model.emb_to_dist, 'position': model.position,
-          'mlp': model.mlp, 'refine': model.refine}
+          'mlp': model.mlp, 'refine': refine}
   return jax.tree.map(jnp.asarray, tree)

@@ -161,6 +161,10 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
   base_fp = fingerprint(_base_fingerprint(cfg))
   nb_fp = fingerprint(cfg.model.neighborhood, base_fp)
   pos_fp = fingerprint(cfg.model.position, base_fp)
+  main = infer.Variant(needed.neighborhood and cfg.model.use_neighborhood,
+                       needed.position and cfg.model.use_position, False)
+  ref_fp = fingerprint(cfg.model.refine, base_fp, main.name, cfg.model.scoring,
+                       nb_fp if main.neighborhood else None, pos_fp if main.position else None)
 
   model = None
   if (model_dir / 'meta.json').exists():
@@ -172,12 +176,16 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
   have_mlp = model is not None and model.mlp is not None and model.meta.get('mlp_fingerprint') == nb_fp
   have_pos = (model is not None and model.position is not None
               and model.meta.get('position_fingerprint') == pos_fp)
+  have_ref = (model is not None and model.refine is not None
+              and model.meta.get('refine_fingerprint') == ref_fp)
   missing_nb = needed.neighborhood and not have_mlp
   missing_pos = needed.position and not have_pos
-  if model is not None and not (missing_nb or missing_pos):
+  missing_ref = needed.refinement and not have_ref
+  if model is not None and not (missing_nb or missing_pos or missing_ref):
     logging.info('[%s] reusing the fitted model in %s', category, model_dir)
     return model
 
+  previous = model
   t0 = time.perf_counter()
   crop = int(cfg.data.crop)
   h, w, d = _feature_shape(extractor, crop)
@@ -259,10 +267,73 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
   model = model_lib.PNIModel(c_emb=np.asarray(core['c_emb'], np.float32),
                              emb_to_dist=np.asarray(core['emb_to_dist'], np.int32),
                              position=position, mlp=mlp, meta=meta)
+  if needed.refinement:
+    if have_ref:  # another component was refitted; the refinement stage still holds
+      model = model.replace(
+          refine=previous.refine,
+          stats={k: previous.stats[k] for k in ('refine_lo', 'refine_hi')},
+          meta=dict(meta, refine_fingerprint=ref_fp,
+                    refine_history=previous.meta.get('refine_history')))
+    else:
+      t = time.perf_counter()
+      model = fit_refinement(cfg, category, cat_dir, extractor, model, train_split, main, ref_fp,
+                             jax.random.fold_in(key, 7))
+      timings['refine_s'] = time.perf_counter() - t
   model_lib.save(model, model_dir)
   logging.info('[%s] fitted in %.1fs (%s)', category, time.perf_counter() - t0,
                ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
   return model_lib.load(model_dir)
+
+
+def _split_images_uint8(split, cfg) -> np.ndarray:
+  """All images of a split as uint8 [N, S, S, 3] (the refinement stage's normal images)."""
+  crop = int(cfg.data.crop)
+  out = np.empty((len(split.paths), crop, crop, 3), np.uint8)
+  start = 0
+  for batch in _batches(split, cfg, with_masks=False):
+    b = batch['image'].shape[0]
+    out[start:start + b] = np.round(np.clip(batch['image'], 0, 1) * 255).astype(np.uint8)
+    start += b
+  return out
+
+
+def fit_refinement(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor,
+                   model: model_lib.PNIModel, train_split, main: infer.Variant, ref_fp: str,
+                   key) -> model_lib.PNIModel:
+  """Trains the refinement network on synthetic defects of the training images (section 3.3).
+
+  A_hat comes from the fitted model's `main` variant (its N / P settings, without R). Returns the
+  model with `refine` variables, `stats['refine_lo' / 'refine_hi']` and a figure of samples.
+  """
+  from pni_jax import refine  # the refinement network only when used
+
+  r = cfg.model.refine
+  crop = int(cfg.data.crop)
+  bs = int(r.batch_size)
+  arrays = model_lib.arrays(model)
+  scorer = infer.make_scorer(cfg.model, main, (crop, crop))
+
+  @jax.jit
+  def amap_fn(images01):
+    return scorer(arrays, extractor.fn(extractor.variables, images01))['maps']
+
+  images = _split_images_uint8(train_split, cfg)
+  logging.info('[%s] refinement: %d normal images, %d iterations of batch %d at %d px (%s), '
+               'A_hat from %s', category, images.shape[0], int(r.iterations), bs,
+               int(r.input_size), r.encoder, main.name)
+  variables, stats, history = refine.train_refiner(
+      images, amap_fn, r, key, ckpt_dir=str((cat_dir / 'fit' / f'refine-{ref_fp}').absolute()),
+      log_fn=lambda msg: logging.info('[%s] %s', category, msg))
+  variables = jax.tree.map(np.asarray, variables)
+  figure = cat_dir / 'figures' / 'refine_samples.png'
+  refine.save_training_figure(figure, jax.random.fold_in(key, 1), images, amap_fn, variables,
+                              stats, r, num_samples=4)
+  return model.replace(
+      refine=variables,
+      stats=dict(model.stats, refine_lo=np.float32(stats['lo']), refine_hi=np.float32(stats['hi'])),
+      meta=dict(model.meta, refine_fingerprint=ref_fp,
+                refine_history={k: v for k, v in _to_plain(history).items()
+                                if k in ('pool_size', 'num_images', 'total_seconds')}))
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -281,7 +352,8 @@ def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor,
   """
   fp = fingerprint(variant.name, cfg.model.scoring, cfg.eval.threshold_fpr,
                    cfg.eval.pixel_threshold_fpr, fitted.meta.get('mlp_fingerprint'),
-                   fitted.meta.get('position_fingerprint'), fitted.meta.get('refine_fingerprint'))
+                   fitted.meta.get('position_fingerprint'), fitted.meta.get('refine_fingerprint'),
+                   cfg.model.refine.fusion_weight if variant.refinement else None)
   if fitted.meta.get('calibration_fingerprint') == fp:
     return fitted
   if holdout_split is None or len(holdout_split.paths) == 0:
@@ -342,17 +414,15 @@ def score_batches(cfg, extractor: Extractor, fitted: model_lib.PNIModel,
   mesh = extractor.mesh
   arrays = sharding.replicate(model_lib.arrays(fitted), mesh)
   scorers = {v.name: sharding.data_parallel(infer.make_scorer(cfg.model, v, (crop, crop)), mesh,
-                                            sharded_argnums=(1,)) for v in variants}
+                                            sharded_argnums=(1, 2)) for v in variants}
   for batch in batches:
     images = np.asarray(batch['image'], np.float32)
     b = images.shape[0]
-    feats = extractor.fn(extractor.variables,
-                         sharding.shard_rows(pad_batch(images, extractor.batch_size), mesh))
+    images_dev = sharding.shard_rows(pad_batch(images, extractor.batch_size), mesh)
+    feats = extractor.fn(extractor.variables, images_dev)
     outs = {}
     for v in variants:
-      out = scorers[v.name](arrays, feats)
-      if v.refinement:
-        raise ValueError('the refinement stage (R) is not available in this build')
+      out = scorers[v.name](arrays, feats, images_dev)
       outs[v.name] = {k: np.asarray(out[k][:b]) for k in ('maps', 'image', 'allowed')}
     yield batch, outs
 
@@ -363,8 +433,9 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extr
   """Scores the test set with each variant; returns variant name -> metrics (cached per variant)."""
   eval_dir = cat_dir / 'eval'
   eval_fp = fingerprint(fitted.meta.get('base_fingerprint'), fitted.meta.get('mlp_fingerprint'),
-                        fitted.meta.get('position_fingerprint'), cfg.model.scoring,
-                        cfg.model.neighborhood.window)
+                        fitted.meta.get('position_fingerprint'),
+                        fitted.meta.get('refine_fingerprint'), cfg.model.scoring,
+                        cfg.model.neighborhood.window, cfg.model.refine.fusion_weight)
   results, todo = {}, []
   for v in variants:
     path = eval_dir / f'{v.name}.json'
