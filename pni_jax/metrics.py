@@ -197,6 +197,11 @@ def _region_weights(gt: np.ndarray, picked: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- sorted counts
 
 
+# One resolved block of distinct scores, highest first: (values [K] float32, anomalous counts [K],
+# normal counts [K], summed per-region overlap weights [K] float64).
+_Block = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 class _Census(NamedTuple):
   anomalous: np.ndarray  # [65536] int64 anomalous pixels per bucket
   normal: np.ndarray     # [65536] int64 normal pixels per bucket

@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -58,6 +57,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from pni_jax import checkpoints
 from pni_jax import sharding
 
 TRAIN_POSITIONS = ('interior', 'all')
@@ -498,43 +498,6 @@ def _epoch_order(key: jax.Array, epoch: int, ids: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _key_words(key: jax.Array) -> list[int]:
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return [int(v) for v in np.asarray(key).ravel()]
-
-
-class _Checkpoints:
-  """Orbax CheckpointManager holding {state, best} arrays and a JSON record, one step per epoch."""
-
-  def __init__(self, directory: str):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import)
-    self._ocp = ocp
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-  def latest(self) -> int | None:
-    return self._manager.latest_step()
-
-  def restore_record(self, step: int) -> dict:
-    ocp = self._ocp
-    return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))[
-        'record']
-
-  def restore_arrays(self, step: int, arrays_like):
-    ocp = self._ocp
-    return self._manager.restore(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(arrays_like)))['arrays']
-
-  def save(self, step: int, arrays, record: dict) -> None:
-    ocp = self._ocp
-    self._manager.save(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record)))
-
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
 
 
 def _state_arrays(state: TrainState, best) -> dict:
@@ -626,19 +589,19 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
   state = sharding.replicate(state, mesh)
   best = {'params': state.params, 'batch_stats': state.batch_stats}
   fingerprint = {
-      'feats_shape': list(feats.shape), 'num_classes': num_classes, 'key': _key_words(key),
+      'feats_shape': list(feats.shape), 'num_classes': num_classes, 'key': checkpoints.key_words(key),
       'num_train': num_train, 'num_val': num_val, 'batch_size': batch_size,
       **{k: cfg_nb[k] for k in ('window', 'num_layers', 'width', 'dropout', 'learning_rate',
                                 'decay_every', 'decay_factor', 'val_fraction', 'max_train_samples',
                                 'train_positions')}}
   if streamed:
     fingerprint['images_per_group'] = per_group
-  fingerprint = _json_ready(fingerprint)
+  fingerprint = checkpoints.json_ready(fingerprint)
   history = {k: [] for k in ('loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate',
                              'seconds')}
   best_epoch, best_acc, start_epoch = -1, -math.inf, 0
 
-  ckpts = _Checkpoints(ckpt_dir) if ckpt_dir else None
+  ckpts = checkpoints.TrainCheckpoints(ckpt_dir) if ckpt_dir else None
   if ckpts is not None and ckpts.latest() is not None:
     start_epoch = int(ckpts.latest())
     record = ckpts.restore_record(start_epoch)
@@ -732,7 +695,7 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
         history[k].append(v)
       if ckpts is not None:
         ckpts.save(epoch + 1, _state_arrays(state, best),
-                   _json_ready({'fingerprint': fingerprint, 'history': history,
+                   checkpoints.json_ready({'fingerprint': fingerprint, 'history': history,
                                 'best_epoch': best_epoch, 'best_accuracy': best_acc}))
       done_epochs = epoch + 1 - start_epoch
       elapsed = time.time() - t_start
@@ -754,12 +717,3 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
   return {'params': best['params'], 'batch_stats': best['batch_stats']}, history
 
 
-def _json_ready(tree):
-  """Python floats/ints/lists only (NaN kept: orbax's JSON writer accepts it)."""
-  if isinstance(tree, dict):
-    return {k: _json_ready(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return [_json_ready(v) for v in tree]
-  if isinstance(tree, (np.generic, jax.Array)):
-    return tree.item()
-  return tree

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import tempfile
 import time
 
@@ -459,8 +458,7 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extr
     image_scores = {v.name: np.zeros(n, np.float32) for v in todo}
     allowed = {v.name: 0.0 for v in todo}
     labels = np.zeros(n, np.int32)
-    fig_index = set(np.unique(np.linspace(0, n - 1, num_fig).round().astype(int)).tolist()
-                    if num_fig > 0 and n > 0 else [])
+    fig_index = _figure_index(n, num_fig)
     fig_images = {}
     prog = Progress(f'[{category}] test images', n, unit='img')
     start = 0
@@ -471,11 +469,7 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extr
         maps[v.name][start:start + b] = outs[v.name]['maps']
         image_scores[v.name][start:start + b] = outs[v.name]['image']
         allowed[v.name] += float(outs[v.name]['allowed'].mean()) * b
-      masks[start:start + b] = np.asarray(batch['mask'] > 0.5, np.uint8)
-      labels[start:start + b] = np.asarray(batch['label'])
-      for j in range(b):
-        if start + j in fig_index:
-          fig_images[start + j] = np.asarray(batch['image'][j], np.float32)
+      _keep_ground_truth(batch, start, masks, labels, fig_index, fig_images)
       start += b
       prog.update(b)
     prog.close()
@@ -552,18 +546,29 @@ def _labels_masks_figures(cfg, split, masks_out, num_fig: int):
   """Ground truth of a split into `masks_out` [N, S, S] uint8; returns (labels [N], figure images)."""
   n = len(split.paths)
   labels = np.zeros(n, np.int32)
-  fig_index = set(np.unique(np.linspace(0, n - 1, num_fig).round().astype(int)).tolist()
-                  if num_fig > 0 and n > 0 else [])
+  fig_index = _figure_index(n, num_fig)
   fig_images, start = {}, 0
   for batch in _batches(split, cfg, with_masks=True):
-    b = batch['image'].shape[0]
-    masks_out[start:start + b] = np.asarray(batch['mask'] > 0.5, np.uint8)
-    labels[start:start + b] = np.asarray(batch['label'])
-    for j in range(b):
-      if start + j in fig_index:
-        fig_images[start + j] = np.asarray(batch['image'][j], np.float32)
-    start += b
+    _keep_ground_truth(batch, start, masks_out, labels, fig_index, fig_images)
+    start += batch['image'].shape[0]
   return labels, fig_images
+
+
+def _figure_index(n: int, num_fig: int) -> set[int]:
+  """Up to `num_fig` test images spread evenly over a split of `n`."""
+  if num_fig <= 0 or n <= 0:
+    return set()
+  return set(np.unique(np.linspace(0, n - 1, num_fig).round().astype(int)).tolist())
+
+
+def _keep_ground_truth(batch, start: int, masks_out, labels, fig_index, fig_images) -> None:
+  """Stores a batch's masks and labels at `start`; keeps the images picked for figures."""
+  b = batch['image'].shape[0]
+  masks_out[start:start + b] = np.asarray(batch['mask'] > 0.5, np.uint8)
+  labels[start:start + b] = np.asarray(batch['label'])
+  for j in range(b):
+    if start + j in fig_index:
+      fig_images[start + j] = np.asarray(batch['image'][j], np.float32)
 
 
 def evaluate_ensemble(cfg, category: str, cat_dir: pathlib.Path, member_fits: list,

@@ -7,7 +7,8 @@ import time
 from absl import logging
 
 
-def _fmt(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+  """'12.3s', '4m05s' or '2h07m'."""
   seconds = max(0.0, float(seconds))
   if seconds < 60:
     return f'{seconds:.1f}s'
@@ -37,9 +38,9 @@ class Progress:
     rate = self.done / elapsed if elapsed > 0 else 0.0
     eta = (self.total - self.done) / rate if rate > 0 else float('nan')
     pct = 100.0 * self.done / self.total if self.total else 100.0
-    eta_s = _fmt(eta) if eta == eta else '?'
+    eta_s = format_seconds(eta) if eta == eta else '?'
     return (f'{self.what}: {self.done}/{self.total} {self.unit} ({pct:.0f}%) '
-            f'{rate:.2f} {self.unit}/s, elapsed {_fmt(elapsed)}, ETA {eta_s}')
+            f'{rate:.2f} {self.unit}/s, elapsed {format_seconds(elapsed)}, ETA {eta_s}')
 
   def update(self, n: int = 1, *, force: bool = False) -> None:
     self.done += int(n)

@@ -71,9 +71,11 @@ import numpy as np
 import optax
 
 from pni_jax import backbones
+from pni_jax import checkpoints
 from pni_jax.backbones import convert
 from pni_jax import fileio
 from pni_jax import synth
+from pni_jax.progress import format_seconds
 
 LOSSES = ('reg_grad', 'ce', 'focal')
 HEADS = ('residual', 'logit')
@@ -629,43 +631,6 @@ def synthetic_samples(key: jax.Array, normal_images, amap_fn: Callable, batch_si
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _key_words(key: jax.Array) -> list[int]:
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return [int(v) for v in np.asarray(key).ravel()]
-
-
-class _Checkpoints:
-  """Orbax CheckpointManager holding the train-state arrays and a JSON record per step."""
-
-  def __init__(self, directory: str):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import)
-    self._ocp = ocp
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=2,
-                                                                         create=True))
-
-  def latest(self) -> int | None:
-    return self._manager.latest_step()
-
-  def restore_record(self, step: int) -> dict:
-    ocp = self._ocp
-    return self._manager.restore(step, args=ocp.args.Composite(
-        record=ocp.args.JsonRestore()))['record']
-
-  def restore_arrays(self, step: int, arrays_like):
-    ocp = self._ocp
-    return self._manager.restore(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(arrays_like)))['arrays']
-
-  def save(self, step: int, arrays, record: dict) -> None:
-    ocp = self._ocp
-    self._manager.save(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record)))
-
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
 
 
 def _state_arrays(state: TrainState) -> dict:
@@ -673,23 +638,8 @@ def _state_arrays(state: TrainState) -> dict:
           'opt_state': state.opt_state}
 
 
-def _json_ready(tree):
-  if isinstance(tree, dict):
-    return {k: _json_ready(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return [_json_ready(v) for v in tree]
-  if isinstance(tree, (np.generic, jax.Array)):
-    return tree.item()
-  return tree
 
 
-def _fmt(seconds: float) -> str:
-  seconds = max(0.0, float(seconds))
-  if seconds < 60:
-    return f'{seconds:.1f}s'
-  minutes, sec = divmod(int(round(seconds)), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{sec:02d}s'
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -801,8 +751,8 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
     textures = synth.load_textures(texture_dir, tuple(images.shape[1:3]))
   src = SampleSource(images, amap_fn, batch_size, textures, _get(cfg_refine, 'texture_source'))
 
-  fingerprint = _json_ready({
-      'images_shape': list(images.shape), 'key': _key_words(key),
+  fingerprint = checkpoints.json_ready({
+      'images_shape': list(images.shape), 'key': checkpoints.key_words(key),
       'textures_shape': None if textures is None else list(np.shape(textures)),
       **{k: cfg_refine.get(k) for k in ('encoder', 'encoder_weights', 'input_size', 'batch_size',
                                         'learning_rate', 'loss', 'texture_dir')},
@@ -819,7 +769,7 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
       bool(_get(cfg_refine, 'augment')), dtype), device)
   history = {k: [] for k in ('step', 'loss', 'input_loss', 'interval_seconds')}
   start, stats = 0, None
-  ckpts = _Checkpoints(ckpt_dir) if ckpt_dir else None
+  ckpts = checkpoints.TrainCheckpoints(ckpt_dir) if ckpt_dir else None
   if ckpts is not None and ckpts.latest() is not None:
     start = int(ckpts.latest())
     record = ckpts.restore_record(start)
@@ -882,10 +832,10 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
         elapsed = now - t_loop
         eta = elapsed / (done - start) * (iterations - done)
         log(f'refinement iteration {done}/{iterations}  loss {summary["loss"]:.5f}  (input map '
-            f'{summary["input_loss"]:.5f})  elapsed {_fmt(elapsed)}  ETA {_fmt(eta)}')
+            f'{summary["input_loss"]:.5f})  elapsed {format_seconds(elapsed)}  ETA {format_seconds(eta)}')
       if save:
         ckpts.save(done, _state_arrays(state),
-                   _json_ready({'fingerprint': fingerprint, 'stats': stats, 'history': history}))
+                   checkpoints.json_ready({'fingerprint': fingerprint, 'stats': stats, 'history': history}))
   finally:
     if ckpts is not None:
       ckpts.close()

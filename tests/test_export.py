@@ -32,23 +32,29 @@ ALLOWED_LOADER_IMPORTS = {'argparse', 'json', 'os', 'sys', 'jax', 'numpy', 'PIL'
 # Runs a script like `python SCRIPT ARGS`, but with pni_jax (and the rest of this repository)
 # unimportable: a meta-path finder placed first refuses the names and the repository is taken
 # off sys.path, so an editable install (a .pth path entry or an import hook) cannot serve them.
-# Afterwards it fails if any loaded module's file lies inside the repository.
+# Afterwards it fails if any loaded module's file lies inside the repository's source folders.
+# (A virtual environment may live inside the repository, as CI's .venv does: its site-packages
+# stay usable; only the repository root and its source folders are taken off the path.)
 _ISOLATE = r'''
 import importlib.abc, os, runpy, sys
 repo = os.path.realpath(os.environ['PNI_REPO'])
+sources = tuple(os.path.join(repo, d) + os.sep for d in ('pni_jax', 'configs', 'tests', 'tools'))
+def ours(p):
+  p = os.path.realpath(p or '.')
+  return p == repo or (p + os.sep).startswith(sources)
 class Block(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
     if name.split('.')[0] in ('pni_jax', 'configs', 'tests', 'tools'):
       raise ImportError('%s is blocked: the artifact must run without the package' % name)
     return None
 sys.meta_path.insert(0, Block())
-sys.path[:] = [p for p in sys.path if not os.path.realpath(p or '.').startswith(repo)]
+sys.path[:] = [p for p in sys.path if not ours(p)]
 script = os.path.abspath(sys.argv[1])
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(script))
 runpy.run_path(script, run_name='__main__')
 bad = sorted(n for n, m in list(sys.modules.items())
-             if os.path.realpath(getattr(m, '__file__', None) or '/').startswith(repo + os.sep))
+             if getattr(m, '__file__', None) and ours(m.__file__))
 if bad:
   raise SystemExit('modules loaded from the repository: %s' % bad)
 '''
