@@ -284,10 +284,15 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor
   return model_lib.load(model_dir)
 
 
-def _split_images_uint8(split, cfg) -> np.ndarray:
-  """All images of a split as uint8 [N, S, S, 3] (the refinement stage's normal images)."""
+def _split_images_uint8(split, cfg, scratch: str) -> np.ndarray:
+  """All images of a split as uint8 [N, S, S, 3] (the refinement stage's normal images): in
+  memory under `memory.feature_cap_mb`, else memory-mapped in `scratch`."""
   crop = int(cfg.data.crop)
-  out = np.empty((len(split.paths), crop, crop, 3), np.uint8)
+  shape = (len(split.paths), crop, crop, 3)
+  if np.prod(shape) > float(cfg.memory.feature_cap_mb) * 2 ** 20:
+    out = np.memmap(os.path.join(scratch, 'images.u8'), np.uint8, 'w+', shape=shape)
+  else:
+    out = np.empty(shape, np.uint8)
   start = 0
   for batch in _batches(split, cfg, with_masks=False):
     b = batch['image'].shape[0]
@@ -316,7 +321,8 @@ def fit_refinement(cfg, category: str, cat_dir: pathlib.Path, extractor: Extract
   def amap_fn(images01):
     return scorer(arrays, extractor.fn(extractor.variables, images01))['maps']
 
-  images = _split_images_uint8(train_split, cfg)
+  scratch = tempfile.TemporaryDirectory(dir=cat_dir / 'fit', prefix='scratch-')
+  images = _split_images_uint8(train_split, cfg, scratch.name)
   logging.info('[%s] refinement: %d normal images, %d iterations of batch %d at %d px (%s), '
                'A_hat from %s', category, images.shape[0], int(r.iterations), bs,
                int(r.input_size), r.encoder, main.name)
@@ -327,6 +333,8 @@ def fit_refinement(cfg, category: str, cat_dir: pathlib.Path, extractor: Extract
   figure = cat_dir / 'figures' / 'refine_samples.png'
   refine.save_training_figure(figure, jax.random.fold_in(key, 1), images, amap_fn, variables,
                               stats, r, num_samples=4)
+  del images
+  scratch.cleanup()
   return model.replace(
       refine=variables,
       stats=dict(model.stats, refine_lo=np.float32(stats['lo']), refine_hi=np.float32(stats['hi'])),

@@ -235,3 +235,28 @@ def test_ensemble_of_identical_members_equals_the_single_member(run, tmp_path):
       assert m[k] == pytest.approx(single[k], abs=1e-6), (name, k)
   for k in rank_keys:
     assert results['weave'][k] == pytest.approx(single[k], abs=1e-6)
+
+
+def test_refinement_stage_fits_evaluates_and_reloads(run, tmp_path):
+  cfg, _, _ = run
+  r_cfg = _small_config(cfg.data.root, **{
+      'data.categories': ('weave',), 'eval.ablations': ('N+P',), 'model.use_refinement': True,
+      'model.refine.input_size': 64, 'model.refine.iterations': 4, 'model.refine.pool_size': 8,
+      'model.refine.checkpoint_every': 2, 'model.refine.log_every': 2})
+  results = pipeline.run(r_cfg, tmp_path / 'r')
+  cat = tmp_path / 'r' / 'weave'
+  fitted = model_lib.load(cat / 'model')
+  assert fitted.refine is not None and fitted.meta['calibration_variant'] == '+N+P+R'
+  assert float(fitted.stats['refine_hi']) > float(fitted.stats['refine_lo'])
+  assert (cat / 'figures' / 'refine_samples.png').stat().st_size > 0
+  with_r = json.loads((cat / 'eval' / '+N+P+R.json').read_text())['metrics']
+  without = json.loads((cat / 'eval' / '+N+P.json').read_text())['metrics']
+  assert results['weave'] == with_r
+  assert with_r['pixel_auroc'] > 0.9 and without['pixel_auroc'] > 0.9
+  # Fused maps live in the normalised units of the refinement stage.
+  batch = _test_batch(r_cfg, 'weave', n=r_cfg.data.batch_size)
+  extractor = pipeline.make_extractor(r_cfg)
+  _, outs = next(pipeline.score_batches(r_cfg, extractor, fitted, [infer.Variant(True, True, True)],
+                                        [batch]))
+  maps = outs['+N+P+R']['maps']
+  assert maps.shape == batch['mask'].shape and -0.5 < maps.min() and maps.max() < 1.5
