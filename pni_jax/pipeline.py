@@ -137,6 +137,18 @@ class Extractor:
   variables: object
   batch_size: int
   mesh: object
+  scorers: dict = dataclasses.field(default_factory=dict)
+
+  def scorer(self, cfg, variant: infer.Variant):
+    """The data-parallel jitted scorer of `variant`, built once per run (not per category), so
+    categories with equal shapes reuse its compilation."""
+    crop = int(cfg.data.crop)
+    key = (variant, crop)
+    if key not in self.scorers:
+      self.scorers[key] = sharding.data_parallel(infer.make_scorer(cfg.model, variant,
+                                                                   (crop, crop)),
+                                                 self.mesh, sharded_argnums=(1, 2))
+    return self.scorers[key]
 
 
 def make_extractor(cfg) -> Extractor:
@@ -417,11 +429,9 @@ def score_batches(cfg, extractor: Extractor, fitted: model_lib.PNIModel,
   Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])}) with numpy
   arrays cut to the batch's real size.
   """
-  crop = int(cfg.data.crop)
   mesh = extractor.mesh
   arrays = sharding.replicate(model_lib.arrays(fitted), mesh)
-  scorers = {v.name: sharding.data_parallel(infer.make_scorer(cfg.model, v, (crop, crop)), mesh,
-                                            sharded_argnums=(1, 2)) for v in variants}
+  scorers = {v.name: extractor.scorer(cfg, v) for v in variants}
   for batch in batches:
     images = np.asarray(batch['image'], np.float32)
     b = images.shape[0]
