@@ -84,6 +84,11 @@ def run(cfg, workdir: str, *, mode: str = 'fit_eval', images: str | None = None,
         category: str | None = None, out: str | None = None) -> None:
   if not workdir:
     raise app.UsageError('--workdir is required')
+  from pni_jax import compilation
+  try:
+    compilation.setup_cache((cfg if cfg is not None else config_lib.base_config()).runtime)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if mode == 'predict':
     if not images:
       raise app.UsageError('--mode=predict needs --images=DIR_OR_GLOB')

@@ -7,6 +7,9 @@ The defaults below are the paper-faithful values (see README: "Configuration").
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import ml_collections
 
 DATASETS = ('generated', 'mvtec', 'visa', 'btad', 'folder')
@@ -123,11 +126,31 @@ def base_config() -> ml_collections.ConfigDict:
   e.calibration_pixels = 2 ** 22 # held-out pixels kept for the pixel threshold (strided)
   e.ablations = ()            # extra variants to evaluate, e.g. ('baseline', 'N', 'N+P', 'N+P+R')
 
+  # ---------------------------------------------------------------- process
+  c.runtime = rt = ml_collections.ConfigDict()
+  rt.compilation_cache = True     # JAX's persistent compilation cache (compiles paid once)
+  rt.compilation_cache_dir = ''   # '' = $XDG_CACHE_HOME/pni_jax/xla (~/.cache/pni_jax/xla)
+
   c.memory = mem = ml_collections.ConfigDict()
   mem.feature_cap_mb = 4096.0  # host memory for stored patch features before spilling to disk
   mem.device_feature_cap_mb = 16384.0  # per-device memory for the MLP's training feature maps;
                                        # beyond it they are streamed in groups of images (0 = none)
   return c
+
+
+def to_plain(value):
+  """A ConfigDict (or nested tuples / lists of values) as plain dicts and lists, JSON-ready."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return {k: to_plain(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [to_plain(v) for v in value]
+  return value
+
+
+def fingerprint(*slices) -> str:
+  """Short stable hash of config slices (ConfigDicts / plain values): equal settings, equal hash."""
+  text = json.dumps([to_plain(s) for s in slices], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _choice(value, name: str, choices) -> None:

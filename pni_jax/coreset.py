@@ -404,15 +404,16 @@ def select_coresets(features: jax.Array,
 
 
 def emb_to_dist(c_emb: jax.Array, c_dist: jax.Array, *, query_tile: int = 1024,
-                bank_tile: int = 4096) -> jax.Array:
+                bank_tile: int = 4096, mesh: Mesh | None = None) -> jax.Array:
   """Index of the nearest C_dist row for every C_emb row.
 
   Args:
-    c_emb: [K_emb, d] float.
+    c_emb: [K_emb, d] float (rows split over `mesh`, default all devices).
     c_dist: [K_dist, d] float.
 
   Returns:
     [K_emb] int32 in [0, K_dist) (ties: lowest index).
   """
-  _, idx = knn_lib.knn(c_emb, c_dist, 1, query_tile=query_tile, bank_tile=bank_tile)
+  _, idx = knn_lib.knn_sharded(c_emb, c_dist, 1, mesh=mesh, query_tile=query_tile,
+                               bank_tile=bank_tile)
   return idx[:, 0]

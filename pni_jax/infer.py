@@ -1,7 +1,9 @@
-"""Inference on patch features: a fitted model's arrays + features -> patch scores, maps, scores.
+"""Inference: images -> patch features -> patch scores, maps and image scores of a fitted model.
 
 `make_scorer(cfg_model, variant, out_size)` returns one jitted pure function
 `score(arrays, feats) -> dict` per ablation variant; `arrays` is `model.arrays(fitted)`.
+The runtime (`Extractor`, `score_batches`) runs the backbone and the scorers over batches of
+images on all devices; evaluation, calibration, predict mode and export all go through it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pni_jax import features
+from pni_jax import model as model_lib
 from pni_jax import neighborhood
 from pni_jax import scoring
+from pni_jax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,3 +150,65 @@ def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
     return dict(patch=patch, maps=maps, image=image, allowed=allowed)
 
   return score
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+@dataclasses.dataclass
+class Extractor:
+  """The jitted feature function and backbone variables, shared by every category.
+
+  Batches are split over `mesh` (all devices); `batch_size` is data.batch_size rounded up to a
+  multiple of the device count, the variables are replicated.
+  """
+  fn: object
+  variables: object
+  batch_size: int
+  mesh: object
+  scorers: dict = dataclasses.field(default_factory=dict)
+
+  def scorer(self, cfg, variant: Variant):
+    """The data-parallel jitted scorer of `variant`, built once per run (not per category), so
+    categories with equal shapes reuse its compilation."""
+    crop = int(cfg.data.crop)
+    key = (variant, crop)
+    if key not in self.scorers:
+      self.scorers[key] = sharding.data_parallel(make_scorer(cfg.model, variant, (crop, crop)),
+                                                 self.mesh, sharded_argnums=(1, 2))
+    return self.scorers[key]
+
+  def feature_shape(self, crop: int) -> tuple[int, int, int]:
+    """(h, w, d) of the patch feature grid of a crop x crop image."""
+    shape = jax.eval_shape(self.fn, self.variables,
+                           jax.ShapeDtypeStruct((self.batch_size, crop, crop, 3), jnp.float32))
+    return tuple(shape.shape[1:])
+
+
+def make_extractor(cfg) -> Extractor:
+  fn, variables = features.make_feature_fn(cfg.model, key=jax.random.key(cfg.seed))
+  mesh = sharding.make_mesh()
+  return Extractor(fn, sharding.replicate(variables, mesh),
+                   sharding.padded_size(int(cfg.data.batch_size), sharding.num_shards(mesh)), mesh)
+
+
+def score_batches(cfg, extractor: Extractor, fitted: model_lib.PNIModel,
+                  variants: list[Variant], batches):
+  """Scores batches of images with every variant.
+
+  Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])}) with numpy
+  arrays cut to the batch's real size.
+  """
+  mesh = extractor.mesh
+  arrays = sharding.replicate(model_lib.arrays(fitted), mesh)
+  scorers = {v.name: extractor.scorer(cfg, v) for v in variants}
+  for batch in batches:
+    images = np.asarray(batch['image'], np.float32)
+    b = images.shape[0]
+    images_dev = sharding.shard_rows(sharding.pad_rows(images, extractor.batch_size)[0], mesh)
+    feats = extractor.fn(extractor.variables, images_dev)
+    outs = {}
+    for v in variants:
+      out = scorers[v.name](arrays, feats, images_dev)
+      outs[v.name] = {k: np.asarray(out[k][:b]) for k in ('maps', 'image', 'allowed')}
+    yield batch, outs

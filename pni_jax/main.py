@@ -4,6 +4,7 @@ Modes:
   fit_eval (default)  for each category: fit, evaluate, write metrics / tables / figures.
   predict             load a fitted workdir and inspect new images (--images=DIR_OR_GLOB
                       [--category=CAT] [--out=DIR]); the workdir's own config is used.
+Logs: stage and progress lines at INFO; other libraries' INFO lines only with --verbosity=1.
 Any config field can be overridden: `--config.data.root=/data/mvtec --config.data.categories=bottle,cable`.
 """
 
@@ -15,10 +16,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from pni_jax import cli  # noqa: E402
+from pni_jax import logs  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
@@ -33,7 +34,7 @@ flags.DEFINE_string('out', None, 'predict mode: output folder (default RUN/predi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.INFO)
+  logs.setup(FLAGS.verbosity)
   cli.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, images=FLAGS.images,
           category=FLAGS.category, out=FLAGS.out)
 

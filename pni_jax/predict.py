@@ -29,7 +29,6 @@ from pni_jax import data as data_lib
 from pni_jax import fileio
 from pni_jax import infer
 from pni_jax import model as model_lib
-from pni_jax import pipeline
 from pni_jax.progress import Progress
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
@@ -103,7 +102,7 @@ def predict_images(workdir: pathlib.Path, category: str, paths: list[str],
                      'fitted with data.holdout_fraction=0); refit with held-out images')
   variant = infer.parse_variant(fitted.meta.get('calibration_variant', 'baseline'))
   resize, crop = int(cfg.data.resize), int(cfg.data.crop)
-  extractor = pipeline.make_extractor(cfg)
+  extractor = infer.make_extractor(cfg)
   bs = extractor.batch_size
 
   rows, pending = [], []
@@ -112,7 +111,7 @@ def predict_images(workdir: pathlib.Path, category: str, paths: list[str],
     if not pending:
       return
     images = np.stack([p['crop'] for p in pending])
-    _, outs = next(pipeline.score_batches(cfg, extractor, fitted, [variant], [{'image': images}]))
+    _, outs = next(infer.score_batches(cfg, extractor, fitted, [variant], [{'image': images}]))
     out = outs[variant.name]
     for k, item in enumerate(pending):
       h, w = item['orig'].shape[:2]

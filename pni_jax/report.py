@@ -368,9 +368,28 @@ def write_category_report(cat_dir: str | os.PathLike, metrics: Mapping[str, Any]
 
 
 def scalar_writer(logdir: str | os.PathLike, asynchronous: bool = True):
-  """A clu metric writer: logging plus TensorBoard summaries under `logdir`."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(os.fspath(logdir), asynchronous=asynchronous)
+  """A clu metric writer: TensorBoard summaries under `logdir` (and the log). Without TensorFlow
+  (an accelerator image with jax only) the scalars go to `<logdir>/scalars.jsonl` instead."""
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    return metric_writers.create_default_writer(os.fspath(logdir), asynchronous=asynchronous)
+  except ImportError:
+    return JsonlWriter(logdir)
+
+
+class JsonlWriter:
+  """`write_scalars(step, {name: value})` as JSON lines in `<logdir>/scalars.jsonl`."""
+
+  def __init__(self, logdir: str | os.PathLike):
+    os.makedirs(logdir, exist_ok=True)
+    self.path = os.path.join(os.fspath(logdir), 'scalars.jsonl')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(dict(step=int(step), **{k: float(v) for k, v in scalars.items()})) + '\n')
+
+  def flush(self) -> None:
+    pass
 
 
 def log_metrics(writer, step: int, metrics: Mapping[str, Any],
@@ -384,3 +403,23 @@ def log_metrics(writer, step: int, metrics: Mapping[str, Any],
   writer.write_scalars(int(step), scalars)
   writer.flush()
   return scalars
+
+
+def write_ablation_table(workdir, all_results, groups, names):
+  """Like the paper's Table 3: rows = variants; columns = I-AUROC / P-AUROC / P-F1-max / AUPRO and
+  the allowed fraction of C_emb, per category group and overall (fractions, percent in Markdown)."""
+  group_names = sorted(set(groups.values()))
+  metrics = ('image_auroc', 'pixel_auroc', 'pixel_f1_max', 'aupro', 'allowed_fraction')
+  headers = dict(HEADERS, allowed_fraction='allowed')
+  columns = [f'{headers.get(m, m)} ({g})' for m in metrics for g in group_names + ['mean']]
+  rows = []
+  for name in names:
+    row = {}
+    for metric in metrics:
+      for g in group_names + ['mean']:
+        cats = [c for c in all_results if g == 'mean' or groups[c] == g]
+        vals = [all_results[c][name][metric] for c in cats
+                if metric in all_results[c].get(name, {})]
+        row[f'{headers.get(metric, metric)} ({g})'] = float(np.mean(vals)) if vals else float('nan')
+    rows.append((name, row))
+  write_table(workdir / 'ablation', rows, columns, label='variant', percent_columns=columns)

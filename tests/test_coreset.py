@@ -102,6 +102,7 @@ def test_coreset_size():
   assert coreset.coreset_size(301, 0.01) == 4
   assert coreset.coreset_size(10, 0.001) == 1
   assert coreset.coreset_size(700_000, 0.01) == 7000
+  assert coreset.coreset_size(100, 0.07) == 7  # 0.07 * 100 = 7.000000000000001
   with pytest.raises(ValueError, match='ratio'):
     coreset.coreset_size(10, 0.0)
 

@@ -108,7 +108,7 @@ def reference(fitted):
   _, cat_dir = fitted
   model = model_lib.load(cat_dir / 'model')
   cfg = ml_collections.ConfigDict(model.meta['config'])
-  extractor = pipeline.make_extractor(cfg)
+  extractor = infer.make_extractor(cfg)
   crop = int(cfg.data.crop)
   paths = sorted(str(p) for p in (pathlib.Path(cfg.data.root) / 'tokens' / 'test').glob('*/*.png'))
   images = np.stack([data_lib.preprocess(data_lib.load_image(p), cfg.data.resize, crop)

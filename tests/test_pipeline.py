@@ -14,6 +14,7 @@ from pni_jax import data as data_lib
 from pni_jax import fit
 from pni_jax import infer
 from pni_jax import model as model_lib
+from pni_jax import evaluate
 from pni_jax import pipeline
 from pni_jax.cli import normalize_config
 
@@ -83,7 +84,7 @@ def test_position_prior_beats_patchcore_on_locally_invisible_object_defects(run)
 
 
 def _maps(cfg, fitted, images, variant):
-  extractor = pipeline.make_extractor(cfg)
+  extractor = infer.make_extractor(cfg)
   scorer = infer.make_scorer(cfg.model, variant, (cfg.data.crop, cfg.data.crop))
   feats = extractor.fn(extractor.variables, jnp.asarray(images))
   return np.asarray(scorer(model_lib.arrays(fitted), feats)['maps'])
@@ -130,7 +131,7 @@ def test_second_run_reuses_fitted_stages_and_evaluations(run, monkeypatch):
     raise AssertionError('a second run must not extract training features again')
 
   monkeypatch.setattr(fit, 'extract_features', fail)
-  monkeypatch.setattr(pipeline.metrics_lib, 'evaluate_with_curves', fail)
+  monkeypatch.setattr(evaluate.metrics_lib, 'evaluate_with_curves', fail)
   again = pipeline.run(cfg, workdir)
   assert again == results
 
@@ -150,20 +151,20 @@ def test_fitting_under_a_memory_cap_streams_and_gives_the_same_coreset(run, tmp_
                                            'eval.ablations': ('baseline',),
                                            'model.use_neighborhood': False,
                                            'model.use_position': False})
-  extractor = pipeline.make_extractor(capped)
+  extractor = infer.make_extractor(capped)
   train = data_lib.load_split(capped.data, 'weave', 'train')
-  train, _ = pipeline.train_holdout(train, capped.data.holdout_fraction, capped.seed)
-  h, w, d = pipeline._feature_shape(extractor, capped.data.crop)
+  train, _ = data_lib.train_holdout(train, capped.data.holdout_fraction, capped.seed)
+  h, w, d = extractor.feature_shape(capped.data.crop)
   assert len(train.paths) * h * w * d * 4 > 0.25 * 2 ** 20   # the features exceed the cap
   stores = []
 
-  class RecordingStore(pipeline.FeatureStore):
+  class RecordingStore(fit.FeatureStore):
     def __init__(self, *a, **k):
       super().__init__(*a, **k)
       stores.append(self)
 
-  monkeypatch.setattr(pipeline, 'FeatureStore', RecordingStore)
-  fitted = pipeline.fit_category(capped, 'weave', tmp_path / 'weave', extractor, train,
+  monkeypatch.setattr(fit, 'FeatureStore', RecordingStore)
+  fitted = fit.fit_category(capped, 'weave', tmp_path / 'weave', extractor, train,
                                  infer.Variant())
   assert [s.spilled for s in stores] == [True]
   reference = model_lib.load(workdir / 'weave' / 'model')
@@ -255,8 +256,8 @@ def test_refinement_stage_fits_evaluates_and_reloads(run, tmp_path):
   assert with_r['pixel_auroc'] > 0.9 and without['pixel_auroc'] > 0.9
   # Fused maps live in the normalised units of the refinement stage.
   batch = _test_batch(r_cfg, 'weave', n=r_cfg.data.batch_size)
-  extractor = pipeline.make_extractor(r_cfg)
-  _, outs = next(pipeline.score_batches(r_cfg, extractor, fitted, [infer.Variant(True, True, True)],
+  extractor = infer.make_extractor(r_cfg)
+  _, outs = next(infer.score_batches(r_cfg, extractor, fitted, [infer.Variant(True, True, True)],
                                         [batch]))
   maps = outs['+N+P+R']['maps']
   assert maps.shape == batch['mask'].shape and -0.5 < maps.min() and maps.max() < 1.5

@@ -20,6 +20,7 @@ from pni_jax import features
 from pni_jax import fit
 from pni_jax import metrics
 from pni_jax import neighborhood as nb
+from pni_jax import position as position_lib
 from pni_jax import scoring
 from pni_jax.data import generated
 from pni_jax.store import FeatureStore
@@ -64,7 +65,7 @@ def _fit(cfg, train, precision):
     k = core['num_dist']
     codes = fit.nearest_codes(store, core['c_emb'][:k], images_per_chunk=8, query_tile=1024,
                               bank_tile=4096)
-    position = fit.position_prior(codes, k, int(cfg.position.window), images_per_chunk=8)
+    position = position_lib.position_histogram(codes, k, int(cfg.position.window), batch=8)
     mlp, _ = nb.train_mlp(store.array, codes, cfg.neighborhood, jax.random.key(2),
                           num_classes=k, dtype=DTYPES[precision], log_fn=lambda msg: None)
   return dict(c_emb=core['c_emb'], emb_to_dist=core['emb_to_dist'], position=position, mlp=mlp)

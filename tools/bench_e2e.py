@@ -3,7 +3,7 @@
 run (default): for each config in --configs (demo, paper) generates an MVTec-layout set
   (pni_jax.data.generate, one category), then runs the fitting stages exactly as
   `pipeline.fit_category` strings them (fit.extract_features -> fit.select_coreset ->
-  fit.nearest_codes -> fit.position_prior -> neighborhood.train_mlp), the refinement training
+  fit.nearest_codes -> position.position_histogram -> neighborhood.train_mlp), the refinement training
   (refine.train_refiner, when it runs) and inference (features + N + P scoring per test batch),
   over a `sharding.make_mesh()` mesh of all devices. Per stage it prints the wall time, the part
   of it spent compiling (jax.monitoring compile events), the work (FLOPs from XLA's
@@ -48,6 +48,7 @@ from pni_jax import fit
 from pni_jax import infer
 from pni_jax import metrics
 from pni_jax import neighborhood
+from pni_jax import position as position_lib
 from pni_jax import sharding
 from pni_jax.config import base_config
 from pni_jax.store import FeatureStore
@@ -187,7 +188,8 @@ def make_config(name: str, args, on_cpu: bool):
 
 
 def load_data(cfg, root: str, sizes: dict):
-  """Generates the set (idempotent) and decodes it with the project's input pipeline."""
+  """Generates the set (idempotent) and decodes it with the project's input pipeline (tf.data,
+  or without TensorFlow the same preprocessing image by image)."""
   n_def = sizes['test_images'] * 2 // 3
   data_lib.generate(root, seed=0, image_size=sizes['size'], num_train=sizes['images'],
                     num_test_good=sizes['test_images'] - n_def, num_test_defect=n_def,
@@ -197,8 +199,7 @@ def load_data(cfg, root: str, sizes: dict):
     cfg.data.categories = (CATEGORY,)
 
   def read(split, masks):
-    ds = data_lib.make_dataset(split, cfg.data, with_masks=masks)
-    batches = list(data_lib.iterate_numpy(ds))
+    batches = list(data_lib.batches(split, cfg.data, with_masks=masks))  # TF optional
     out = {'image': np.concatenate([b['image'] for b in batches]).astype(np.float32)}
     if masks:
       out['mask'] = np.concatenate([b['mask'] for b in batches]) > 0.5
@@ -272,7 +273,7 @@ def run_config(name: str, args, root: str, mesh, clock: CompileClock, on_cpu: bo
                                 mesh=mesh)
       row['work'] = 2.0 * n * h * w * k * d
     with stage(rows, 'histograms', clock, kind='bytes') as row:
-      position = fit.position_prior(codes, k, int(m.position.window), images_per_chunk=batch)
+      position = position_lib.position_histogram(codes, k, int(m.position.window), batch=batch)
       row['work'] = float(codes.nbytes + position.nbytes)
     nb_cfg = m.neighborhood
     cap_mb = float(cfg.memory.get('device_feature_cap_mb', 0) or 0)
@@ -482,6 +483,10 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--precision', choices=('float32', 'bfloat16'), default=None)
   parser.add_argument('--coreset-chunk', type=int, default=0,
                       help='rows per coreset tile (0: config; large values suit GPUs)')
+  parser.add_argument('--categories', type=int, default=0,
+                      help='also run the batch-job measurement (tools/bench_batch.py): the real '
+                           'CLI over N generated categories of different sizes, cold and warm '
+                           'compilation cache (0: skip)')
   parser.add_argument('--data-root', default='', help='where the generated sets go (default tmp)')
   parser.add_argument('--out', default='runs/bench_e2e', help='folder for e2e.json / e2e.md')
   args = parser.parse_args(argv)
@@ -519,6 +524,18 @@ def main(argv: list[str]) -> int:
   (out / 'e2e.md').write_text(text)
   print(text)
   print(f'written: {out / "e2e.json"}, {out / "e2e.md"}')
+  if args.categories:
+    import bench_batch  # pylint: disable=g-import-not-at-top  (tools/ is on sys.path)
+    for name in [c.strip() for c in args.configs.split(',') if c.strip()]:
+      batch_args = ['--config', name, '--categories', str(args.categories),
+                    '--out', str(out / f'batch-{name}')]
+      for flag, value in (('--images', args.images), ('--test-images', args.test_images),
+                          ('--size', args.size), ('--mlp-epochs', args.mlp_epochs),
+                          ('--refine-iterations', args.refine_iterations),
+                          ('--precision', args.precision)):
+        if value:
+          batch_args += [flag, str(value)]
+      bench_batch.main(batch_args)
   return 0
 
 

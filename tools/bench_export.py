@@ -25,7 +25,7 @@ def _median_seconds(fn, reps: int) -> float:
 
 
 def main(argv) -> int:
-  from pni_jax import export, infer, model as model_lib, pipeline
+  from pni_jax import export, infer, model as model_lib
 
   ap = argparse.ArgumentParser(prog='benchmark.py export', description=__doc__)
   ap.add_argument('--cat_dir', required=True, help='a fitted category folder: RUN/CATEGORY')
@@ -42,7 +42,7 @@ def main(argv) -> int:
 
   fitted = model_lib.load(cat_dir / 'model')
   cfg = ml_collections.ConfigDict(fitted.meta['config'])
-  ext = pipeline.make_extractor(cfg)
+  ext = infer.make_extractor(cfg)
   s = int(cfg.data.crop)
   scorer = infer.make_scorer(cfg.model, infer.variant_from_config(cfg.model), (s, s))
   arrays = model_lib.arrays(fitted)

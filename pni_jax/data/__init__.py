@@ -15,13 +15,16 @@ from pni_jax.data.layouts import Split
 from pni_jax.data.layouts import category_group
 from pni_jax.data.layouts import list_categories
 from pni_jax.data.layouts import load_split
+from pni_jax.data.splits import batches
+from pni_jax.data.splits import subset
+from pni_jax.data.splits import train_holdout
 
 _PIPELINE = ('make_dataset', 'iterate_numpy')
 
 __all__ = [
-    'CropBox', 'Split', 'category_group', 'crop_box', 'generate', 'iterate_numpy',
+    'CropBox', 'Split', 'batches', 'category_group', 'crop_box', 'generate', 'iterate_numpy',
     'list_categories', 'load_image', 'load_mask', 'load_split', 'make_dataset', 'preprocess',
-    'preprocess_mask', 'unprocess_map',
+    'preprocess_mask', 'subset', 'train_holdout', 'unprocess_map',
 ]
 
 
