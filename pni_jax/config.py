@@ -130,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.runtime = rt = ml_collections.ConfigDict()
   rt.compilation_cache = True     # JAX's persistent compilation cache (compiles paid once)
   rt.compilation_cache_dir = ''   # '' = $XDG_CACHE_HOME/pni_jax/xla (~/.cache/pni_jax/xla)
+  rt.shape_buckets = True         # pad data-dependent sizes (training images) to shared buckets
 
   c.memory = mem = ml_collections.ConfigDict()
   mem.feature_cap_mb = 4096.0  # host memory for stored patch features before spilling to disk

@@ -228,10 +228,11 @@ def init_state(features: jax.Array, num: int, start_index: jax.Array) -> Coreset
 # ([N_pad / D, ...] per device), picks replicated.
 
 
-@functools.partial(jax.jit, static_argnames=('num', 'rows', 'mesh'))
-def _init_state_sharded(features: jax.Array, num: int, rows: int, start_index: jax.Array,
+@functools.partial(jax.jit, static_argnames=('num', 'mesh'))
+def _init_state_sharded(features: jax.Array, num: int, rows: jax.Array, start_index: jax.Array,
                         mesh) -> CoresetState:
-  """`init_state` for row-sharded features [N_pad, p]; padded rows (>= rows) start at -inf."""
+  """`init_state` for row-sharded features [N_pad, p]; padded rows (>= rows, traced) start at
+  -inf, so one compilation serves every N that pads to the same N_pad."""
 
   def local(x):
     offset = lax.axis_index(sharding.DATA) * x.shape[0]
@@ -284,7 +285,9 @@ def greedy_coreset(features: jax.Array,
                    chunk_size: int = 16384,
                    segment_size: int = 0,
                    progress: ProgressFn | None = None,
-                   mesh: Mesh | None = None) -> jax.Array:
+                   mesh: Mesh | None = None,
+                   pad_rows_to: int = 0,
+                   pad_picks_to: int = 0) -> jax.Array:
   """Greedy k-center selection order over ``features``, split by rows over a device mesh.
 
   Args:
@@ -306,6 +309,9 @@ def greedy_coreset(features: jax.Array,
     mesh: device mesh (`sharding.make_mesh`); default all devices. Every
       device scans its rows and the farthest point is a cross-device
       max-reduction; the picks equal the one-device run's.
+    pad_rows_to, pad_picks_to: pad the rows (never picked) and the picks
+      array to at least these sizes, so that inputs of different N share one
+      compilation (`sharding.bucket_size`); the picks are unchanged.
 
   Returns:
     [num] int32 distinct row indices in selection order (replicated).
@@ -328,13 +334,18 @@ def greedy_coreset(features: jax.Array,
     start_index = jax.random.randint(key, (), 0, n, dtype=jnp.int32)
 
   mesh = sharding.make_mesh() if mesh is None else mesh
+  shards = sharding.num_shards(mesh)
+  rows_to = sharding.padded_size(max(n, int(pad_rows_to)), shards)
   if isinstance(features, jax.Array):
-    features = jax.device_put(sharding.pad_rows(features, sharding.num_shards(mesh),
-                                                mode='zeros')[0], sharding.data_sharding(mesh))
+    if rows_to > n:
+      features = jnp.concatenate([features, jnp.zeros((rows_to - n, features.shape[1]),
+                                                      features.dtype)])
+    features = jax.device_put(features, sharding.data_sharding(mesh))
   else:
-    features = sharding.shard_host_rows(np.asarray(features), mesh)
-  chunk = chunk_rows(features.shape[0] // sharding.num_shards(mesh), chunk_size)
-  state = _init_state_sharded(features, num, n, start_index, mesh)
+    features = sharding.shard_host_rows(np.asarray(features), mesh, rows=rows_to)
+  chunk = chunk_rows(features.shape[0] // shards, chunk_size)
+  state = _init_state_sharded(features, max(num, int(pad_picks_to)), jnp.int32(n), start_index,
+                              mesh)
   seg = segment_size if segment_size > 0 else num
   t0 = time.perf_counter()
   done = 1
@@ -345,7 +356,7 @@ def greedy_coreset(features: jax.Array,
     if progress is not None:
       jax.block_until_ready(state)
       progress(done, num, time.perf_counter() - t0)
-  return state.picks
+  return state.picks[:num]
 
 
 def log_progress(done: int, total: int, elapsed: float) -> None:
@@ -372,7 +383,8 @@ def select_coresets(features: jax.Array,
                     chunk_size: int = 16384,
                     segment_size: int = 0,
                     progress: ProgressFn | None = None,
-                    mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+                    mesh: Mesh | None = None,
+                    pad_rows_to: int = 0) -> tuple[jax.Array, jax.Array]:
   """C_emb and C_dist indices from ONE greedy run (C_dist is a prefix of C_emb).
 
   Args:
@@ -381,6 +393,8 @@ def select_coresets(features: jax.Array,
     dist_size: |C_dist| (paper: 2048); clipped to |C_emb| with a logged note.
     key: PRNG key for the start point.
     chunk_size, segment_size, progress, mesh: as in `greedy_coreset`.
+    pad_rows_to: compile for at least this many rows (and for the picks that many rows would
+      give), so that training sets in one `sharding.bucket_size` bucket share one compilation.
 
   Returns:
     (emb_indices [K_emb] int32, dist_indices [K_dist] int32) rows of ``features``;
@@ -399,7 +413,9 @@ def select_coresets(features: jax.Array,
                  dist_size, num_emb, n, ratio, num_emb)
     dist_size = num_emb
   emb = greedy_coreset(features, num_emb, key=key, chunk_size=chunk_size,
-                       segment_size=segment_size, progress=progress, mesh=mesh)
+                       segment_size=segment_size, progress=progress, mesh=mesh,
+                       pad_rows_to=pad_rows_to,
+                       pad_picks_to=coreset_size(max(n, pad_rows_to), ratio))
   return emb, emb[:dist_size]
 
 

@@ -107,11 +107,12 @@ def extract_features(feature_fn: Callable, variables, batches: Iterable[dict], n
 
 
 def select_coreset(projected: np.ndarray, store: FeatureStore, cfg_coreset, key, *,
-                   mesh=None) -> dict:
+                   mesh=None, pad_rows_to: int = 0) -> dict:
   """Greedy k-center selection -> C_emb (full features), the C_dist prefix and emb -> dist map.
 
   `projected` [N_patches, p] (host) is split by rows over the mesh; the full d-dimensional
-  features are read from `store` only for the selected rows.
+  features are read from `store` only for the selected rows. `pad_rows_to`: compile for that
+  many patches (a shape bucket shared by training sets of similar sizes); same result.
 
   Returns dict(c_emb [K_emb, d] float32, emb_to_dist [K_emb] int32, num_dist, order [K_emb]).
   """
@@ -126,13 +127,15 @@ def select_coreset(projected: np.ndarray, store: FeatureStore, cfg_coreset, key,
                                       int(cfg_coreset.dist_size), key,
                                       chunk_size=int(cfg_coreset.chunk_size),
                                       segment_size=int(cfg_coreset.segment_size),
-                                      progress=on_progress, mesh=mesh)
+                                      progress=on_progress, mesh=mesh, pad_rows_to=pad_rows_to)
   prog.close()
   order = np.asarray(emb)
   c_emb = store.flat_rows(order)
-  num_dist = int(dist.shape[0])
-  mapping = coreset.emb_to_dist(c_emb, c_emb[:num_dist], mesh=mesh)
-  return dict(c_emb=c_emb, emb_to_dist=np.asarray(mapping, np.int32), num_dist=num_dist,
+  num_emb, num_dist = c_emb.shape[0], int(dist.shape[0])
+  capacity = coreset.coreset_size(max(projected.shape[0], pad_rows_to), cfg_coreset.ratio)
+  queries = sharding.pad_rows(c_emb, 1, mode='zeros', to=capacity)[0]
+  mapping = np.asarray(coreset.emb_to_dist(queries, c_emb[:num_dist], mesh=mesh))[:num_emb]
+  return dict(c_emb=c_emb, emb_to_dist=mapping.astype(np.int32), num_dist=num_dist,
               order=order.astype(np.int32))
 
 
@@ -149,15 +152,24 @@ def nearest_codes(store: FeatureStore, c_dist: np.ndarray, *, images_per_chunk: 
   out = np.empty((n, h, w), np.int32)
   prog = Progress('nearest codes', n, unit='img')
   for start, maps in store.chunks(images_per_chunk):
+    b = maps.shape[0]
+    maps = sharding.pad_rows(maps, images_per_chunk)[0]     # one shape for every chunk
     _, idx = knn.knn_sharded(maps.reshape(-1, d), bank, k=1, mesh=mesh, query_tile=query_tile,
                              bank_tile=bank_tile)
-    out[start:start + maps.shape[0]] = np.asarray(idx[:, 0]).reshape(maps.shape[:3])
-    prog.update(maps.shape[0])
+    out[start:start + b] = np.asarray(idx[:, 0]).reshape(maps.shape[:3])[:b]
+    prog.update(b)
   prog.close()
   return out
 
 
 # ----------------------------------------------------------------------------- one category
+
+
+def shape_bucket(cfg, num_images: int) -> int:
+  """The number of training images the fitting functions are compiled for: `num_images`
+  rounded up to its `sharding.bucket_size` (runtime.shape_buckets), so that categories of
+  different sizes share compilations; padded rows never change a result."""
+  return sharding.bucket_size(num_images) if cfg.runtime.shape_buckets else int(num_images)
 
 
 def base_settings(cfg) -> dict:
@@ -292,7 +304,8 @@ def _fit_priors(cfg, category: str, fit_dir: pathlib.Path, extractor: infer.Extr
     timings['features_s'] = time.perf_counter() - t
     if core is None:
       t = time.perf_counter()
-      core = select_coreset(projected, store, cs, k_core, mesh=extractor.mesh)
+      core = select_coreset(projected, store, cs, k_core, mesh=extractor.mesh,
+                            pad_rows_to=shape_bucket(cfg, n) * h * w)
       timings['coreset_s'] = time.perf_counter() - t
       with fileio.atomic_open(core_path, 'wb') as f:
         np.savez(f, fingerprint=fps['base'], **core)

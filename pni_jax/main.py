@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# TensorFlow only decodes images here: its oneDNN kernels (and their start-up notice, printed
+# before TF's logging is initialised, so TF_CPP_MIN_LOG_LEVEL cannot hide it) are not needed.
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

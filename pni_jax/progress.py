@@ -20,17 +20,19 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-  """Reports `what: done/total (pct) rate, elapsed, ETA` at most every `every` seconds.
+  """Reports `what: done/total (pct) rate, elapsed, ETA` every `every` seconds and when done.
 
+  A loop shorter than `every` seconds prints one line (its last); a long one a line per
+  interval, so the log grows with the run's duration, not with its number of steps.
   Usage: `p = Progress('features', total, unit='img'); p.update(n); ...; p.close()`.
   """
 
-  def __init__(self, what: str, total: int, *, unit: str = 'it', every: float = 5.0,
+  def __init__(self, what: str, total: int, *, unit: str = 'it', every: float = 15.0,
                log_fn=None):
     self.what, self.total, self.unit, self.every = what, int(total), unit, float(every)
     self.done = 0
     self.start = time.perf_counter()
-    self._last = -1e9
+    self._last = self.start
     self._log = log_fn or logging.info
 
   def line(self) -> str:

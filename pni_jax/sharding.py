@@ -62,15 +62,31 @@ def padded_size(n: int, multiple: int) -> int:
   return max(multiple, -(-int(n) // multiple) * multiple)
 
 
-def pad_rows(x, multiple: int, *, mode: str = 'edge'):
-  """Pads the leading axis of `x` (numpy or jax) to `padded_size(len(x), multiple)`.
+def bucket_size(n: int, multiple: int = 1) -> int:
+  """The smallest size >= n on the ladder {4, 5, 6, 7} x 2^k (and a multiple of `multiple`).
+
+  Arrays whose length depends on the data (training images, patches, coreset rows) are padded
+  to their bucket so that categories of different sizes share one compilation; the ladder
+  wastes at most 25% (12% on average) and has ~4 sizes per doubling. Sizes below 8 are kept.
+  """
+  n = int(n)
+  if n <= 8:
+    size = max(n, 1)
+  else:
+    step = 1 << (n.bit_length() - 3)          # n in [4 * step, 8 * step)
+    size = -(-n // step) * step
+  return padded_size(size, multiple)
+
+
+def pad_rows(x, multiple: int, *, mode: str = 'edge', to: int = 0):
+  """Pads the leading axis of `x` (numpy or jax) to `padded_size(max(len(x), to), multiple)`.
 
   mode: 'edge' repeats the last row (padded rows compute valid, ignored numbers); 'zeros' fills
   with zeros (also for empty inputs).
   Returns (padded array, original length).
   """
   n = x.shape[0]
-  pad = padded_size(n, multiple) - n
+  pad = padded_size(max(n, int(to)), multiple) - n
   if pad == 0:
     return x, n
   xp = jnp if isinstance(x, jax.Array) else np
@@ -92,17 +108,17 @@ def shard_rows(x, mesh: Mesh) -> jax.Array:
   return jax.device_put(x, data_sharding(mesh))
 
 
-def shard_host_rows(x: np.ndarray, mesh: Mesh, *, fill: float = 0.0) -> jax.Array:
-  """Host array [R, ...] -> device array [padded_size(R, D), ...] split by rows over the mesh.
+def shard_host_rows(x: np.ndarray, mesh: Mesh, *, fill: float = 0.0, rows: int = 0) -> jax.Array:
+  """Host array [R, ...] -> device array [padded_size(max(R, rows), D), ...] split by rows over
+  the mesh (the padding rows hold `fill`).
 
   Each device receives its own slice of `x` (no padded host copy of the whole array; only a
-  shard that needs padding rows, holding `fill`, is assembled in a new host buffer). The
-  transfers may alias `x` where the runtime allows it: do not modify `x` while the result is in
-  use.
+  shard that needs padding rows is assembled in a new host buffer). The transfers may alias `x`
+  where the runtime allows it: do not modify `x` while the result is in use.
   """
   d = num_shards(mesh)
+  total = padded_size(max(x.shape[0], int(rows)), d)
   rows = x.shape[0]
-  total = padded_size(rows, d)
   shape = (total,) + tuple(x.shape[1:])
   target = data_sharding(mesh)
   parts = []

@@ -173,3 +173,19 @@ def test_host_and_device_inputs_give_the_same_picks(feats, reference):
   host = np.asarray(feats)
   picks = coreset.greedy_coreset(host, 120, start_index=17, chunk_size=700, segment_size=50)
   np.testing.assert_array_equal(np.asarray(picks), reference)
+
+
+@pytest.mark.parametrize('host', [False, True])
+def test_padding_to_a_bucket_keeps_the_picks_and_shares_one_compilation(feats, reference, host):
+  """Rows and picks padded to a shape bucket: the same picks; a smaller N in the same bucket
+  reuses the compiled step (padded rows are never picked)."""
+  x = np.asarray(feats) if host else feats
+  picks = coreset.greedy_coreset(x, 120, start_index=17, chunk_size=700, pad_rows_to=1792,
+                                 pad_picks_to=160)
+  np.testing.assert_array_equal(np.asarray(picks), reference)
+  compiled = coreset._run_picks_sharded._cache_size()
+  smaller = x[:1300]
+  picks = coreset.greedy_coreset(smaller, 100, start_index=17, chunk_size=700, pad_rows_to=1792,
+                                 pad_picks_to=160)
+  np.testing.assert_array_equal(np.asarray(picks), brute_greedy(np.asarray(feats)[:1300], 100, 17))
+  assert coreset._run_picks_sharded._cache_size() == compiled

@@ -238,3 +238,15 @@ if __name__ == '__main__':
   results = compute()
   np.savez(sys.argv[1], **results)
   print(f'{int(results["num_devices"])} devices, {time.time() - t0:.1f}s')
+
+
+def test_bucket_size_ladder():
+  """Sizes on {4, 5, 6, 7} x 2^k: at least n, at most 25% more, few distinct sizes, multiples."""
+  from pni_jax import sharding as sh
+  sizes = [sh.bucket_size(n) for n in range(1, 5000)]
+  assert all(s >= n for n, s in zip(range(1, 5000), sizes))
+  assert all(s <= max(8, 1.25 * n) for n, s in zip(range(1, 5000), sizes))
+  assert len(set(s for s in sizes if s > 8)) <= 4 * 10
+  assert [sh.bucket_size(n) for n in (9, 17, 200, 209, 224, 225, 391)] == [10, 20, 224, 224, 224,
+                                                                           256, 448]
+  assert sh.bucket_size(209, 8) % 8 == 0

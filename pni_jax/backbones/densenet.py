@@ -77,7 +77,7 @@ class Transition(nn.Module):
     return nn.avg_pool(y, (2, 2), strides=(2, 2))
 
 
-class DenseNet(nn.Module):
+class DenseNet(layers.TapNetwork, nn.Module):
   """A torchvision DenseNet returning the requested taps; stops after the deepest one.
 
   Attributes:
@@ -112,22 +112,10 @@ class DenseNet(nn.Module):
     self.norm5 = layers.batch_norm(dtype=self.dtype)
     self.classifier = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)
 
-  def first_conv(self, x: jnp.ndarray) -> jnp.ndarray:
-    """x: [B, H, W, 3] normalised -> conv0 output [B, H/2, W/2, C0] (before norm0)."""
-    return self.conv0(jnp.asarray(x, self.dtype))
+  def stem_layers(self):
+    return self.conv0, self.norm0, nn.relu
 
-  def from_first_conv(self, h: jnp.ndarray, taps: Sequence[str] = layers.DEFAULT_TAPS,
-                      train: bool = False) -> dict[str, jnp.ndarray]:
-    """Runs the network from the conv0 output on; returns {tap: array}."""
-    taps = layers.check_taps(taps)
-    last = layers.deepest(taps)
-    ura = not train
-    out = {}
-    h = nn.relu(self.norm0(h, use_running_average=ura))
-    if 'stem' in taps:
-      out['stem'] = h
-    if last == 0:
-      return out
+  def body(self, h, taps, last, train, out):
     h = layers.max_pool_torch(h, 3, 2, 1)
     for i, block in enumerate(self.blocks):
       if i + 1 > last:
@@ -136,14 +124,9 @@ class DenseNet(nn.Module):
         h = self.transitions[i - 1](h, train)
       h = block(h, train)
       if i + 1 == len(self.blocks):
-        h = nn.relu(self.norm5(h, use_running_average=ura))
+        h = nn.relu(self.norm5(h, use_running_average=not train))
       if f'layer{i + 1}' in taps:
         out[f'layer{i + 1}'] = h
     if 'logits' in taps:
       out['logits'] = self.classifier(jnp.mean(h, axis=(1, 2)))
     return out
-
-  def __call__(self, x: jnp.ndarray, taps: Sequence[str] = layers.DEFAULT_TAPS,
-               train: bool = False) -> dict[str, jnp.ndarray]:
-    """x: [B, H, W, 3] normalised images -> {tap: [B, h, w, c]} (logits: [B, 1000])."""
-    return self.from_first_conv(self.first_conv(x), taps, train)

@@ -100,7 +100,7 @@ class MBConv(nn.Module):
     return y
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(layers.TapNetwork, nn.Module):
   """EfficientNet-Lite0 returning the requested taps; stops after the deepest one.
 
   `first_conv` + `from_first_conv` split the network after conv_stem (composition = __call__).
@@ -120,22 +120,10 @@ class EfficientNetLite0(nn.Module):
     self.bn1 = layers.batch_norm(epsilon=BN_EPS, dtype=self.dtype)
     self.fc = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)
 
-  def first_conv(self, x: jnp.ndarray) -> jnp.ndarray:
-    """x: [B, H, W, 3] normalised -> conv_stem output [B, H/2, W/2, 32] (before bn0)."""
-    return self.conv_stem(jnp.asarray(x, self.dtype))
+  def stem_layers(self):
+    return self.conv_stem, self.bn0, nn.relu6
 
-  def from_first_conv(self, h: jnp.ndarray, taps: Sequence[str] = layers.DEFAULT_TAPS,
-                      train: bool = False) -> dict[str, jnp.ndarray]:
-    """Runs the network from the conv_stem output on; returns {tap: array}."""
-    taps = layers.check_taps(taps)
-    last = layers.deepest(taps)
-    ura = not train
-    out = {}
-    h = nn.relu6(self.bn0(h, use_running_average=ura))
-    if 'stem' in taps:
-      out['stem'] = h
-    if last == 0:
-      return out
+  def body(self, h, taps, last, train, out):
     last_block = len(self.blocks) - 1 if last > 4 else LITE0_TAP_BLOCK[layers.TAP_ORDER[last]]
     tap_at = {b: t for t, b in LITE0_TAP_BLOCK.items()}
     for i in range(last_block + 1):
@@ -143,11 +131,6 @@ class EfficientNetLite0(nn.Module):
       if tap_at.get(i) in taps:
         out[tap_at[i]] = h
     if 'logits' in taps:
-      h = nn.relu6(self.bn1(self.conv_head(h), use_running_average=ura))
+      h = nn.relu6(self.bn1(self.conv_head(h), use_running_average=not train))
       out['logits'] = self.fc(jnp.mean(h, axis=(1, 2)))
     return out
-
-  def __call__(self, x: jnp.ndarray, taps: Sequence[str] = layers.DEFAULT_TAPS,
-               train: bool = False) -> dict[str, jnp.ndarray]:
-    """x: [B, H, W, 3] normalised images -> {tap: [B, h, w, c]} (logits: [B, 1000])."""
-    return self.from_first_conv(self.first_conv(x), taps, train)

@@ -117,3 +117,35 @@ def check_taps(taps: Iterable[str], valid: Sequence[str] = TAP_ORDER) -> tuple[s
 def deepest(taps: Sequence[str]) -> int:
   """Index in TAP_ORDER of the deepest requested tap: stages after it are never run."""
   return max(TAP_ORDER.index(t) for t in taps)
+
+
+class TapNetwork:
+  """Mixin of the backbone modules: `__call__(x) = from_first_conv(first_conv(x))`.
+
+  The split after the first convolution lets the refinement network fuse its map there. A
+  subclass provides `stem_layers()` -> (first conv, its norm, activation) and
+  `body(h, taps, last, train, out)`, which runs the rest from the stem's activation `h`, adds
+  its taps to `out` and returns it; `last` = `deepest(taps)` (>= 1).
+  """
+
+  def first_conv(self, x: jnp.ndarray) -> jnp.ndarray:
+    """x: [B, H, W, 3] normalised -> first conv output [B, H/2, W/2, C0] (before its norm)."""
+    conv, _, _ = self.stem_layers()
+    return conv(jnp.asarray(x, self.dtype))
+
+  def from_first_conv(self, h: jnp.ndarray, taps: Sequence[str] = DEFAULT_TAPS,
+                      train: bool = False) -> dict[str, jnp.ndarray]:
+    """Runs the network from the first conv's output on; returns {tap: array}."""
+    taps = check_taps(taps)
+    last = deepest(taps)
+    _, norm, act = self.stem_layers()
+    h = act(norm(h, use_running_average=not train))
+    out = {'stem': h} if 'stem' in taps else {}
+    if last == 0:
+      return out
+    return self.body(h, taps, last, train, out)
+
+  def __call__(self, x: jnp.ndarray, taps: Sequence[str] = DEFAULT_TAPS,
+               train: bool = False) -> dict[str, jnp.ndarray]:
+    """x: [B, H, W, 3] normalised images -> {tap: [B, h, w, c]} (logits: [B, 1000])."""
+    return self.from_first_conv(self.first_conv(x), taps, train)

@@ -107,7 +107,7 @@ class ResNetStage(nn.Module):
     return x
 
 
-class ResNet(nn.Module):
+class ResNet(layers.TapNetwork, nn.Module):
   """A torchvision ResNet returning the requested taps; stops after the deepest one.
 
   Attributes:
@@ -140,21 +140,10 @@ class ResNet(nn.Module):
     self.stages = stages
     self.fc = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)
 
-  def first_conv(self, x: jnp.ndarray) -> jnp.ndarray:
-    """x: [B, H, W, 3] normalised -> conv1 output [B, H/2, W/2, 64] (before BN)."""
-    return self.conv1(jnp.asarray(x, self.dtype))
+  def stem_layers(self):
+    return self.conv1, self.bn1, nn.relu
 
-  def from_first_conv(self, h: jnp.ndarray, taps: Sequence[str] = layers.DEFAULT_TAPS,
-                      train: bool = False) -> dict[str, jnp.ndarray]:
-    """Runs the network from the conv1 output on; returns {tap: array}."""
-    taps = layers.check_taps(taps)
-    last = layers.deepest(taps)
-    out = {}
-    h = nn.relu(self.bn1(h, use_running_average=not train))
-    if 'stem' in taps:
-      out['stem'] = h
-    if last == 0:
-      return out
+  def body(self, h, taps, last, train, out):
     h = layers.max_pool_torch(h, 3, 2, 1)
     for i, stage in enumerate(self.stages):
       if i + 1 > last:
@@ -165,8 +154,3 @@ class ResNet(nn.Module):
     if 'logits' in taps:
       out['logits'] = self.fc(jnp.mean(h, axis=(1, 2)))
     return out
-
-  def __call__(self, x: jnp.ndarray, taps: Sequence[str] = layers.DEFAULT_TAPS,
-               train: bool = False) -> dict[str, jnp.ndarray]:
-    """x: [B, H, W, 3] normalised images -> {tap: [B, h, w, c]} (logits: [B, 1000])."""
-    return self.from_first_conv(self.first_conv(x), taps, train)
