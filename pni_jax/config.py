@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.resize = 512              # resize the short side to this many pixels
   d.crop = 480                # then center-crop a square of this size
   d.batch_size = 8            # images per feature-extraction batch
-  d.holdout_fraction = 0.1    # normal train images held out for thresholds / normalisation
+  # Normal training images held out for fit-time thresholds and the deployable ensemble
+  # normalisation. The paper fits on every training image (0); deployments want ~0.1.
+  d.holdout_fraction = 0.0
   d.folder_good = 'good'      # 'folder' layout: sub-folder names (see pni_jax/data/README)
   # Generated (embedded) dataset; only read when name == 'generated'.
   d.generated = g = ml_collections.ConfigDict()

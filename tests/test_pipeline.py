@@ -72,6 +72,12 @@ def test_outputs_follow_the_contract(run):
     variants = [r[0] for r in csv.reader(f)][1:]
   assert variants == ['+N+P', 'baseline', '+N', '+P']
   assert (workdir / 'results.md').read_text().count('\n') >= 7
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert [r['category'] for r in summary] == list(CATS)
+  assert summary[0]['compiles'] > 0
+  # Same shapes in the second category: every function was compiled by the first one.
+  assert summary[1]['compiles'] == 0, summary
+  assert summary[1]['image_auroc'] == results['weave']['image_auroc']
 
 
 def test_position_prior_beats_patchcore_on_locally_invisible_object_defects(run):
@@ -261,3 +267,20 @@ def test_refinement_stage_fits_evaluates_and_reloads(run, tmp_path):
                                         [batch]))
   maps = outs['+N+P+R']['maps']
   assert maps.shape == batch['mask'].shape and -0.5 < maps.min() and maps.max() < 1.5
+
+
+def test_ensemble_without_held_out_images_reports_the_paper_normalisation(run, tmp_path):
+  """data.holdout_fraction=0 (every training image, the paper's protocol): no deployable
+  normalisation exists, the test min-max ensemble is the main result."""
+  cfg, _, _ = run
+  ens_cfg = _small_config(cfg.data.root, **{
+      'data.categories': ('weave',), 'eval.ablations': (), 'data.holdout_fraction': 0.0,
+      'model.use_neighborhood': False,
+      'model.ensemble': ('efficientnet_lite0', 'efficientnet_lite0')})
+  results = pipeline.run(ens_cfg, tmp_path / 'ens0')
+  names = [r[0] for r in csv.reader(open(tmp_path / 'ens0' / 'ablation.csv'))][1:]
+  assert names == ['ensemble (test min-max, paper)', 'member 0: efficientnet_lite0',
+                   'member 1: efficientnet_lite0']
+  paper = json.loads((tmp_path / 'ens0' / 'weave' / 'eval' /
+                      'ensemble__test_min-max__paper_.json').read_text())['metrics']
+  assert results['weave'] == paper and paper['pixel_auroc'] > 0.9

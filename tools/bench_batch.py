@@ -40,11 +40,14 @@ SIZE_FACTORS = (1.0, 0.8, 1.2, 0.9, 1.1)   # training-set sizes relative to --im
 
 
 def _overrides(args, root: str, cache: str, categories) -> list[str]:
-  out = [f'--config.data.root={root}', f'--config.data.categories={",".join(categories)}',
+  # data.name='mvtec': read the generated MVTec-layout folders as they are (the 'generated'
+  # source would regenerate them with the config's sizes).
+  out = ['--config.data.name=mvtec', f'--config.data.root={root}',
+         f'--config.data.categories={",".join(categories)}',
          f'--config.runtime.compilation_cache_dir={cache}', '--config.eval.ablations=',
          '--config.eval.max_figures=0', '--config.eval.save_maps=False']
   if args.config == 'paper':
-    out += ['--config.data.name=mvtec', '--config.model.allow_random_init=True',
+    out += ['--config.model.allow_random_init=True',
             '--config.model.refine.allow_random_init=True']
   if args.size:
     out += [f'--config.data.resize={args.size}', f'--config.data.crop={args.size}']
