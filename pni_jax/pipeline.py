@@ -727,7 +727,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     report.log_metrics(writer, step, main, prefix=f'{category}/')
     main_results[category] = main
     all_results[category] = results
-    groups[category] = data_lib.category_group(cfg.data.name, category)
+    groups[category] = data_lib.category_group(cfg.data, category)
   report.write_results_table(workdir, main_results, groups)
   if len(row_names) > 1:
     write_ablation_table(workdir, all_results, groups, row_names)
