@@ -53,12 +53,17 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBo
 def open_image(path: str, what: str = 'image') -> Image.Image:
   """Opens and fully decodes `path` with PIL; every failure names the file.
 
-  Raises FileNotFoundError when missing, ValueError when unreadable or truncated.
+  PNG files are first checked against their chunk checksums (PIL's decoder alone does not check
+  them, so a damaged file could decode to wrong pixels without an error).
+  Raises FileNotFoundError when missing, ValueError when unreadable, truncated or damaged.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{what} file not found: {path}')
   try:
     img = Image.open(path)
+    if img.format == 'PNG':
+      img.verify()
+      img = Image.open(path)
     img.load()
   except _PIL_ERRORS as e:
     raise ValueError(f'cannot read {what} {path}: {type(e).__name__}: {e} '

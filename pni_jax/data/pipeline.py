@@ -301,23 +301,39 @@ def _python_error(e: tf.errors.OpError) -> Exception | None:
   return None
 
 
+def _graph_error(path: str, what: str) -> Exception | None:
+  """Decodes one file eagerly with the in-graph decoder; its error, naming the file, or None."""
+  codec = graph_codec(path, what)
+  if codec == PYTHON:
+    return None
+  try:
+    _decode_file(tf.constant(path), tf.constant(codec), what)
+  except tf.errors.OpError as e:
+    msg = (e.message or str(e)).strip().splitlines()[0]
+    return ValueError(f'cannot decode {what} {path}: {msg} (TensorFlow decoder)')
+  return None
+
+
 def _culprit(rec: _Recovery, first: int, tf_message: str) -> Exception:
-  """Re-reads the split's files from example `first` on (in iteration order) with the shared
-  decoder until one fails; that error names the file."""
+  """Re-reads the split's files from example `first` on (in iteration order), with the shared
+  decoder and then alone with the in-graph one, until one fails; that error names the file."""
   split = rec.split
-  for i in rec.order[first:]:
-    try:
-      image = images.load_image(split.paths[i])
-      if rec.with_masks and split.mask_paths[i] is not None:
-        mask = images.load_mask(split.mask_paths[i])
-        if mask.shape != image.shape[:2]:
-          return ValueError(
-              f'mask size {mask.shape[0]}x{mask.shape[1]} (HxW) of {split.mask_paths[i]} differs '
-              f'from image size {image.shape[0]}x{image.shape[1]} of {split.paths[i]}')
-    except (FileNotFoundError, ValueError) as err:
-      return err
-    if rec.source == 'tfds':  # the records, not the files, failed: name the first candidate
-      break
+  if rec.source == 'files':
+    for i in rec.order[first:]:
+      path, mask_path = split.paths[i], split.mask_paths[i] if rec.with_masks else None
+      try:
+        image = images.load_image(path)
+        if mask_path is not None:
+          mask = images.load_mask(mask_path)
+          if mask.shape != image.shape[:2]:
+            return ValueError(
+                f'mask size {mask.shape[0]}x{mask.shape[1]} (HxW) of {mask_path} differs from '
+                f'image size {image.shape[0]}x{image.shape[1]} of {path}')
+      except (FileNotFoundError, ValueError) as err:
+        return err
+      err = _graph_error(path, 'image') or (mask_path and _graph_error(mask_path, 'mask'))
+      if err:
+        return err
   first_msg = (tf_message.strip().splitlines() or ['?'])[0]
   if rec.source == 'tfds' and first < len(rec.order):
     return ValueError(f'cannot decode the TFDS records of {split.category} {split.split} '
