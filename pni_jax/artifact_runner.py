@@ -21,9 +21,9 @@ resize to the model's input geometry, center crop, / 255:
   * the resize is antialiased bilinear: output pixel i of an axis averages the input with the
     triangle filter centred at (i + 0.5) * in / out, its half-width stretched to in / out when
     shrinking (Pillow's BILINEAR filter), weights normalised to sum to 1. It is computed in float32
-    as a sequence of per-tap multiply-adds (`bilinear_taps`, `apply_taps`), rows after columns,
-    without rounding to uint8 in between; the tf.data pipeline runs the same taps in the same
-    order, so both give the same floats.
+    as a sequence of per-tap multiply-adds (`bilinear_taps`, `apply_taps`), rows then columns,
+    without rounding to uint8 in between, the / 255 folded into the row weights; the tf.data
+    pipeline runs the same taps in the same order, so both give the same floats.
 """
 
 from __future__ import annotations
@@ -154,15 +154,15 @@ def crop_box(orig_h: int, orig_w: int, resize: int, crop: int, mode: str) -> Cro
 # ----------------------------------------------------------------------------- resampling
 
 
-def bilinear_taps(in_size: int, out_size: int, first: int = 0,
-                  count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def bilinear_taps(in_size: int, out_size: int, first: int = 0, count: int | None = None,
+                  gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """Antialiased bilinear resampling of one axis, in_size -> out_size, as taps.
 
   Output pixel i (of first .. first + count - 1) is sum_k w[i, k] * x[idx[i, k]]. The filter is
   Pillow's BILINEAR: a triangle centred at c = (i + 0.5) * in / out with half-width
   s = max(in / out, 1) input pixels, sampled at input pixel centres j + 0.5 over
-  j in [trunc(c - s + 0.5), trunc(c + s + 0.5)), weights normalised to sum to 1 (float64, then
-  stored as float32). Unused taps have weight 0 and index 0.
+  j in [trunc(c - s + 0.5), trunc(c + s + 0.5)), weights normalised to sum to `gain` (float64,
+  then stored as float32). Unused taps have weight 0 and index 0.
 
   Returns:
     idx [count, K] int32, w [count, K] float32, K = 2 * ceil(s) + 1.
@@ -179,7 +179,7 @@ def bilinear_taps(in_size: int, out_size: int, first: int = 0,
   j = lo[:, None] + np.arange(k)[None, :]                                   # [count, K]
   x = (j - centre[:, None] + 0.5) / support
   w = np.where(j < hi[:, None], np.maximum(1.0 - np.abs(x), 0.0), 0.0)
-  w /= w.sum(axis=1, keepdims=True)
+  w *= gain / w.sum(axis=1, keepdims=True)
   idx = np.where(w > 0, j, 0)
   return idx.astype(np.int32), w.astype(np.float32)
 
@@ -194,25 +194,29 @@ def nearest_taps(in_size: int, out_size: int, first: int = 0,
 
 
 def apply_taps(x: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
-  """sum_k w[:, k] * x[idx[:, k]] along `axis`, in float32, one multiply-add per tap in order k.
+  """sum_k w[:, k] * x[idx[:, k]] along `axis` in float32: the first product, then one
+  multiply-add per further tap, in order k (weights and pixels are >= 0, so starting from the
+  first product equals starting from 0).
 
-  x: float32 [..., n, ...] -> float32 [..., count, ...] (count = idx.shape[0]).
+  x: [..., n, ...] (uint8 or float32) -> float32 [..., count, ...] (count = idx.shape[0]).
   """
-  x = np.moveaxis(np.asarray(x, np.float32), axis, 0)
-  shape = (-1,) + (1,) * (x.ndim - 1)
-  acc = np.zeros((idx.shape[0],) + x.shape[1:], np.float32)
-  for k in range(idx.shape[1]):
-    acc = acc + w[:, k].reshape(shape) * x[idx[:, k]]
-  return np.moveaxis(acc, 0, axis)
+  x = np.asarray(x)
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  acc = w[:, 0].reshape(shape) * np.take(x, idx[:, 0], axis=axis).astype(np.float32)
+  for k in range(1, idx.shape[1]):
+    acc = acc + w[:, k].reshape(shape) * np.take(x, idx[:, k], axis=axis).astype(np.float32)
+  return acc
 
 
 def crop_taps(orig_h: int, orig_w: int, resize: int, crop: int, mode: str):
-  """Taps that resize an orig_h x orig_w image and cut the center crop, in one go.
+  """Taps that resize an orig_h x orig_w image and cut the center crop, in one go. The row
+  weights also carry the 1 / 255 that maps uint8 to [0, 1] (no separate division).
 
   Returns (rows_idx [crop, Ky], rows_w [crop, Ky], cols_idx [crop, Kx], cols_w [crop, Kx]).
   """
   box = crop_box(orig_h, orig_w, resize, crop, mode)
-  ry, wy = bilinear_taps(orig_h, box.resized_h, box.crop_top, crop)
+  ry, wy = bilinear_taps(orig_h, box.resized_h, box.crop_top, crop, gain=1.0 / 255.0)
   rx, wx = bilinear_taps(orig_w, box.resized_w, box.crop_left, crop)
   return ry, wy, rx, wx
 
@@ -223,9 +227,8 @@ def preprocess(image: np.ndarray, resize: int, crop: int, *, mode: str) -> np.nd
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'preprocess expects uint8 [H, W, 3], got {image.dtype} {image.shape}')
   ry, wy, rx, wx = crop_taps(image.shape[0], image.shape[1], resize, crop, mode)
-  x = apply_taps(image, rx, wx, axis=1)      # columns first, then rows
-  x = apply_taps(x, ry, wy, axis=0)
-  return x / np.float32(255.0)
+  x = apply_taps(image, ry, wy, axis=0)      # rows (with the 1 / 255) first, then columns
+  return apply_taps(x, rx, wx, axis=1)
 
 
 # ----------------------------------------------------------------------------- the runner

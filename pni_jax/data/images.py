@@ -98,4 +98,4 @@ def unprocess_map(amap: np.ndarray, orig_h: int, orig_w: int, resize: int, crop:
     return canvas
   ry, wy = bilinear_taps(box.resized_h, orig_h)
   rx, wx = bilinear_taps(box.resized_w, orig_w)
-  return apply_taps(apply_taps(canvas, rx, wx, axis=1), ry, wy, axis=0)
+  return apply_taps(apply_taps(canvas, ry, wy, axis=0), rx, wx, axis=1)

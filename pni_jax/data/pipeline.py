@@ -100,15 +100,15 @@ def _decode_file(path: tf.Tensor, codec: tf.Tensor, what: str) -> tf.Tensor:
   return tf.ensure_shape(x, (None, None, None))[..., 0] != 0
 
 
-def _apply_taps(x: tf.Tensor, idx: tf.Tensor, w: tf.Tensor, axis: int) -> tf.Tensor:
-  """`images.apply_taps` in the graph: float32 x [H, W, C], one multiply-add per tap, in order."""
-  shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
-  acc = tf.zeros_like(tf.gather(x, idx[:, 0], axis=axis))
+def _apply_taps(x: tf.Tensor, idx: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+  """`images.apply_taps` along axis 0 in the graph: x [N, M, C] (uint8 or float32) -> float32
+  [count, M, C], the first product then one multiply-add per further tap, in order."""
 
-  def body(k, acc):
-    return k + 1, acc + tf.reshape(w[:, k], shape) * tf.gather(x, idx[:, k], axis=axis)
+  def term(k):
+    return tf.reshape(w[:, k], (-1, 1, 1)) * tf.cast(tf.gather(x, idx[:, k]), tf.float32)
 
-  _, acc = tf.while_loop(lambda k, _: k < tf.shape(idx)[1], body, (tf.constant(0), acc))
+  _, acc = tf.while_loop(lambda k, _: k < tf.shape(idx)[1],
+                         lambda k, acc: (k + 1, acc + term(k)), (tf.constant(1), term(0)))
   return acc
 
 
@@ -131,8 +131,10 @@ def _preprocess_graph(image: tf.Tensor, mask: tf.Tensor | None, taps_fn, crop: i
   ry, wy, rx, wx, my, mx = tf.numpy_function(
       taps_fn, [hw[0], hw[1]], (tf.int32, tf.float32, tf.int32, tf.float32, tf.int32, tf.int32),
       stateful=False)
-  x = _apply_taps(tf.cast(image, tf.float32), rx, wx, axis=1)
-  x = _apply_taps(x, ry, wy, axis=0) / 255.0
+  # Rows (whose weights carry the 1 / 255), then columns, as images.preprocess; each pass
+  # gathers along axis 0 (contiguous rows), hence the transposes.
+  x = tf.transpose(_apply_taps(image, ry, wy), (1, 0, 2))
+  x = tf.transpose(_apply_taps(x, rx, wx), (1, 0, 2))
   x = tf.ensure_shape(x, (crop, crop, 3))
   if mask is None:
     return x, None
