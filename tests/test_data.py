@@ -682,3 +682,10 @@ def test_tfds_prepare_names_a_corrupt_file(tmp_path, roots):
   cfg = _cfg('mvtec', r, source='tfds', tfds_data_dir=str(tmp_path / 'prepared'))
   with pytest.raises(ValueError, match=str(bad)):
     data.load_split(cfg, 'widget', 'test')
+  # No half-prepared file is left (TFDS keeps only its builder-level .config/metadata.json);
+  # the repaired download prepares and reads.
+  prepared = tmp_path / 'prepared' / 'pni_mvtec_ad'
+  leftovers = [p for p in prepared.rglob('*') if p.is_file() and '.config' not in p.parts]
+  assert not leftovers, leftovers
+  shutil.copy(roots['mvtec'] / 'widget' / 'test' / 'good' / '000.png', bad)
+  assert len(data.load_split(cfg, 'widget', 'test')) == 3

@@ -90,7 +90,8 @@ def _good_state(path):
   """A small valid state_dict: weight [3, 4] (a transposed view), bias [3], steps int64 []."""
   w = np.arange(12, dtype=np.float32)
   b = np.arange(3, dtype=np.float32) - 1
-  s0, s1, s2 = _Store('0', FloatStorage, 12), _Store('1', FloatStorage, 3), _Store('2', LongStorage, 1)
+  s0, s1 = _Store('0', FloatStorage, 12), _Store('1', FloatStorage, 3)
+  s2 = _Store('2', LongStorage, 1)
   sd = collections.OrderedDict(
       [('fc.weight', _Tensor(s0, 0, (3, 4), (1, 3))), ('fc.bias', _Tensor(s1, 0, (3,), (1,))),
        ('steps', _Tensor(s2, 0, (), ()))])
@@ -369,7 +370,8 @@ def test_save_interrupted_keeps_a_complete_model(tmp_path, monkeypatch, step):
   loaded = model_lib.load(target)
   expected = 'new' if step == 'delete_old' else 'old'
   assert loaded.meta['tag'] == expected
-  np.testing.assert_array_equal(loaded.c_emb, _model(expected, 2.0 if expected == 'new' else 1.0).c_emb)
+  value = 2.0 if expected == 'new' else 1.0
+  np.testing.assert_array_equal(loaded.c_emb, _model(expected, value).c_emb)
   assert 'model.old' not in os.listdir(tmp_path)
   if step == 'write':
     assert sorted(os.listdir(tmp_path)) == ['model']   # the failed write removed its folder

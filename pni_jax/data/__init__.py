@@ -24,8 +24,8 @@ from pni_jax.data.layouts import texture_categories
 _PIPELINE = ('make_dataset', 'iterate_numpy')
 
 __all__ = [
-    'CropBox', 'LEGACY_RESIZE_MODE', 'RESIZE_MODES', 'Split', 'category_group', 'crop_box', 'generate', 'iterate_numpy',
-    'list_categories', 'load_image', 'load_mask', 'load_split', 'make_dataset', 'preprocess',
+    'CropBox', 'LEGACY_RESIZE_MODE', 'RESIZE_MODES', 'Split', 'category_group', 'crop_box',
+    'generate', 'iterate_numpy', 'list_categories', 'load_image', 'load_mask', 'load_split', 'make_dataset', 'preprocess',
     'preprocess_mask', 'texture_categories', 'unprocess_map',
 ]
 

@@ -39,8 +39,8 @@ from pni_jax.artifact_runner import resized_size
 IMAGE_EXTENSIONS = _runner.EXTENSIONS
 
 __all__ = [
-    'CropBox', 'IMAGE_EXTENSIONS', 'LEGACY_RESIZE_MODE', 'RESIZE_MODES', 'apply_taps', 'bilinear_taps', 'crop_box',
-    'crop_taps', 'image_size', 'load_image', 'load_mask', 'mask_taps', 'nearest_taps',
+    'CropBox', 'IMAGE_EXTENSIONS', 'LEGACY_RESIZE_MODE', 'RESIZE_MODES', 'apply_taps',
+    'bilinear_taps', 'crop_box', 'crop_taps', 'image_size', 'load_image', 'load_mask', 'mask_taps', 'nearest_taps',
     'open_image', 'preprocess', 'preprocess_mask', 'resized_size', 'unprocess_map',
 ]
 

@@ -117,7 +117,8 @@ def _taps_fn(resize: int, crop: int, mode: str):
 
   @functools.lru_cache(maxsize=64)
   def taps(h: int, w: int):
-    return (*images.crop_taps(h, w, resize, crop, mode), *images.mask_taps(h, w, resize, crop, mode))
+    return (*images.crop_taps(h, w, resize, crop, mode),
+            *images.mask_taps(h, w, resize, crop, mode))
 
   def lookup(h, w):
     return taps(int(h), int(w))
