@@ -10,4 +10,5 @@ from pni_jax.config import base_config
 def get_config():
   c = base_config()
   c.data.name = 'mvtec'
+  c.data.resize_mode = 'square'  # the paper: every image to 512 x 512, then the 480 centre crop
   return c

@@ -11,6 +11,7 @@ import hashlib
 import json
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 DATASETS = ('generated', 'mvtec', 'visa', 'btad', 'folder')
 
@@ -25,8 +26,16 @@ def base_config() -> ml_collections.ConfigDict:
   d.name = 'mvtec'            # 'generated' | 'mvtec' | 'visa' | 'btad' | 'folder'
   d.root = ''                 # dataset root folder (generated: where the set is written)
   d.categories = ()           # empty = every category found under root
-  d.resize = 512              # resize the short side to this many pixels
+  d.resize = 512              # resize to this many pixels (see resize_mode)
+  d.resize_mode = 'square'    # 'square': whole image -> resize x resize (paper); 'short_side':
+                              # short side -> resize, aspect kept (authors' code, torchvision)
   d.crop = 480                # then center-crop a square of this size
+  d.source = 'files'          # 'files': read data.root directly | 'tfds': TFDS builders with
+                              # data.root as manual_dir (pni_jax/data/tfds_builders.py)
+  d.tfds_data_dir = ''        # where TFDS writes the prepared records ('' = ~/tensorflow_datasets)
+  # Report groups: categories reported as 'texture'. None = the dataset's own (MVTec AD's five
+  # textures, the generated set's weave and granite, none elsewhere).
+  d.texture_categories = placeholder(tuple)
   d.batch_size = 8            # images per feature-extraction batch
   # Normal training images held out for fit-time thresholds and the deployable ensemble
   # normalisation. The paper fits on every training image (0); deployments want ~0.1.
@@ -177,6 +186,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.crop > c.data.resize:
     raise ValueError(f'config.data.crop ({c.data.crop}) must not exceed config.data.resize '
                      f'({c.data.resize})')
+  _choice(c.data.get('resize_mode', 'square'), 'data.resize_mode', ('square', 'short_side'))
+  _choice(c.data.get('source', 'files'), 'data.source', ('files', 'tfds'))
   if not 0 <= c.data.holdout_fraction < 1:
     raise ValueError(f'config.data.holdout_fraction must be in [0, 1), got {c.data.holdout_fraction}')
   m = c.model

@@ -19,15 +19,18 @@ Artifact layout (`<out>/`):
   params.npz        the function's parameters: one array per leaf, named 'backbone/params/...',
                     'model/c_emb', ..., 'refine/variables/...', 'refine/lo' (flat, see below)
   meta.json         input size, resize / crop, batch, thresholds, score units, versions
-  run_artifact.py   standalone loader + CLI; imports only jax, numpy, PIL and the standard library
+  run_artifact.py   standalone loader + CLI: a copy of pni_jax/artifact_runner.py, which imports
+                    only jax, numpy, PIL and the standard library
 
 The exported function takes the parameters as a FLAT dict {name: array} (exactly the arrays of
 params.npz) and rebuilds the nested pytree inside the trace, so a loader needs no pytree
 structure beyond the npz keys. It returns dict(maps [B, S, S] float32, image [B] float32,
 patch [B, h, w] float32).
 
-The loader code exists once, as `LOADER_SOURCE`: `export_model` writes it as run_artifact.py and
-`load_artifact` executes the same source, so the in-package and standalone paths cannot diverge.
+The loader code exists once, as the module `pni_jax.artifact_runner`: `export_model` copies its
+file (importlib.resources) as run_artifact.py, `load_artifact` uses the module, and
+`pni_jax.data.images` imports its decoding and preprocessing, so the package's preprocessing,
+the in-package loader and the standalone one cannot diverge.
 
 Refinement hook: when `fitted.refine` holds RefineNet variables {'params', 'batch_stats'} and the
 main variant asks for R (model.use_refinement), the map becomes
@@ -40,6 +43,7 @@ rows, and as in-process). lo and hi are parameters; the weight comes from the co
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import os
 import pathlib
@@ -52,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pni_jax import artifact_runner
 from pni_jax import features
 from pni_jax import infer
 from pni_jax import model as model_lib
@@ -144,33 +149,19 @@ def flatten_params(tree) -> tuple[dict[str, np.ndarray], Callable[[dict], Any]]:
   return flat, unflatten
 
 
-_CALL_PRIMITIVES = ('jit', 'pjit', 'closed_call', 'core_call')
-
-
-def _used_invars(jaxpr) -> set[int]:
-  """Indices of `jaxpr.invars` that any equation or output reads. Nested jit calls are followed
-  (their unused arguments are not counted); any other equation counts all its operands (so the
-  answer may keep too much, never too little)."""
-  used = set()
-  for eqn in jaxpr.eqns:
-    sub = eqn.params.get('jaxpr') if eqn.primitive.name in _CALL_PRIMITIVES else None
-    if sub is not None and len(getattr(sub, 'jaxpr', sub).invars) == len(eqn.invars):
-      inner = _used_invars(getattr(sub, 'jaxpr', sub))
-      used.update(id(v) for i, v in enumerate(eqn.invars) if i in inner)
-    else:
-      used.update(id(v) for v in eqn.invars)
-  used.update(id(v) for v in jaxpr.outvars)
-  return {i for i, v in enumerate(jaxpr.invars) if id(v) in used}
-
-
 def used_params(flat_fn, flat: dict, image_spec) -> list[str]:
   """Names of the flat parameters `flat_fn(flat, images)` reads (e.g. drops the backbone stages
-  after the last tap and its classifier)."""
+  after the last tap and its classifier).
+
+  jax's own dead-code elimination decides: a jitted function lowered with `keep_unused=False`
+  (the default) drops the arguments its module never reads, and `jax.export` reports the kept
+  ones as `module_kept_var_idx` (indices into the flattened (params, images) arguments).
+  """
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
-  closed = jax.make_jaxpr(flat_fn)(spec, image_spec)
+  exported = jax.export.export(jax.jit(flat_fn), platforms=('cpu',))(spec, image_spec)
   order = jax.tree_util.tree_leaves(({k: k for k in flat},))  # the dict's flattening order
-  used = _used_invars(closed.jaxpr)
-  return sorted(name for i, name in enumerate(order) if i in used)
+  kept = set(exported.module_kept_var_idx)
+  return sorted(name for i, name in enumerate(order) if i in kept)
 
 
 # ----------------------------------------------------------------------------- export
@@ -247,6 +238,7 @@ def export_model(source, out_path: str | os.PathLike, *, batch_size: int | None 
     raise ValueError(f'batch_size must be >= 1 or None (symbolic), got {batch_size}')
   cfg, fitted, backbone_variables = _resolve(source)
   crop, resize = int(cfg.data.crop), int(cfg.data.resize)
+  resize_mode = str(cfg.data.get('resize_mode', artifact_runner.LEGACY_RESIZE_MODE))
   variant = infer.variant_from_config(cfg.model)
   tree = inference_tree(backbone_variables, fitted, variant, cfg.model)
   fn = make_inference_fn(cfg.model, variant, crop, tree['backbone'])
@@ -261,7 +253,7 @@ def export_model(source, out_path: str | os.PathLike, *, batch_size: int | None 
 
   def flat_fn(flat_params, images01):
     # Parameters the function never reads are not saved; NaN placeholders would make any use of
-    # one visible in the outputs (the analysis in `used_params` only ever keeps too much).
+    # one visible in the outputs.
     filler = {k: jnp.full(shape, jnp.nan if jnp.issubdtype(dtype, jnp.floating) else 0, dtype)
               for k, (shape, dtype) in dropped.items()}
     return full_fn({**flat_params, **filler}, images01)
@@ -280,9 +272,13 @@ def export_model(source, out_path: str | os.PathLike, *, batch_size: int | None 
       format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION, jax_version=jax.__version__,
       category=fitted.meta.get('category'), backbone=str(cfg.model.backbone),
       variant=variant.name, refinement=bool(variant.refinement),
-      input=dict(size=crop, resize=resize, crop=crop, layout='NHWC float32 RGB in [0, 1]',
-                 preprocess='PIL bilinear resize of the short side to `resize`, center crop '
-                            '`crop` (top = round((h - crop) / 2)); grayscale -> RGB'),
+      input=dict(size=crop, resize=resize, crop=crop, resize_mode=resize_mode,
+                 layout='NHWC float32 RGB in [0, 1]',
+                 preprocess=f'antialiased bilinear resize ({resize_mode}: '
+                            + ('whole image to `resize` x `resize`' if resize_mode == 'square'
+                               else 'short side to `resize`')
+                            + '), center crop `crop` (top = round((h - crop) / 2)); grayscale '
+                            '-> RGB (run_artifact.preprocess)'),
       batch_size=None if batch_size is None else int(batch_size),
       platforms=list(exported.platforms),
       outputs=dict(maps=['B', crop, crop], image=['B'], patch=['B', *grid]),
@@ -299,194 +295,26 @@ def export_model(source, out_path: str | os.PathLike, *, batch_size: int | None 
   (tmp / 'model.stablehlo').write_bytes(bytes(blob))
   np.savez(tmp / 'params.npz', **flat)
   (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
-  (tmp / 'run_artifact.py').write_text(LOADER_SOURCE)
+  (tmp / 'run_artifact.py').write_text(loader_source(), encoding='utf-8')
   os.replace(tmp, out)
   meta['sizes'] = {f: (out / f).stat().st_size for f in FILES}
   meta['export_seconds'] = time.perf_counter() - t0
   return meta
 
 
-def load_artifact(path: str | os.PathLike):
+def loader_source() -> str:
+  """The text of `pni_jax/artifact_runner.py`, which the artifact ships as run_artifact.py (read
+  as package data, so it works from an installed wheel or a zip too)."""
+  return importlib.resources.files('pni_jax').joinpath('artifact_runner.py').read_text('utf-8')
+
+
+def load_artifact(path: str | os.PathLike) -> artifact_runner.Artifact:
   """In-package loader: `load_artifact(dir)(images01 [B, S, S, 3] float32 in [0, 1])` ->
   dict(maps [B, S, S], image [B], patch [B, h, w]) numpy float32. The returned object also has
-  `.meta`, `.load_images(paths)` and `.predict_files(paths, batch_size)` (see LOADER_SOURCE)."""
-  namespace = {'__name__': 'pni_jax_artifact_loader'}
-  exec(compile(LOADER_SOURCE, 'run_artifact.py', 'exec'), namespace)  # pylint: disable=exec-used
-  return namespace['Artifact'](os.fspath(path))
+  `.meta`, `.load_images(paths)` and `.predict_files(paths, batch_size)`: it is the class that
+  run_artifact.py holds (the same file, `pni_jax.artifact_runner`)."""
+  return artifact_runner.Artifact(os.fspath(path))
 
-
-# ----------------------------------------------------------------------------- the loader
-
-
-LOADER_SOURCE = r'''"""Standalone runner of a pni-jax inference artifact (jax, numpy, PIL only).
-
-  python run_artifact.py IMAGE_OR_FOLDER [...] [--json results.json] [--npz maps.npz] [--batch 8]
-
-prints one line per image: image score, decision (when meta.json has an image threshold), path.
-From Python: `art = Artifact(folder)`; `art(images01)` with images01 [B, S, S, 3] float32 in
-[0, 1] -> dict(maps [B, S, S], image [B], patch [B, h, w]); `art.predict_files(paths)`.
-Preprocessing: PIL decode (grayscale / RGBA / 16-bit -> RGB uint8), bilinear resize of the short
-side to meta.input.resize, center crop meta.input.crop (top = round((h - crop) / 2)), / 255.
-"""
-
-import argparse
-import json
-import os
-import sys
-
-import jax
-import numpy as np
-from PIL import Image
-
-FORMAT = 'pni-jax-inference-artifact'
-VERSION = 1
-EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
-
-
-def to_uint8_rgb(img):
-  """Any PIL image -> uint8 [H, W, 3] (16 / 32-bit integer and float images are scaled)."""
-  if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
-    x = np.asarray(img).astype(np.float64)
-    top = 65535.0 if (img.mode.startswith('I;16') or x.max() > 255) else 255.0
-    x = np.clip(np.round(x * (255.0 / top)), 0, 255).astype(np.uint8)
-    return np.repeat(x[..., None], 3, axis=-1)
-  if img.mode == 'F':
-    x = np.asarray(img, dtype=np.float64)
-    top = 1.0 if x.max() <= 1.0 else 255.0
-    x = np.clip(np.round(x * (255.0 / top)), 0, 255).astype(np.uint8)
-    return np.repeat(x[..., None], 3, axis=-1)
-  if img.mode != 'RGB':
-    img = img.convert('RGB')
-  return np.asarray(img, dtype=np.uint8)
-
-
-def load_image(path):
-  """uint8 [H, W, 3] RGB; errors name the file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError('image file not found: %s' % path)
-  try:
-    img = Image.open(path)
-    img.load()
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError('cannot read image %s: %s: %s' % (path, type(e).__name__, e)) from e
-  return to_uint8_rgb(img)
-
-
-def preprocess(image, resize, crop):
-  """uint8 [H, W, 3] -> float32 [crop, crop, 3] in [0, 1]: resize the short side, center crop."""
-  h, w = image.shape[:2]
-  rh, rw = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
-  if crop > min(rh, rw):
-    raise ValueError('crop %d exceeds the resized image %dx%d' % (crop, rh, rw))
-  img = Image.fromarray(image)
-  if (rh, rw) != (h, w):
-    img = img.resize((rw, rh), Image.BILINEAR)
-  top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
-  x = np.asarray(img)[top:top + crop, left:left + crop]
-  return x.astype(np.float32) / np.float32(255.0)
-
-
-def list_images(inputs):
-  paths = []
-  for item in inputs:
-    if not os.path.exists(item):
-      raise FileNotFoundError('no such image file or folder: %s' % item)
-    if os.path.isdir(item):
-      paths += sorted(os.path.join(item, f) for f in os.listdir(item)
-                      if f.lower().endswith(EXTENSIONS))
-    else:
-      paths.append(item)
-  return paths
-
-
-class Artifact:
-  """The exported function with its parameters; call it on preprocessed crops."""
-
-  def __init__(self, directory):
-    self.directory = directory
-    meta_path = os.path.join(directory, 'meta.json')
-    if not os.path.isfile(meta_path):
-      raise FileNotFoundError('no pni-jax artifact at %s (missing meta.json)' % directory)
-    with open(meta_path) as f:
-      self.meta = json.load(f)
-    if self.meta.get('format') != FORMAT or self.meta.get('version') != VERSION:
-      raise ValueError('%s: artifact format %r version %r is not supported (expected %s %d)' % (
-          directory, self.meta.get('format'), self.meta.get('version'), FORMAT, VERSION))
-    with open(os.path.join(directory, 'model.stablehlo'), 'rb') as f:
-      self.exported = jax.export.deserialize(bytearray(f.read()))
-    with np.load(os.path.join(directory, 'params.npz')) as z:
-      self.params = jax.device_put({k: z[k] for k in z.files})
-    self.size = int(self.meta['input']['size'])
-    self.batch_size = self.meta.get('batch_size')
-    self._call = jax.jit(self.exported.call)
-
-  def __call__(self, images01):
-    """images01 [B, S, S, 3] float in [0, 1] -> numpy float32 dict(maps, image, patch)."""
-    x = np.asarray(images01, dtype=np.float32)
-    s = self.size
-    if x.ndim != 4 or x.shape[1:] != (s, s, 3):
-      raise ValueError('expected images [B, %d, %d, 3], got %s' % (s, s, x.shape))
-    b = x.shape[0]
-    if not self.batch_size:
-      return {k: np.asarray(v) for k, v in self._call(self.params, x).items()}
-    chunks = []
-    for start in range(0, b, self.batch_size):
-      part = x[start:start + self.batch_size]
-      n = part.shape[0]
-      if n < self.batch_size:  # fixed-batch export: pad with copies of the last image
-        part = np.concatenate([part, np.repeat(part[-1:], self.batch_size - n, axis=0)])
-      out = self._call(self.params, part)
-      chunks.append({k: np.asarray(v)[:n] for k, v in out.items()})
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-  def load_images(self, paths):
-    """Files -> preprocessed crops [N, S, S, 3] float32."""
-    inp = self.meta['input']
-    return np.stack([preprocess(load_image(p), int(inp['resize']), int(inp['crop']))
-                     for p in paths])
-
-  def predict_files(self, paths, batch_size=8):
-    """Scores image files in batches of `batch_size`; dict(maps, image, patch, decision)."""
-    parts = []
-    for start in range(0, len(paths), batch_size):
-      parts.append(self(self.load_images(paths[start:start + batch_size])))
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    thr = (self.meta.get('thresholds') or {}).get('image')
-    out['decision'] = (np.where(out['image'] >= thr, 'defective', 'normal') if thr is not None
-                       else np.full(len(paths), 'unknown'))
-    return out
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('inputs', nargs='+', help='image files or folders')
-  parser.add_argument('--artifact', default=os.path.dirname(os.path.abspath(__file__)),
-                      help='artifact folder (default: the folder of this script)')
-  parser.add_argument('--batch', type=int, default=8, help='images per call')
-  parser.add_argument('--json', default='', help='write image scores and decisions here')
-  parser.add_argument('--npz', default='', help='write paths, image scores and maps here')
-  args = parser.parse_args(argv)
-  art = Artifact(args.artifact)
-  paths = list_images(args.inputs)
-  if not paths:
-    raise SystemExit('no images found in %s' % args.inputs)
-  out = art.predict_files(paths, args.batch)
-  for p, score, decision in zip(paths, out['image'], out['decision']):
-    print('%.6f  %-9s  %s' % (score, decision, p))
-  if args.json:
-    rows = [dict(path=p, image_score=float(s), decision=str(d))
-            for p, s, d in zip(paths, out['image'], out['decision'])]
-    with open(args.json, 'w') as f:
-      json.dump(dict(thresholds=art.meta.get('thresholds'), images=rows), f, indent=2)
-  if args.npz:
-    np.savez(args.npz, paths=np.asarray(paths), image=out['image'], maps=out['maps'],
-             patch=out['patch'])
-  return out
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])
-'''
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -203,7 +203,7 @@ def refine_source(cfg, needed: infer.Variant) -> infer.Variant:
 
 
 def _load_compatible(model_dir: pathlib.Path, base_fp: str) -> model_lib.PNIModel | None:
-  if not (model_dir / 'meta.json').exists():
+  if not model_lib.exists(model_dir):
     return None
   model = model_lib.load(model_dir)
   if model.meta.get('base_fingerprint') != base_fp:

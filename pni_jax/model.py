@@ -58,38 +58,90 @@ def _arrays(model: PNIModel) -> dict:
   return jax.tree.map(np.asarray, tree)
 
 
+def _staging(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """(where the new model is written, where the old one is set aside) beside `directory`."""
+  return (directory.with_name(directory.name + '.tmp'),
+          directory.with_name(directory.name + '.old'))
+
+
+def _recover(directory: pathlib.Path) -> None:
+  """Finishes a `save` that stopped between its renames.
+
+  Only the aside copy (`<dir>.old`) left: it was the last complete model, put it back. Both
+  left: the new model is complete in place, drop the aside copy. A `<dir>.tmp` is an unfinished
+  write and is never read (the next save removes it).
+  """
+  _, old = _staging(directory)
+  if not old.exists():
+    return
+  if (directory / 'meta.json').exists():
+    shutil.rmtree(old)
+  elif (old / 'meta.json').exists():
+    if directory.exists():
+      shutil.rmtree(directory)
+    os.replace(old, directory)
+
+
 def save(model: PNIModel, directory: str | os.PathLike) -> None:
-  """Writes the model to `directory` atomically (a temp dir renamed into place)."""
+  """Writes the model to `directory`, keeping the previous model until the new one is complete.
+
+  Steps: write everything to `<dir>.tmp`; rename the old `<dir>` to `<dir>.old`; rename
+  `<dir>.tmp` to `<dir>`; delete `<dir>.old`. A crash at any point leaves a complete model that
+  `load` finds (the old one, or the new one); a failed write removes its `<dir>.tmp`.
+  """
   import orbax.checkpoint as ocp
 
   directory = pathlib.Path(directory).absolute()
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = directory.with_name(directory.name + '.tmp')
+  _recover(directory)
+  tmp, old = _staging(directory)
   if tmp.exists():
     shutil.rmtree(tmp)
   tmp.mkdir()
-  with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(tmp / 'arrays', _arrays(model))
-  meta = dict(model.meta, format_version=FORMAT_VERSION,
-              present=sorted(k for k in ('position', 'mlp', 'refine') if getattr(model, k) is not None))
-  (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      ckptr.save(tmp / 'arrays', _arrays(model))
+    meta = dict(model.meta, format_version=FORMAT_VERSION,
+                present=sorted(k for k in ('position', 'mlp', 'refine')
+                               if getattr(model, k) is not None))
+    (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   if directory.exists():
-    shutil.rmtree(directory)
+    os.replace(directory, old)
   os.replace(tmp, directory)
+  if old.exists():
+    shutil.rmtree(old)
+
+
+def exists(directory: str | os.PathLike) -> bool:
+  """Whether a complete model is at `directory` (finishing an interrupted `save` first)."""
+  directory = pathlib.Path(directory).absolute()
+  _recover(directory)
+  return (directory / 'meta.json').exists()
 
 
 def load(directory: str | os.PathLike) -> PNIModel:
-  """Restores a model written by `save`; arrays come back bit-identical (numpy on host)."""
+  """Restores a model written by `save`; arrays come back bit-identical (numpy on host).
+
+  A save interrupted between its renames is completed first (see `save`).
+  """
   import orbax.checkpoint as ocp
 
   directory = pathlib.Path(directory).absolute()
+  _recover(directory)
   meta_path = directory / 'meta.json'
   if not meta_path.exists():
     raise FileNotFoundError(f'no fitted model at {directory} (missing {meta_path.name}); '
                             'fit one with `python -m pni_jax.main --config=... --workdir=...`')
-  meta = json.loads(meta_path.read_text())
-  if meta.get('format_version') != FORMAT_VERSION:
-    raise ValueError(f'{directory}: model format {meta.get("format_version")} is not supported '
+  try:
+    meta = json.loads(meta_path.read_text())
+  except ValueError as e:
+    raise ValueError(f'{meta_path}: not valid JSON ({e}); refit the model') from e
+  if not isinstance(meta, dict) or meta.get('format_version') != FORMAT_VERSION:
+    version = meta.get('format_version') if isinstance(meta, dict) else None
+    raise ValueError(f'{directory}: model format {version} is not supported '
                      f'(expected {FORMAT_VERSION}); refit the model')
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.restore(directory / 'arrays')

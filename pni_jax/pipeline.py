@@ -92,7 +92,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     report.log_metrics(writer, step, main, prefix=f'{category}/')
     main_results[category] = main
     all_results[category] = results
-    groups[category] = data_lib.category_group(cfg.data.name, category)
+    groups[category] = data_lib.category_group(cfg.data, category)
     summary.append(dict(category=category, seconds=time.perf_counter() - t0,
                         num_train=num_train, **compiles.as_dict(),
                         **{k: main[k] for k in SUMMARY_METRICS}))

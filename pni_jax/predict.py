@@ -6,9 +6,9 @@ writes, under `<RUN>/predictions/<category>/` (or --out):
   <name>_mask.png      the binary defect mask (0 / 255) at the input's original size (empty when
                        the image is judged normal)
   predictions.csv / predictions.json   per image: score, threshold, decision, defect area, error
-Images of any size, grayscale or RGBA go through the model's own preprocessing (resize short side,
-center crop); maps come back to the original size. An unreadable file is reported in the table
-(and the log) and the others are still processed. Thresholds are the fit-time ones (held-out
+Images of any size, grayscale or RGBA go through the model's own preprocessing (resize per
+data.resize_mode, center crop); maps come back to the original size. An unreadable file is
+reported in the table (and the log) and the others are still processed. Thresholds are the fit-time ones (held-out
 normal images), stored with the model.
 """
 
@@ -48,7 +48,8 @@ def find_images(spec: str) -> list[str]:
 
 
 def pick_category(workdir: pathlib.Path, category: str | None) -> str:
-  fitted = sorted(p.parent.parent.name for p in workdir.glob('*/model/meta.json'))
+  fitted = sorted(p.name for p in workdir.iterdir() if model_lib.exists(p / 'model')) \
+      if workdir.is_dir() else []
   if not fitted:
     raise FileNotFoundError(f'no fitted model under {workdir} (expected <category>/model/)')
   if category:
@@ -102,6 +103,7 @@ def predict_images(workdir: pathlib.Path, category: str, paths: list[str],
                      'fitted with data.holdout_fraction=0); refit with held-out images')
   variant = infer.parse_variant(fitted.meta.get('calibration_variant', 'baseline'))
   resize, crop = int(cfg.data.resize), int(cfg.data.crop)
+  mode = str(cfg.data.get('resize_mode', data_lib.LEGACY_RESIZE_MODE))  # models fitted before it
   extractor = infer.make_extractor(cfg)
   bs = extractor.batch_size
 
@@ -115,7 +117,7 @@ def predict_images(workdir: pathlib.Path, category: str, paths: list[str],
     out = outs[variant.name]
     for k, item in enumerate(pending):
       h, w = item['orig'].shape[:2]
-      amap = data_lib.unprocess_map(out['maps'][k], h, w, resize, crop)
+      amap = data_lib.unprocess_map(out['maps'][k], h, w, resize, crop, mode=mode)
       score = float(out['image'][k])
       # The defect region of an image judged normal is empty: pixels above the pixel threshold
       # in a normal image are the expected false positives of the held-out calibration.
@@ -142,7 +144,7 @@ def predict_images(workdir: pathlib.Path, category: str, paths: list[str],
       prog.update(1)
       continue
     pending.append(dict(path=path, name=name, orig=image,
-                        crop=data_lib.preprocess(image, resize, crop)))
+                        crop=data_lib.preprocess(image, resize, crop, mode=mode)))
     if len(pending) == bs:
       flush()
     prog.update(1)

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
+from pni_jax import artifact_runner
 from pni_jax import data as data_lib
 from pni_jax import export
 from pni_jax import infer
@@ -27,7 +28,8 @@ from pni_jax.cli import normalize_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-5
-ALLOWED_LOADER_IMPORTS = {'argparse', 'json', 'os', 'sys', 'jax', 'numpy', 'PIL'}
+ALLOWED_LOADER_IMPORTS = {'__future__', 'argparse', 'json', 'math', 'os', 'sys', 'typing', 'jax',
+                          'numpy', 'PIL'}
 
 # Runs a script like `python SCRIPT ARGS`, but with pni_jax (and the rest of this repository)
 # unimportable: a meta-path finder placed first refuses the names and the repository is taken
@@ -111,8 +113,8 @@ def reference(fitted):
   extractor = infer.make_extractor(cfg)
   crop = int(cfg.data.crop)
   paths = sorted(str(p) for p in (pathlib.Path(cfg.data.root) / 'tokens' / 'test').glob('*/*.png'))
-  images = np.stack([data_lib.preprocess(data_lib.load_image(p), cfg.data.resize, crop)
-                     for p in paths])
+  images = np.stack([data_lib.preprocess(data_lib.load_image(p), cfg.data.resize, crop,
+                                         mode=cfg.data.resize_mode) for p in paths])
   padded = np.concatenate([images, np.repeat(images[-1:], extractor.batch_size - len(paths), 0)])
   feats = extractor.fn(extractor.variables, jnp.asarray(padded))
   scorer = infer.make_scorer(cfg.model, infer.variant_from_config(cfg.model), (crop, crop))
@@ -129,6 +131,7 @@ def test_artifact_layout_and_meta(artifact, reference):
   saved = json.loads((out / 'meta.json').read_text())
   assert saved['format'] == export.ARTIFACT_FORMAT and saved['version'] == export.ARTIFACT_VERSION
   assert saved['input']['size'] == saved['input']['crop'] == saved['input']['resize'] == 96
+  assert saved['input']['resize_mode'] == reference['cfg'].data.resize_mode == 'square'
   assert saved['batch_size'] is None and saved['variant'] == '+N+P' and not saved['refinement']
   stats = reference['model'].stats
   for key in ('image', 'pixel'):
@@ -179,10 +182,10 @@ def test_isolation_really_blocks_the_package(tmp_path):
   assert res.stdout.startswith('BLOCKED'), res.stdout
 
 
-def test_loader_imports_only_jax_numpy_pil_and_stdlib(artifact):
+def test_loader_is_the_package_module_and_imports_only_jax_numpy_pil_stdlib(artifact):
   out, _ = artifact
   source = (out / 'run_artifact.py').read_text()
-  assert source == export.LOADER_SOURCE
+  assert source == pathlib.Path(artifact_runner.__file__).read_text() == export.loader_source()
   names = set()
   for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Import):
@@ -190,6 +193,9 @@ def test_loader_imports_only_jax_numpy_pil_and_stdlib(artifact):
     elif isinstance(node, ast.ImportFrom):
       names.add(node.module.split('.')[0])
   assert names <= ALLOWED_LOADER_IMPORTS, names - ALLOWED_LOADER_IMPORTS
+  # One copy of the decode / preprocess code: the data package uses the runner's functions.
+  for name in ('load_image', 'preprocess', 'crop_box'):
+    assert getattr(data_lib, name) is getattr(artifact_runner, name), name
 
 
 def test_load_artifact_in_process(artifact, reference):
@@ -204,9 +210,9 @@ def test_load_artifact_in_process(artifact, reference):
     art(images[:, :64])
 
 
-def test_loader_preprocessing_equals_the_package(artifact, tmp_path):
-  namespace = {'__name__': 'loader'}
-  exec(compile(export.LOADER_SOURCE, 'run_artifact.py', 'exec'), namespace)  # noqa: S102
+def test_standalone_loader_preprocessing_equals_the_package(tmp_path):
+  """The shipped file, run in a process that cannot import pni_jax, preprocesses non-square,
+  grayscale, RGBA and 16-bit files exactly as the package does (both resize modes)."""
   rng = np.random.default_rng(0)
   files = {
       'rgb_wide.png': Image.fromarray(rng.integers(0, 256, (70, 131, 3), np.uint8)),
@@ -214,15 +220,30 @@ def test_loader_preprocessing_equals_the_package(artifact, tmp_path):
       'rgba.png': Image.fromarray(rng.integers(0, 256, (96, 96, 4), np.uint8), 'RGBA'),
       'gray16.png': Image.fromarray(rng.integers(0, 65536, (120, 100)).astype(np.uint16)),
   }
+  paths = []
   for name, img in files.items():
-    path = str(tmp_path / name)
-    img.save(path)
-    ours = namespace['preprocess'](namespace['load_image'](path), 100, 96)
-    want = data_lib.preprocess(data_lib.load_image(path), 100, 96)
-    np.testing.assert_array_equal(ours, want, err_msg=name)
+    paths.append(str(tmp_path / name))
+    img.save(paths[-1])
+  (tmp_path / 'run_artifact.py').write_text(export.loader_source())
+  script = tmp_path / 'probe.py'
+  script.write_text(
+      'import sys, numpy as np\n'
+      'import run_artifact as r\n'
+      'out = {}\n'
+      'for mode in r.RESIZE_MODES:\n'
+      '  for i, p in enumerate(sys.argv[2:]):\n'
+      '    out[f"{mode}{i}"] = r.preprocess(r.load_image(p), 100, 96, mode=mode)\n'
+      'np.savez(sys.argv[1], **out)\n')
+  res = _run_isolated(script, [tmp_path / 'out.npz', *paths], tmp_path)
+  assert res.returncode == 0, res.stderr[-3000:]
+  got = np.load(tmp_path / 'out.npz')
+  for mode in data_lib.RESIZE_MODES:
+    for i, path in enumerate(paths):
+      want = data_lib.preprocess(data_lib.load_image(path), 100, 96, mode=mode)
+      np.testing.assert_array_equal(got[f'{mode}{i}'], want, err_msg=f'{mode} {path}')
   with pytest.raises(ValueError, match='cannot read image .*broken.png'):
     (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really')
-    namespace['load_image'](str(tmp_path / 'broken.png'))
+    artifact_runner.load_image(str(tmp_path / 'broken.png'))
 
 
 def test_cli_fixed_batch_export_pads(fitted, reference, tmp_path, capsys):

@@ -104,6 +104,13 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', default='', help='also write the rows to this JSON file')
   args = parser.parse_args(argv)
+  if not args.no_sklearn:
+    try:
+      import sklearn  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      print('scikit-learn is not installed (it is only a test / benchmark extra: '
+            "pip install 'pni-jax[test]'): skipping its column")
+      args.no_sklearn = True
 
   dtype = jnp.dtype(args.dtype)
   precision = jax.lax.Precision.HIGHEST if args.precision == 'highest' else None

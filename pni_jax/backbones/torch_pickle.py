@@ -13,6 +13,11 @@ In both, tensors are pickled as `torch._utils._rebuild_tensor_v2(storage, offset
 ...)` and storages as persistent ids `('storage', <torch.XStorage>, key, location, numel)`.
 The unpickler below only resolves that small set of globals (plus `collections.OrderedDict`),
 so a file cannot run arbitrary code while it is read.
+
+A file is untrusted input: every tensor's offset, size and stride is checked against its storage
+(no read outside it, no view larger than it), every storage against the bytes the file holds
+(and one dtype per storage), and anything that is not a tensor in a (nested) dict / list is
+refused. Every failure is a ValueError naming the file (FileNotFoundError when missing).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -51,14 +57,34 @@ class _StorageType:
     self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
-class _TensorRef:
-  """A tensor not yet materialised: storage key + view geometry."""
+class _Storage(tuple):
+  """(storage type, key, numel) from a persistent id."""
 
-  def __init__(self, storage: tuple, offset: int, size: tuple, stride: tuple):
+
+def _int(value, what: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise pickle.UnpicklingError(f'tensor {what} must be an integer, got {type(value).__name__}')
+  return value
+
+
+class _TensorRef:
+  """A tensor not yet materialised: storage key + view geometry (checked for sign and type)."""
+
+  def __init__(self, storage, offset, size, stride):
+    if not isinstance(storage, _Storage):
+      raise pickle.UnpicklingError(f'tensor storage is a {type(storage).__name__}, not a storage')
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
+      raise pickle.UnpicklingError('tensor size and stride must be tuples')
     self.storage = storage
-    self.offset = int(offset)
-    self.size = tuple(int(s) for s in size)
-    self.stride = tuple(int(s) for s in stride)
+    self.offset = _int(offset, 'offset')
+    self.size = tuple(_int(s, 'size') for s in size)
+    self.stride = tuple(_int(s, 'stride') for s in stride)
+    if len(self.size) != len(self.stride):
+      raise pickle.UnpicklingError(f'tensor size {self.size} and stride {self.stride} differ in '
+                                   'length')
+    if self.offset < 0 or min(self.size, default=0) < 0 or min(self.stride, default=0) < 0:
+      raise pickle.UnpicklingError(f'negative tensor offset / size / stride: offset {self.offset},'
+                                   f' size {self.size}, stride {self.stride}')
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
@@ -68,6 +94,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
 
 def _rebuild_parameter(data, *unused):
   del unused
+  if not isinstance(data, _TensorRef):
+    raise pickle.UnpicklingError(f'a parameter must hold a tensor, got {type(data).__name__}')
   return data
 
 
@@ -87,42 +115,68 @@ class _Unpickler(pickle.Unpickler):
         f'unsupported object {module}.{name} in a torch file: only plain state_dicts '
         '(tensors in (ordered) dicts) can be read without torch')
 
-  def persistent_load(self, pid: Any) -> tuple:
+  def persistent_load(self, pid: Any) -> _Storage:
     # ('storage', storage_type, key, location, numel[, view_metadata])
-    if not isinstance(pid, tuple) or not pid or pid[0] != 'storage':
-      raise pickle.UnpicklingError(f'unsupported persistent id {pid!r}')
-    return (pid[1], str(pid[2]), int(pid[4]))
+    if (not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != 'storage'
+        or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], (str, int))):
+      raise pickle.UnpicklingError(f'unsupported persistent id {str(pid)[:200]}')
+    numel = _int(pid[4], 'storage size')
+    if numel < 0:
+      raise pickle.UnpicklingError(f'negative storage size {numel}')
+    return _Storage((pid[1], str(pid[2]), numel))
+
+
+def _view(ref: _TensorRef, flat: np.ndarray) -> np.ndarray:
+  """The tensor's elements, after checking that the view lies inside the storage."""
+  numel = flat.shape[0]
+  count = int(np.prod(ref.size, dtype=object))
+  if count == 0:
+    if ref.offset > numel:
+      raise ValueError(f'empty tensor at offset {ref.offset} beyond its storage of {numel}')
+    return np.zeros(ref.size, flat.dtype)
+  last = ref.offset + sum((n - 1) * st for n, st in zip(ref.size, ref.stride))
+  if last >= numel or count > numel:
+    raise ValueError(f'tensor of size {ref.size}, stride {ref.stride} at offset {ref.offset} '
+                     f'reads outside its storage of {numel} elements')
+  if not ref.size:
+    return np.array(flat[ref.offset])
+  view = np.lib.stride_tricks.as_strided(
+      flat[ref.offset:], shape=ref.size, strides=tuple(s * flat.itemsize for s in ref.stride),
+      writeable=False)
+  return np.ascontiguousarray(view)
 
 
 def _materialise(obj: Any, storages: dict[str, np.ndarray]) -> Any:
-  """Replaces every `_TensorRef` inside `obj` by a contiguous numpy array."""
+  """Replaces every `_TensorRef` inside `obj` by a contiguous numpy array; anything else than
+  tensors in dicts / lists / tuples (and their str / int keys) is refused."""
   if isinstance(obj, _TensorRef):
     storage_type, key, _ = obj.storage
-    flat = storages[key]
-    item = flat.itemsize
-    if not obj.size:
-      out = np.array(flat[obj.offset])
-    else:
-      view = np.lib.stride_tricks.as_strided(
-          flat[obj.offset:], shape=obj.size, strides=tuple(s * item for s in obj.stride))
-      out = np.ascontiguousarray(view)
+    out = _view(obj, storages[key])
     if storage_type.name == 'BFloat16Storage':
       out = (out.astype(np.uint32) << 16).view(np.float32)
     return out
   if isinstance(obj, dict):
     out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
     for k, v in obj.items():
+      if not isinstance(k, (str, int)):
+        raise ValueError(f'unsupported key of type {type(k).__name__} in the saved dict')
       out[k] = _materialise(v, storages)
     return out
-  if isinstance(obj, (list, tuple)):
+  if isinstance(obj, (list, tuple)) and not isinstance(obj, _Storage):
     return type(obj)(_materialise(v, storages) for v in obj)
-  return obj
+  if obj is None or isinstance(obj, (bool, int, float, str)):
+    return obj  # e.g. {'epoch': 3, 'state_dict': ...}; load_state_dict refuses them as entries
+  raise ValueError(f'unsupported object of type {type(obj).__name__} in the saved structure')
 
 
 def _collect_refs(obj: Any, found: dict[str, tuple]) -> None:
+  """key -> (storage type, numel) of every storage a tensor uses; one dtype per storage."""
   if isinstance(obj, _TensorRef):
     storage_type, key, numel = obj.storage
-    found[key] = (storage_type, numel)
+    seen = found.setdefault(key, (storage_type, numel))
+    if seen[0].name != storage_type.name or seen[1] != numel:
+      raise ValueError(f'storage {key} is used as {seen[0].name}[{seen[1]}] and as '
+                       f'{storage_type.name}[{numel}]')
   elif isinstance(obj, dict):
     for v in obj.values():
       _collect_refs(v, found)
@@ -135,47 +189,77 @@ def _load_zip(path: str) -> Any:
   with zipfile.ZipFile(path) as z:
     names = z.namelist()
     pkl = [n for n in names if n.endswith('data.pkl')]
-    if not pkl:
-      raise ValueError(f'{path}: zip file without data.pkl is not a torch checkpoint')
+    if len(pkl) != 1:
+      raise ValueError(f'a torch zip checkpoint holds one data.pkl, found {len(pkl)}')
     prefix = pkl[0][:-len('data.pkl')]
     byteorder = prefix + 'byteorder'
     if byteorder in names and z.read(byteorder).strip() != b'little':
-      raise ValueError(f'{path}: big-endian torch files are not supported')
-    obj = _Unpickler(z.open(pkl[0])).load()
+      raise ValueError('big-endian torch files are not supported')
+    with z.open(pkl[0]) as f:
+      obj = _Unpickler(f).load()
     refs: dict[str, tuple] = {}
     _collect_refs(obj, refs)
     storages = {}
     for key, (storage_type, numel) in refs.items():
-      raw = z.read(f'{prefix}data/{key}')
+      member = f'{prefix}data/{key}'
+      if member not in names:
+        raise ValueError(f'storage {key} is missing (no {member} in the zip)')
+      nbytes = numel * storage_type.dtype.itemsize
+      if z.getinfo(member).file_size < nbytes:
+        raise ValueError(f'storage {key} holds {z.getinfo(member).file_size} bytes, its tensors '
+                         f'need {nbytes} ({numel} x {storage_type.name})')
+      raw = z.read(member)
       storages[key] = np.frombuffer(raw, dtype=storage_type.dtype, count=numel)
   return _materialise(obj, storages)
 
 
 def _load_legacy(f: BinaryIO, path: str) -> Any:
-  magic = pickle.load(f)
+  size = os.fstat(f.fileno()).st_size
+  # Every pickle of the file goes through the restricted unpickler (no arbitrary globals).
+  magic = _Unpickler(f).load()
   if magic != _LEGACY_MAGIC:
-    raise ValueError(f'{path}: not a torch checkpoint (bad magic number)')
-  pickle.load(f)  # protocol version
-  sys_info = pickle.load(f)
+    raise ValueError('not a torch checkpoint (bad magic number)')
+  _Unpickler(f).load()  # protocol version
+  sys_info = _Unpickler(f).load()
   if isinstance(sys_info, dict) and not sys_info.get('little_endian', True):
-    raise ValueError(f'{path}: big-endian torch files are not supported')
+    raise ValueError('big-endian torch files are not supported')
   obj = _Unpickler(f).load()
-  keys = pickle.load(f)
+  keys = _Unpickler(f).load()
+  if not isinstance(keys, list):
+    raise ValueError(f'the storage key list is a {type(keys).__name__}')
   refs: dict[str, tuple] = {}
   _collect_refs(obj, refs)
   storages = {}
   for key in keys:
     key = str(key)
-    (numel,) = struct.unpack('<q', f.read(8))
+    head = f.read(8)
+    if len(head) != 8:
+      raise ValueError(f'truncated before storage {key}')
+    (numel,) = struct.unpack('<q', head)
     if key not in refs:
-      raise ValueError(f'{path}: storage {key} is not used by any tensor')
-    storage_type, _ = refs[key]
+      raise ValueError(f'storage {key} is not used by any tensor')
+    if key in storages:
+      raise ValueError(f'storage {key} appears twice')
+    storage_type, expected = refs[key]
+    if numel != expected:
+      raise ValueError(f'storage {key} holds {numel} elements, its tensors say {expected}')
     nbytes = numel * storage_type.dtype.itemsize
+    if nbytes > size - f.tell():
+      raise ValueError(f'truncated storage {key}: {nbytes} bytes expected, '
+                       f'{size - f.tell()} left in the file')
     raw = f.read(nbytes)
-    if len(raw) != nbytes:
-      raise ValueError(f'{path}: truncated storage {key}')
     storages[key] = np.frombuffer(raw, dtype=storage_type.dtype, count=numel)
+  missing = sorted(set(refs) - set(storages))
+  if missing:
+    raise ValueError(f'storages {missing[:5]} used by tensors are missing')
   return _materialise(obj, storages)
+
+
+# What a malformed file can make the readers above raise; each becomes a ValueError naming it.
+_MALFORMED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+              AttributeError, struct.error, UnicodeDecodeError, OverflowError, RecursionError,
+              MemoryError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+              OSError)  # e.g. a seek to a bogus offset read from a damaged zip directory
 
 
 def load(path: str | os.PathLike) -> Any:
@@ -195,17 +279,17 @@ def load(path: str | os.PathLike) -> Any:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'torch weights file not found: {path}')
-  if zipfile.is_zipfile(path):
-    return _load_zip(path)
-  with open(path, 'rb') as f:
-    head = f.read(2)
-    f.seek(0)
-    if head[:1] != b'\x80':
-      raise ValueError(f'{path}: neither a zip nor a pickle file; not a torch checkpoint')
-    try:
+  try:
+    if zipfile.is_zipfile(path):
+      return _load_zip(path)
+    with open(path, 'rb') as f:
+      if f.read(1) != b'\x80':
+        raise ValueError('neither a zip nor a pickle file; not a torch checkpoint')
+      f.seek(0)
       return _load_legacy(f, path)
-    except (pickle.UnpicklingError, EOFError, struct.error) as e:
-      raise ValueError(f'{path}: cannot read as a torch checkpoint: {e}') from e
+  except _MALFORMED as e:
+    raise ValueError(f'{path}: cannot read as a torch checkpoint: {type(e).__name__}: '
+                     f'{str(e)[:300]}') from e
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -222,7 +306,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   out = collections.OrderedDict()
   for k, v in obj.items():
     if not isinstance(v, np.ndarray):
-      continue
+      raise ValueError(f'{os.fspath(path)}: state_dict entry {k!r} is a {type(v).__name__}, not a '
+                       'tensor; only tensors can be loaded')
     k = str(k)
     if k.startswith('module.'):
       k = k[len('module.'):]

@@ -1,10 +1,14 @@
-"""Datasets: layouts on disk, preprocessing, tf.data pipelines and the embedded generated set.
+"""Datasets: layouts on disk, preprocessing, tf.data pipelines, TFDS builders and the embedded
+generated set.
 
 Importing this package does not import TensorFlow; `make_dataset` / `iterate_numpy` load
-`pipeline.py` (and TensorFlow) on first use, `generate` loads `generated.py`.
+`pipeline.py` (and TensorFlow) on first use, `generate` loads `generated.py`, and
+`load_split` with data.source='tfds' loads `tfds_builders.py`.
 """
 
 from pni_jax.data.images import CropBox
+from pni_jax.data.images import LEGACY_RESIZE_MODE
+from pni_jax.data.images import RESIZE_MODES
 from pni_jax.data.images import crop_box
 from pni_jax.data.images import load_image
 from pni_jax.data.images import load_mask
@@ -18,13 +22,15 @@ from pni_jax.data.layouts import load_split
 from pni_jax.data.splits import batches
 from pni_jax.data.splits import subset
 from pni_jax.data.splits import train_holdout
+from pni_jax.data.layouts import texture_categories
 
 _PIPELINE = ('make_dataset', 'iterate_numpy')
 
 __all__ = [
-    'CropBox', 'Split', 'batches', 'category_group', 'crop_box', 'generate', 'iterate_numpy',
-    'list_categories', 'load_image', 'load_mask', 'load_split', 'make_dataset', 'preprocess',
-    'preprocess_mask', 'subset', 'train_holdout', 'unprocess_map',
+    'CropBox', 'LEGACY_RESIZE_MODE', 'RESIZE_MODES', 'Split', 'batches', 'category_group',
+    'crop_box', 'generate', 'iterate_numpy', 'list_categories', 'load_image', 'load_mask',
+    'load_split', 'make_dataset', 'preprocess', 'preprocess_mask', 'subset', 'texture_categories',
+    'train_holdout', 'unprocess_map',
 ]
 
 

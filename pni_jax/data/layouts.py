@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import types
 from typing import Any, Sequence
 
 import numpy as np
@@ -61,6 +62,8 @@ class Split:
     defect_types: N entries; 'good' for normal images, else the defect name (test sub-folder).
     category: category name (for messages).
     split: 'train' or 'test'.
+    record_ids: data.source='tfds' only: the record index of each entry in the prepared TFDS
+      split (increasing); empty for the files source.
   """
   paths: tuple[str, ...]
   labels: np.ndarray
@@ -68,6 +71,7 @@ class Split:
   defect_types: tuple[str, ...]
   category: str = ''
   split: str = ''
+  record_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
@@ -76,11 +80,14 @@ class Split:
     object.__setattr__(self, 'paths', tuple(self.paths))
     object.__setattr__(self, 'mask_paths', tuple(self.mask_paths))
     object.__setattr__(self, 'defect_types', tuple(self.defect_types))
+    object.__setattr__(self, 'record_ids', tuple(int(i) for i in self.record_ids))
     n = len(self.paths)
     if not (len(labels) == len(self.mask_paths) == len(self.defect_types) == n):
       raise ValueError('Split fields disagree in length: '
                        f'{n} paths, {len(labels)} labels, {len(self.mask_paths)} mask_paths, '
                        f'{len(self.defect_types)} defect_types')
+    if self.record_ids and len(self.record_ids) != n:
+      raise ValueError(f'Split has {len(self.record_ids)} record_ids for {n} paths')
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -373,13 +380,17 @@ def load_split(data_cfg: Any, category: str, split: str, *, check_files: bool = 
   """Lists one split of one category.
 
   Args:
-    data_cfg: the `data` ConfigDict (name, root, folder_good are read).
+    data_cfg: the `data` ConfigDict (name, root, folder_good, source; with source 'tfds' also
+      tfds_data_dir: the split then comes from the prepared TFDS builder, see tfds_builders).
     category: category folder / VisA object name.
     split: 'train' or 'test'.
     check_files: read every image and mask header now, so that unreadable files and masks whose
       size differs from their image fail before any feature extraction.
   """
   name = _check_name(data_cfg.name)
+  if getattr(data_cfg, 'source', 'files') == 'tfds':
+    from pni_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    return tfds_builders.load_split(data_cfg, category, split)
   root = _check_root(data_cfg)
   _check_split(split)
   if name != 'visa' and not os.path.isdir(os.path.join(root, category)):
@@ -398,14 +409,35 @@ def load_split(data_cfg: Any, category: str, split: str, *, check_files: bool = 
   return out
 
 
-def category_group(dataset_name: str, category: str) -> str:
-  """Report group of a category: 'object' / 'texture' (MVTec AD, generated); VisA's 'single
-  instance' / 'multiple instances' / 'complex structure' (paper Table 6); 'object' otherwise."""
-  _check_name(dataset_name)
-  if dataset_name == 'mvtec':
-    return 'texture' if category in MVTEC_TEXTURES else 'object'
-  if dataset_name == 'generated':
-    return 'texture' if category in GENERATED_TEXTURES else 'object'
-  if dataset_name == 'visa':
+def texture_categories(data_cfg: Any) -> tuple[str, ...]:
+  """`data.texture_categories`, or (when None / absent) the dataset's own textures: MVTec AD's
+  five, the generated set's weave and granite, none for the other layouts. A comma-separated
+  string (from the command line) is split."""
+  value = getattr(data_cfg, 'texture_categories', None)
+  if value is None:
+    return {'mvtec': MVTEC_TEXTURES, 'generated': GENERATED_TEXTURES}.get(data_cfg.name, ())
+  if isinstance(value, str):
+    value = (value,)
+  return tuple(part.strip() for v in value for part in str(v).split(',') if part.strip())
+
+
+def category_group(data_cfg: Any, category: str) -> str:
+  """Report group of a category.
+
+  'texture' for the categories of `texture_categories(data_cfg)`; otherwise VisA's 'single
+  instance' / 'multiple instances' / 'complex structure' (paper Table 6) for VisA's names, and
+  'object' for everything else.
+
+  Args:
+    data_cfg: the `data` config (name, texture_categories), or just a dataset name (then the
+      dataset's own textures).
+    category: the category name.
+  """
+  if isinstance(data_cfg, str):
+    data_cfg = types.SimpleNamespace(name=data_cfg)
+  _check_name(data_cfg.name)
+  if category in texture_categories(data_cfg):
+    return 'texture'
+  if data_cfg.name == 'visa':
     return VISA_GROUPS.get(category, 'object')
-  return 'object'  # BTAD (no established grouping) and the generic folder layout
+  return 'object'
