@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
 import ml_collections
 from absl import app
 from absl import flags
+from absl import logging
 
 from pni_jax import config as config_lib
 
@@ -80,10 +82,23 @@ def normalize_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return cfg
 
 
+def _configure_devices() -> None:
+  """Host CPU devices get the threads they need before JAX starts
+  (`sharding.configure_host_threads`); a `PJRT_NPROC` too small for them is a usage error."""
+  from pni_jax import sharding
+  try:
+    line = sharding.configure_host_threads(os.environ)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if line:
+    logging.info(line)
+
+
 def run(cfg, workdir: str, *, mode: str = 'fit_eval', images: str | None = None,
         category: str | None = None, out: str | None = None) -> None:
   if not workdir:
     raise app.UsageError('--workdir is required')
+  _configure_devices()
   from pni_jax import compilation
   try:
     compilation.setup_cache((cfg if cfg is not None else config_lib.base_config()).runtime)

@@ -16,12 +16,20 @@ Where the stage is written against local arrays (greedy k-center, kNN, scoring) 
 on a batch placed with `shard_batch` and a state placed with `replicate`, and GSPMD inserts the
 cross-device reductions (batch statistics and gradients over the global batch). Any other
 training loop (e.g. the refinement network's) becomes data parallel the same way.
+
+Several devices on one host CPU (`XLA_FLAGS=--xla_force_host_platform_device_count=D`, e.g. to
+test data parallelism without accelerators) need 2 D threads in XLA:CPU's client thread pool, or
+a training loop that queues its steps deadlocks; entry points call `configure_host_threads`
+before JAX starts (see its docstring for the mechanism).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import os
+import re
+from typing import Any, Callable, MutableMapping, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,10 +41,19 @@ DATA = 'data'
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, axis: str = DATA) -> Mesh:
-  """A 1-D mesh over `devices` (default: all devices of the default backend), axis `axis`."""
+  """A 1-D mesh over `devices` (default: all devices of the default backend), axis `axis`.
+
+  Logs a warning (once) when the devices are D > 1 host CPU devices and XLA:CPU was started with
+  fewer than 2 D threads (`configure_host_threads` explains why that can abort training).
+  """
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError('make_mesh needs at least one device')
+  cpus = sum(1 for d in devices if d.platform == 'cpu')
+  if cpus > 1:
+    problem = host_thread_problem(cpus, os.environ)
+    if problem:
+      logging.log_first_n(logging.WARNING, problem + ' before JAX starts', 1)
   return Mesh(np.asarray(devices, dtype=object), (axis,))
 
 
@@ -208,3 +225,113 @@ def peak_memory_bytes(mesh: Mesh | None = None) -> int | None:
     if stats and 'peak_bytes_in_use' in stats:
       peaks.append(int(stats['peak_bytes_in_use']))
   return max(peaks) if peaks else None
+
+
+# ----------------------------------------------------------------------------- host CPU devices
+
+# The XLA:CPU client's limit of queued computations per device (`CpuClientOptions`; JAX does not
+# expose it).
+MAX_IN_FLIGHT_PER_DEVICE = 32
+
+
+def _env_int(environ: MutableMapping[str, str], name: str) -> int | None:
+  value = environ.get(name, '').strip()
+  return int(value) if value.isdigit() else None
+
+
+def requested_cpu_devices(environ: MutableMapping[str, str]) -> int:
+  """The number of CPU devices JAX will create from `environ`: `JAX_NUM_CPU_DEVICES` when set
+  (>= 0), else the last `--xla_force_host_platform_device_count=D` in `XLA_FLAGS`, else 1."""
+  num = _env_int(environ, 'JAX_NUM_CPU_DEVICES')   # None when unset or -1 (JAX's "unset")
+  if num is not None:
+    return max(1, num)
+  found = re.findall(r'--xla_force_host_platform_device_count=(\d+)', environ.get('XLA_FLAGS', ''))
+  return max(1, int(found[-1])) if found else 1
+
+
+def host_cpu_count(environ: MutableMapping[str, str]) -> int:
+  """CPUs XLA:CPU assumes: `NPROC` when set (a CPU reservation), else the CPUs this process may
+  run on."""
+  nproc = _env_int(environ, 'NPROC')
+  if nproc is not None:
+    return nproc
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def host_threads_needed(num_devices: int) -> int:
+  """Threads XLA:CPU needs for `num_devices` host devices: 2 D when D > 1 (see
+  `configure_host_threads`), else no constraint (1)."""
+  return 2 * num_devices if num_devices > 1 else 1
+
+
+def host_thread_problem(num_devices: int, environ: MutableMapping[str, str]) -> str | None:
+  """Why XLA:CPU's thread pool is too small for `num_devices` host devices with `environ`, or None.
+
+  XLA:CPU sizes its pool max(`PJRT_NPROC`, else `NPROC`, else the CPU count; D).
+  """
+  need = host_threads_needed(num_devices)
+  threads = _env_int(environ, 'PJRT_NPROC')
+  if threads is not None:
+    source = f'PJRT_NPROC={threads}'
+  else:
+    threads = host_cpu_count(environ)
+    source = f'NPROC={threads}' if _env_int(environ, 'NPROC') is not None else f'{threads} CPU(s)'
+  threads = max(threads, num_devices)
+  if threads >= need:
+    return None
+  return (f'XLA:CPU has {threads} threads ({source}) for {num_devices} host CPU devices: a '
+          f'multi-device step can deadlock once more than {MAX_IN_FLIGHT_PER_DEVICE} '
+          f"computations per device are queued, and XLA then aborts after 40 s ('Termination "
+          f"timeout ... all reduce'); set PJRT_NPROC={need} or more")
+
+
+def configure_host_threads(environ: MutableMapping[str, str], *,
+                           jax_started: bool | None = None) -> str | None:
+  """Gives XLA:CPU enough threads for the requested host devices; call before JAX starts.
+
+  Why: with D host CPU devices, XLA:CPU runs a multi-device step as D programs, one per device,
+  each holding a thread of the client's pool until it finishes; the D programs meet at every
+  cross-device reduction (BatchNorm statistics, gradients: an all-reduce rendezvous). Dispatch
+  is asynchronous, so a loop that does not wait for its results queues steps; once a device has
+  `MAX_IN_FLIGHT_PER_DEVICE` computations queued, launching the next step blocks a pool thread
+  on that device's queue (up to D threads, one per device). The pool has max(#CPUs, D) threads:
+  on a host with fewer than 2 D CPUs a blocked launch leaves too few threads for the running
+  step, D - 1 of its programs wait at the all-reduce for the last one, which never gets a
+  thread, and after 40 s XLA aborts the process ("Termination timeout ... Exiting to ensure a
+  consistent program state"). With 2 D threads the running step always has its D (one thread
+  dispatching, as in every loop of this package).
+
+  What: when `requested_cpu_devices(environ)` = D > 1 and the pool would have fewer than 2 D
+  threads, sets `environ['PJRT_NPROC'] = 2 D` (read by XLA:CPU when JAX starts; it sizes the
+  client pool and the intra-op pool). Nothing changes when JAX has already started
+  (`make_mesh` then warns) or when the CPUs suffice.
+
+  Args:
+    environ: the process environment (`os.environ`), changed in place.
+    jax_started: whether JAX's backends exist already (default: asks JAX).
+
+  Raises:
+    ValueError naming `PJRT_NPROC` when it is set explicitly below 2 D.
+
+  Returns:
+    the line to log when it set `PJRT_NPROC`, else None.
+  """
+  if jax_started is None:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    jax_started = xla_bridge.backends_are_initialized()
+  if jax_started:
+    return None
+  num_devices = requested_cpu_devices(environ)
+  problem = host_thread_problem(num_devices, environ)
+  if problem is None:
+    return None
+  if _env_int(environ, 'PJRT_NPROC') is not None:
+    raise ValueError(f'{problem}, or unset it, or use fewer host devices '
+                     f'(--xla_force_host_platform_device_count={num_devices})')
+  need = host_threads_needed(num_devices)
+  environ['PJRT_NPROC'] = str(need)
+  return (f'{num_devices} host CPU devices on {host_cpu_count(environ)} CPU(s): XLA:CPU threads '
+          f'set to PJRT_NPROC={need}, 2 per device, so that multi-device steps cannot deadlock')

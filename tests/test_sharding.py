@@ -14,6 +14,11 @@ Tolerances (asserted; measured on 2 CPU cores in brackets): indices identical; f
 distances and patch scores within 1e-5 (bit-identical); MLP weights and batch statistics after 12
 Adam steps within 1e-5 (2.4e-7: the global-batch means are summed in another order across
 devices).
+
+Host threads: `python tests/test_sharding.py --queued-steps N OUT.npz` queues N data-parallel
+steps without waiting (more than XLA:CPU's 32 per device) on 4 devices of a simulated 2-CPU host
+(NPROC=2), after `sharding.configure_host_threads` as the entry point calls it; with XLA's
+default pool of 4 threads this deadlocks and XLA aborts the process (here after 20 s).
 """
 
 from __future__ import annotations
@@ -131,6 +136,42 @@ def compute() -> dict[str, np.ndarray]:
   return out
 
 
+def _queued_inputs():
+  rng = np.random.default_rng(5)
+  return (rng.normal(size=(32, 64)).astype(np.float32),
+          (np.eye(64) + 0.1 * rng.normal(size=(64, 64))).astype(np.float32))
+
+
+def queued_steps(num_steps: int) -> np.ndarray:
+  """`num_steps` gradient steps on w [64, 64] (batch [32, 64] split over the devices, so the
+  gradient is a cross-device all-reduce), dispatched without waiting; the final w."""
+  import jax
+  import jax.numpy as jnp
+  from pni_jax import sharding
+  mesh = sharding.make_mesh()
+  x, w = _queued_inputs()
+  x, w = sharding.shard_rows(x, mesh), sharding.replicate(w, mesh)
+
+  @jax.jit
+  def step(w, x):
+    return w - 0.05 * jax.grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2))(w)
+
+  for _ in range(num_steps):
+    w = step(w, x)
+  return np.asarray(w)
+
+
+def _small_host_env(**extra) -> dict[str, str]:
+  """Environment of a subprocess with 4 host devices on a simulated 2-CPU host."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2',
+             NPROC='2', XLA_FLAGS='--xla_force_host_platform_device_count=4 '
+                                  '--xla_cpu_collective_call_terminate_timeout_seconds=20')
+  for name in ('PJRT_NPROC', 'JAX_NUM_CPU_DEVICES'):
+    env.pop(name, None)
+  env.update(extra)
+  return env
+
+
 def _smooth_fields(rng):
   """Feature maps [8, 10, 10, 4] (a smoothed random field) and quartile targets of channel 0."""
   import scipy.ndimage as ndi
@@ -233,11 +274,66 @@ def test_pad_rows_and_shard_helpers():
     sharding.data_parallel(lambda a, b: a + b, mesh, (0, 1))(np.zeros(3), np.zeros(4))
 
 
-if __name__ == '__main__':
-  t0 = time.time()
-  results = compute()
-  np.savez(sys.argv[1], **results)
-  print(f'{int(results["num_devices"])} devices, {time.time() - t0:.1f}s')
+def test_requested_cpu_devices_and_thread_problem():
+  from pni_jax import sharding
+  flags = '--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=4'
+  assert sharding.requested_cpu_devices({}) == 1
+  assert sharding.requested_cpu_devices({'XLA_FLAGS': flags}) == 4
+  assert sharding.requested_cpu_devices({'XLA_FLAGS': flags, 'JAX_NUM_CPU_DEVICES': '3'}) == 3
+  assert sharding.requested_cpu_devices({'XLA_FLAGS': flags, 'JAX_NUM_CPU_DEVICES': '-1'}) == 4
+  assert [sharding.host_threads_needed(d) for d in (1, 2, 4)] == [1, 4, 8]
+  assert sharding.host_thread_problem(1, {'NPROC': '1'}) is None
+  assert sharding.host_thread_problem(4, {'NPROC': '8'}) is None
+  assert sharding.host_thread_problem(4, {'NPROC': '2', 'PJRT_NPROC': '8'}) is None
+  problem = sharding.host_thread_problem(4, {'NPROC': '2'})
+  assert 'has 4 threads (NPROC=2) for 4 host CPU devices' in problem
+  assert 'set PJRT_NPROC=8' in problem
+
+
+def test_configure_host_threads():
+  from pni_jax import sharding
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'NPROC': '2'}
+  line = sharding.configure_host_threads(env, jax_started=False)
+  assert env['PJRT_NPROC'] == '8' and 'PJRT_NPROC=8' in line
+  assert sharding.configure_host_threads(env, jax_started=False) is None   # now enough
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'NPROC': '2'}
+  assert sharding.configure_host_threads(env, jax_started=True) is None    # too late: unchanged
+  assert 'PJRT_NPROC' not in env
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'NPROC': '16'}
+  assert sharding.configure_host_threads(env, jax_started=False) is None
+  assert 'PJRT_NPROC' not in env                                            # enough CPUs
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'PJRT_NPROC': '6'}
+  with pytest.raises(ValueError, match=r'PJRT_NPROC=6.*set PJRT_NPROC=8 or more'):
+    sharding.configure_host_threads(env, jax_started=False)
+
+
+def test_queued_steps_complete_on_a_small_host(tmp_path):
+  """The forced-4-device demo used to abort in MLP training on 2 CPUs; this is its mechanism in
+  ~3 s (without `configure_host_threads` the subprocess aborts after 20 s)."""
+  out = tmp_path / 'queued.npz'
+  proc = subprocess.run([sys.executable, __file__, '--queued-steps', '100', str(out)],
+                        env=_small_host_env(), cwd=str(ROOT), capture_output=True, text=True,
+                        timeout=300)
+  log = '\n'.join(line for line in (proc.stdout + proc.stderr).splitlines()
+                  if not line.startswith('    @'))          # XLA's abort: no stack frames
+  assert proc.returncode == 0, log[-4000:]
+  assert 'XLA:CPU threads set to PJRT_NPROC=8' in proc.stdout
+  with np.load(out) as z:
+    four, devices = z['w'], int(z['num_devices'])
+  assert devices == 4
+  assert float(np.abs(four - _queued_inputs()[1]).max()) > 1e-2    # the steps moved w
+  np.testing.assert_allclose(four, queued_steps(100), rtol=0, atol=1e-5)   # = this process's
+
+
+def test_main_refuses_too_few_threads(tmp_path):
+  env = _small_host_env(PJRT_NPROC='4')
+  proc = subprocess.run([sys.executable, '-m', 'pni_jax.main', '--config=configs/demo.py',
+                         f'--workdir={tmp_path / "run"}'], env=env, cwd=str(ROOT),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'XLA:CPU has 4 threads (PJRT_NPROC=4) for 4 host CPU devices' in proc.stderr
+  assert 'set PJRT_NPROC=8 or more' in proc.stderr
+  assert not (tmp_path / 'run').exists()
 
 
 def test_bucket_size_ladder():
@@ -250,3 +346,16 @@ def test_bucket_size_ladder():
   assert [sh.bucket_size(n) for n in (9, 17, 200, 209, 224, 225, 391)] == [10, 20, 224, 224, 224,
                                                                            256, 448]
   assert sh.bucket_size(209, 8) % 8 == 0
+
+
+if __name__ == '__main__':
+  from pni_jax import sharding as _sharding
+  print(_sharding.configure_host_threads(os.environ), flush=True)   # as pni_jax.main does
+  t0 = time.time()
+  if sys.argv[1] == '--queued-steps':
+    import jax as _jax
+    np.savez(sys.argv[3], w=queued_steps(int(sys.argv[2])), num_devices=_jax.device_count())
+  else:
+    results = compute()
+    np.savez(sys.argv[1], **results)
+    print(f'{int(results["num_devices"])} devices, {time.time() - t0:.1f}s')
