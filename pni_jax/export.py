@@ -184,7 +184,6 @@ def _resolve(source):
     cfg, fitted, extractor = source
     return cfg, fitted, extractor.variables
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from pni_jax import pipeline  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(source)
   is_model_dir = (path / 'meta.json').exists() and (path / 'arrays').exists()
@@ -196,7 +195,7 @@ def _resolve(source):
   if 'config' not in fitted.meta:
     raise ValueError(f'{model_dir}/meta.json has no "config": cannot rebuild the backbone')
   cfg = ml_collections.ConfigDict(fitted.meta['config'])
-  return cfg, fitted, pipeline.make_extractor(cfg).variables
+  return cfg, fitted, infer.make_extractor(cfg).variables
 
 
 def _score_units(cfg_model, variant: infer.Variant) -> dict:
@@ -206,6 +205,7 @@ def _score_units(cfg_model, variant: infer.Variant) -> dict:
              'nearest C_emb vector (PatchCore)'))
   image = {'max': 'max of the final map',
            'patch_max': 'max patch score', 'reweight': 'PatchCore reweighted max patch score',
+           'patch_max_cropped': 'max patch score, the border of the patch map cut',
            'top_percent': f'mean of the top {float(sc.top_percent):g} % PNI map pixels'}
   maps = (f'{dist}, upsampled and blurred (sigma {float(sc.sigma):g})' if not variant.refinement
           else '(1 - w) * clip((A - lo) / (hi - lo), 0, 1) + w * refined: unitless, ~[0, 1]')
@@ -232,7 +232,7 @@ def export_model(source, out_path: str | os.PathLike, *, batch_size: int | None 
 
   Args:
     source: `<workdir>/<category>` (or its `model/` folder), or a tuple (cfg, fitted PNIModel,
-      pipeline.Extractor).
+      infer.Extractor).
     out_path: the artifact folder; replaced when it holds an earlier artifact, refused
       (FileExistsError) when it holds anything else.
     batch_size: None exports a symbolic batch (any B); an int exports that fixed batch.

@@ -41,7 +41,7 @@ from pni_jax import metrics as metrics_lib
 from pni_jax import model as model_lib
 from pni_jax import neighborhood
 from pni_jax import report
-from pni_jax import sharding
+from pni_jax.infer import Extractor, make_extractor, pad_batch, score_batches  # noqa: F401
 from pni_jax.progress import Progress
 from pni_jax.store import FeatureStore
 
@@ -124,38 +124,6 @@ def _batches(split, cfg, *, with_masks: bool):
 
 
 # ----------------------------------------------------------------------------- fitting
-
-
-@dataclasses.dataclass
-class Extractor:
-  """The jitted feature function and backbone variables, shared by every category.
-
-  Batches are split over `mesh` (all devices); `batch_size` is data.batch_size rounded up to a
-  multiple of the device count, the variables are replicated.
-  """
-  fn: object
-  variables: object
-  batch_size: int
-  mesh: object
-  scorers: dict = dataclasses.field(default_factory=dict)
-
-  def scorer(self, cfg, variant: infer.Variant):
-    """The data-parallel jitted scorer of `variant`, built once per run (not per category), so
-    categories with equal shapes reuse its compilation."""
-    crop = int(cfg.data.crop)
-    key = (variant, crop)
-    if key not in self.scorers:
-      self.scorers[key] = sharding.data_parallel(infer.make_scorer(cfg.model, variant,
-                                                                   (crop, crop)),
-                                                 self.mesh, sharded_argnums=(1, 2))
-    return self.scorers[key]
-
-
-def make_extractor(cfg) -> Extractor:
-  fn, variables = features.make_feature_fn(cfg.model, key=jax.random.key(cfg.seed))
-  mesh = sharding.make_mesh()
-  return Extractor(fn, sharding.replicate(variables, mesh),
-                   sharding.padded_size(int(cfg.data.batch_size), sharding.num_shards(mesh)), mesh)
 
 
 def _feature_shape(extractor: Extractor, crop: int):
@@ -412,36 +380,6 @@ def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor,
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def pad_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
-  """Pads [b, S, S, 3] to [batch_size, S, S, 3] by repeating the last image (one jit shape)."""
-  b = images.shape[0]
-  if b == batch_size:
-    return images
-  return np.concatenate([images, np.repeat(images[-1:], batch_size - b, axis=0)])
-
-
-def score_batches(cfg, extractor: Extractor, fitted: model_lib.PNIModel,
-                  variants: list[infer.Variant], batches):
-  """Scores batches of images with every variant.
-
-  Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])}) with numpy
-  arrays cut to the batch's real size.
-  """
-  mesh = extractor.mesh
-  arrays = sharding.replicate(model_lib.arrays(fitted), mesh)
-  scorers = {v.name: extractor.scorer(cfg, v) for v in variants}
-  for batch in batches:
-    images = np.asarray(batch['image'], np.float32)
-    b = images.shape[0]
-    images_dev = sharding.shard_rows(pad_batch(images, extractor.batch_size), mesh)
-    feats = extractor.fn(extractor.variables, images_dev)
-    outs = {}
-    for v in variants:
-      out = scorers[v.name](arrays, feats, images_dev)
-      outs[v.name] = {k: np.asarray(out[k][:b]) for k in ('maps', 'image', 'allowed')}
-    yield batch, outs
 
 
 def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: Extractor,
