@@ -255,8 +255,10 @@ def grid_scores(group_sq, nearest_sq, logits, position, code_count, feats, c_emb
 
   patch, frac = jax.lax.map(one_image, (group_sq, nearest_sq, logits))   # [N, G, h, w], [N, G]
   patch = jnp.swapaxes(patch, 0, 1)                                       # [G, N, h, w]
-  maps = jax.vmap(lambda p, s: scoring.anomaly_maps(p, spec.out_size, s, spec.max_sigma))(
-      patch, hp.sigma)
+  # Maps point by point (lax.map): the same compiled einsum whatever the chunk size, so a point's
+  # maps (and metrics) do not depend on which chunk it lands in.
+  maps = jax.lax.map(lambda a: scoring.anomaly_maps(a[0], spec.out_size, a[1], spec.max_sigma),
+                     (patch, hp.sigma))
   if spec.image_score == 'reweight':
     image = jax.vmap(lambda p: scoring.reweighted_image_scores(
         feats, p, c_emb, spec.reweight_neighbors, query_tile=spec.query_tile,
