@@ -14,8 +14,10 @@ hyper-parameters keep their config values. Nothing is refitted: per category,
    (`scoring.group_min_sq_dists`, so the nearest allowed distance for any prior is a min over
    [K_dist] values), the MLP logits and the position prior;
 3. the grid is evaluated in chunks of G points (`sweep.chunk_size`, shrunk to fit
-   `sweep.memory_mb`): one compiled call, `vmap` over the G hyper-parameter points inside a
-   `lax.map` over images, gives [G, N, S, S] maps and [G, N] image scores;
+   `sweep.memory_mb`): one compiled call, `vmap` over the chunk's hyper-parameter points inside a
+   `lax.map` over images, gives [G, N, S, S] maps and [G, N] image scores. Parameters that only
+   change the maps (sigma, top_percent) vary innermost, so each patch-score point is computed once
+   for all of them;
 4. the metrics of the G points come from one batched host pass, `metrics.grid_metrics` (exact,
    equal to the evaluation's metrics: one sort of the normal pixels per point, the few anomalous
    pixels located by binary search; no Python per point or pixel).
@@ -27,7 +29,8 @@ Variants with R are not swept (the refinement network would run per point); fusi
 hyper-parameter of `infer` / `api` scoring.
 
 Memory: the cache holds N x h x w x K_dist float32 distances (plus as many logits with N), capped
-by `sweep.cache_mb`; a chunk holds ~12 bytes x G x N x S x S on the host.
+by `sweep.cache_mb`; a chunk holds ~12 bytes x G x N x S x S on the host (G at least the number
+of map-parameter combinations).
 """
 
 from __future__ import annotations
@@ -222,15 +225,24 @@ def build_cache(arrays: dict, feats: np.ndarray, masks: np.ndarray, labels: np.n
 # ----------------------------------------------------------------------------- the compiled grid
 
 
-@functools.partial(jax.jit, static_argnames=('spec', 'num_emb', 'grid'))
+# Hyper-parameters that change the patch scores; the others (sigma, top_percent) only change the
+# maps / image scores, so a grid is evaluated as (patch points) x (map points) and each patch
+# grid is computed once for all its map points.
+PATCH_PARAMS = ('tau_scale', 'temperature', 'likelihood_lambda', 'neighborhood_weight')
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'num_emb', 'grid', 'maps_per_patch'))
 def grid_scores(group_sq, nearest_sq, logits, position, code_count, feats, c_emb,
-                hp: scoring.HParams, *, spec: infer.ScoringSpec, num_emb: int, grid):
-  """Maps, image scores and allowed fractions of G hyper-parameter points on N cached images.
+                hp_patch: scoring.HParams, hp: scoring.HParams, *, spec: infer.ScoringSpec,
+                num_emb: int, grid, maps_per_patch: int = 1):
+  """Maps, image scores and allowed fractions of G = U x maps_per_patch points on N images.
 
   Args:
     group_sq [N, h*w, K], nearest_sq [N, h*w], logits [N, h, w, K] | None, position
     [h, w, K] | None, code_count [K], feats [N, h, w, d], c_emb [K_emb, d] (see `Cache`);
-    hp: HParams of [G] arrays.
+    hp_patch: HParams of [U] arrays (the patch-score knobs of U points, vmapped);
+    hp: HParams of [G] arrays, point g using the patch scores of hp_patch[g // maps_per_patch]
+      and its own sigma / top_percent.
   Returns:
     (maps [G, N, S, S], image [G, N], allowed [G]) float32.
   """
@@ -250,24 +262,30 @@ def grid_scores(group_sq, nearest_sq, logits, position, code_count, feats, c_emb
           p, num_emb=num_emb, code_count=code_count, combine=spec.combine)
       return scores, frac.mean()
 
-    patch, frac = jax.vmap(one_point)(hp)                    # [G, h*w], [G]
+    patch, frac = jax.vmap(one_point)(hp_patch)              # [U, h*w], [U]
     return patch.reshape(-1, h, w), frac
 
-  patch, frac = jax.lax.map(one_image, (group_sq, nearest_sq, logits))   # [N, G, h, w], [N, G]
-  patch = jnp.swapaxes(patch, 0, 1)                                       # [G, N, h, w]
-  # Maps point by point (lax.map): the same compiled einsum whatever the chunk size, so a point's
-  # maps (and metrics) do not depend on which chunk it lands in.
-  maps = jax.lax.map(lambda a: scoring.anomaly_maps(a[0], spec.out_size, a[1], spec.max_sigma),
-                     (patch, hp.sigma))
-  if spec.image_score == 'reweight':
-    image = jax.vmap(lambda p: scoring.reweighted_image_scores(
-        feats, p, c_emb, spec.reweight_neighbors, query_tile=spec.query_tile,
-        bank_tile=spec.bank_tile))(patch)
-  else:
-    image = jax.vmap(lambda m, p, t: scoring.image_scores(
-        m, p, spec.image_score, t, border=spec.image_border,
-        max_top_percent=spec.max_top_percent))(maps, patch, hp.top_percent)
-  return maps, image, frac.mean(0)
+  patch, frac = jax.lax.map(one_image, (group_sq, nearest_sq, logits))   # [N, U, h, w], [N, U]
+  patch = jnp.swapaxes(patch, 0, 1)                                       # [U, N, h, w]
+  which = jnp.arange(hp.sigma.shape[0]) // maps_per_patch
+
+  # Point by point (lax.map): the same compiled einsum whatever the chunk, so a point's maps (and
+  # metrics) do not depend on which chunk it lands in.
+  def one_map(args):
+    i, sigma, top = args
+    p = patch[i]
+    m = scoring.anomaly_maps(p, spec.out_size, sigma, spec.max_sigma)
+    if spec.image_score == 'reweight':
+      image = scoring.reweighted_image_scores(feats, p, c_emb, spec.reweight_neighbors,
+                                              query_tile=spec.query_tile,
+                                              bank_tile=spec.bank_tile)
+    else:
+      image = scoring.image_scores(m, p, spec.image_score, top, border=spec.image_border,
+                                   max_top_percent=spec.max_top_percent)
+    return m, image
+
+  maps, image = jax.lax.map(one_map, (which, hp.sigma, hp.top_percent))
+  return maps, image, frac.mean(0)[which]
 
 
 def chunk_size(cfg_sweep, num_images: int, crop: int) -> int:
@@ -278,26 +296,42 @@ def chunk_size(cfg_sweep, num_images: int, crop: int) -> int:
   return max(1, min(int(cfg_sweep.chunk_size), fit))
 
 
+def _stack(points: list[dict], base: scoring.HParams) -> scoring.HParams:
+  return scoring.HParams(**{
+      f.name: jnp.asarray([p.get(f.name, float(getattr(base, f.name))) for p in points],
+                          jnp.float32)
+      for f in dataclasses.fields(scoring.HParams)})
+
+
 def evaluate_grid(cache: Cache, points: list[dict[str, float]], base: scoring.HParams,
                   spec: infer.ScoringSpec, chunk: int, max_fpr: float = 0.3) -> list[dict]:
-  """Metrics of every grid point: [{hyper-parameter values..., metrics...}]."""
+  """Metrics of every grid point: [{hyper-parameter values..., metrics...}].
+
+  `points` is a product grid with the patch-score parameters (PATCH_PARAMS) varying slower than
+  the map parameters (as `grid_points` orders them); each call takes max(1, chunk // M) patch
+  points and their M map points each.
+  """
   rows = []
   names = list(points[0]) if points else []
-  for start in range(0, len(points), chunk):
-    part = points[start:start + chunk]
-    padded = part + [part[-1]] * (chunk - len(part))           # one compiled shape per sweep
-    hp = scoring.HParams(**{
-        f.name: jnp.asarray([p.get(f.name, float(getattr(base, f.name))) for p in padded],
-                            jnp.float32)
-        for f in dataclasses.fields(scoring.HParams)})
+  map_names = [n for n in names if n not in PATCH_PARAMS]
+  per_patch = len({tuple(p[n] for n in map_names) for p in points}) if map_names else 1
+  if len(points) % per_patch:
+    raise ValueError('evaluate_grid needs a product grid (map parameters innermost)')
+  groups = [points[i:i + per_patch] for i in range(0, len(points), per_patch)]
+  step = max(1, chunk // per_patch)
+  for start in range(0, len(groups), step):
+    part = groups[start:start + step]
+    padded = part + [part[-1]] * (step - len(part))           # one compiled shape per sweep
+    flat = [p for group in padded for p in group]
     maps, image, allowed = grid_scores(
         cache.group_sq, cache.nearest_sq, cache.logits, cache.position, cache.code_count,
-        cache.feats, cache.c_emb, hp, spec=spec, num_emb=cache.num_emb, grid=cache.grid)
-    g = len(part)
+        cache.feats, cache.c_emb, _stack([g[0] for g in padded], base), _stack(flat, base),
+        spec=spec, num_emb=cache.num_emb, grid=cache.grid, maps_per_patch=per_patch)
+    g = len(part) * per_patch
     m = metrics_lib.grid_metrics(np.asarray(image)[:g], np.asarray(maps)[:g], cache.truth,
                                  max_fpr=max_fpr)
     allowed = np.asarray(allowed)[:g]
-    for i, p in enumerate(part):
+    for i, p in enumerate(flat[:g]):
       row = {n: p[n] for n in names}
       row.update({k: float(v[i]) for k, v in m.items()})
       row['allowed_fraction'] = float(allowed[i])

@@ -85,7 +85,7 @@ def test_vmapped_grid_equals_the_per_point_loop_and_the_scorer(cache):
   hp = jax.tree.map(lambda *x: jnp.stack(x), *[scoring.hparams_from_config(m, **p)
                                               for p in points])
   maps, image, _ = sweep.grid_scores(c.group_sq, c.nearest_sq, c.logits, c.position,
-                                     c.code_count, c.feats, c.c_emb, hp, spec=spec,
+                                     c.code_count, c.feats, c.c_emb, hp, hp, spec=spec,
                                      num_emb=c.num_emb, grid=c.grid)
   scorer = jax.jit(lambda a, f, h: infer.score_features(a, f, h, spec))
   for g in (0, 5, len(points) - 1):
