@@ -805,16 +805,24 @@ def _split_metrics(a: np.ndarray, w: np.ndarray, lt: np.ndarray, le: np.ndarray,
 def _row_counts(row: np.ndarray, pos_mask: np.ndarray, weights: np.ndarray):
   """One score set: (sorted anomalous scores [A], their weights, lt [A], le [A]).
 
-  Sorts the whole row (float32; no NaN) once; the normal counts are the counts among all scores
-  minus those among the anomalous ones.
+  Only the scores within [min, max] of the anomalous ones need sorting (the normal ones below
+  are below every anomalous score and are just counted; those above never count): typically a
+  small part of the normal pixels. The normal counts are the counts among those scores minus the
+  anomalous ones.
   """
   pos = row[pos_mask]
   order = np.argsort(pos, kind='stable')
   a = pos[order]
   w = weights[order] if weights.size else np.zeros(len(a))
-  everything = np.sort(row)
-  lt = np.searchsorted(everything, a, 'left') - np.searchsorted(a, a, 'left')
-  le = np.searchsorted(everything, a, 'right') - np.searchsorted(a, a, 'right')
+  if not len(a):
+    empty = np.zeros(0, np.int64)
+    return a, w, empty, empty
+  inside = row >= a[0]
+  below = row.size - np.count_nonzero(inside)
+  inside &= row <= a[-1]
+  sub = np.sort(row[inside])
+  lt = below + np.searchsorted(sub, a, 'left') - np.searchsorted(a, a, 'left')
+  le = below + np.searchsorted(sub, a, 'right') - np.searchsorted(a, a, 'right')
   return a, w, lt, le
 
 

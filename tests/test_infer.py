@@ -99,3 +99,21 @@ def test_runtime_scores_one_image_as_inside_a_batch():
     for k in ('maps', 'image', 'allowed'):
       np.testing.assert_allclose(single[name][k][0], batch[name][k][1], rtol=1e-5, atol=1e-5)
   assert (batch['baseline']['allowed'] == 1).all()
+
+
+def test_paper_configs_take_the_max_of_the_unblurred_cropped_patch_map():
+  from configs import btad, mvtec, visa
+  for module in (mvtec, visa, btad):
+    m = module.get_config().model
+    assert m.scoring.image_score == 'patch_max_cropped'
+    assert infer.make_spec(m, infer.Variant(True, True), (480, 480)).image_border == 4
+    assert infer.make_spec(m, infer.Variant(False, True), (480, 480)).image_border == 4
+    assert infer.make_spec(m, infer.Variant(), (480, 480)).image_border == 0   # PatchCore
+  m = _model_config()
+  m.scoring.image_score = 'patch_max_cropped'                 # window 3: border 1
+  arrays = _arrays(jax.random.key(9))
+  feats = jax.random.normal(jax.random.key(10), (2, 8, 8, 16))
+  out = infer.make_scorer(m, infer.Variant(True, True), (32, 32))(arrays, feats)
+  patch = np.asarray(out['patch'])
+  np.testing.assert_allclose(np.asarray(out['image']), patch[:, 1:-1, 1:-1].max((1, 2)))
+  assert not np.allclose(np.asarray(out['image']), np.asarray(out['maps']).max((1, 2)))
