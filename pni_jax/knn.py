@@ -100,6 +100,18 @@ def _check_tile(value: int, name: str) -> None:
     raise ValueError(f'{name} must be >= 1, got {value}')
 
 
+def _check_search(queries, bank, query_tile: int, bank_tile: int) -> tuple[int, int]:
+  """Checks a search's inputs; returns (M, K)."""
+  _check_2d(queries, 'queries')
+  _check_2d(bank, 'bank')
+  _check_same_dim(queries, bank, 'queries', 'bank')
+  _check_tile(query_tile, 'query_tile')
+  _check_tile(bank_tile, 'bank_tile')
+  if bank.shape[0] == 0:
+    raise ValueError('bank is empty (0 rows)')
+  return queries.shape[0], bank.shape[0]
+
+
 def balanced_tile(rows: int, max_tile: int, align: int) -> int:
   """Tile size <= max_tile that splits ``rows`` into as few, nearly equal tiles as possible.
 
@@ -274,16 +286,9 @@ def knn(queries: jax.Array,
     (sq_dists [M, k] float32 ascending, indices [M, k] int32). Ties: lowest
     bank index first.
   """
-  _check_2d(queries, 'queries')
-  _check_2d(bank, 'bank')
-  _check_same_dim(queries, bank, 'queries', 'bank')
   if k < 1:
     raise ValueError(f'k must be >= 1, got {k}')
-  _check_tile(query_tile, 'query_tile')
-  _check_tile(bank_tile, 'bank_tile')
-  m, kb = queries.shape[0], bank.shape[0]
-  if kb == 0:
-    raise ValueError('bank is empty (0 rows)')
+  m, kb = _check_search(queries, bank, query_tile, bank_tile)
   if bank_mask is not None and bank_mask.shape != (kb,):
     raise ValueError(f'bank_mask must have shape ({kb},), got {tuple(bank_mask.shape)}')
   if m == 0:
@@ -329,14 +334,7 @@ def nearest_sq_dist(queries: jax.Array, bank: jax.Array, *, query_tile: int = 10
   Returns:
     [M] float32, equal to `knn(queries, bank, 1)[0][:, 0]`.
   """
-  _check_2d(queries, 'queries')
-  _check_2d(bank, 'bank')
-  _check_same_dim(queries, bank, 'queries', 'bank')
-  _check_tile(query_tile, 'query_tile')
-  _check_tile(bank_tile, 'bank_tile')
-  m, kb = queries.shape[0], bank.shape[0]
-  if kb == 0:
-    raise ValueError('bank is empty (0 rows)')
+  m, kb = _check_search(queries, bank, query_tile, bank_tile)
   if m == 0:
     return jnp.zeros((0,), jnp.float32)
   bank, valid, _ = _align_bank(bank, None, None, bank_tile)
@@ -463,14 +461,7 @@ def masked_min_dist(queries: jax.Array,
     `MaskedNearest` of [M] arrays. Queries with nothing allowed get sq_dist
     +inf and index -1 (callers fall back to nearest_*). Ties: lowest index.
   """
-  _check_2d(queries, 'queries')
-  _check_2d(bank, 'bank')
-  _check_same_dim(queries, bank, 'queries', 'bank')
-  _check_tile(query_tile, 'query_tile')
-  _check_tile(bank_tile, 'bank_tile')
-  m, kb = queries.shape[0], bank.shape[0]
-  if kb == 0:
-    raise ValueError('bank is empty (0 rows)')
+  m, kb = _check_search(queries, bank, query_tile, bank_tile)
   for name, tree, rows in (('query_aux', query_aux, m), ('bank_aux', bank_aux, kb)):
     for leaf in jax.tree_util.tree_leaves(tree):
       if leaf.ndim < 1 or leaf.shape[0] != rows:

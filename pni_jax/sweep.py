@@ -5,7 +5,9 @@
 
 One field of `config.sweep` per hyper-parameter (`scoring.HPARAM_NAMES`, named as in
 model.scoring / model.refine), each a list; the grid is their product, the other
-hyper-parameters keep their config values. Nothing is refitted: per category,
+hyper-parameters keep their config values. Data and features follow each fitted model's saved
+config; the scoring choices (model.scoring, model.use_*) and the sweep come from this run's
+config. Nothing is refitted: per category,
 
 1. the test images' patch features come from the backbone once (cached in
    `<cat>/sweep/features.npy`, reused by later sweeps of the same model);
@@ -275,14 +277,8 @@ def grid_scores(group_sq, nearest_sq, logits, position, code_count, feats, c_emb
     i, sigma, top = args
     p = patch[i]
     m = scoring.anomaly_maps(p, spec.out_size, sigma, spec.max_sigma)
-    if spec.image_score == 'reweight':
-      image = scoring.reweighted_image_scores(feats, p, c_emb, spec.reweight_neighbors,
-                                              query_tile=spec.query_tile,
-                                              bank_tile=spec.bank_tile)
-    else:
-      image = scoring.image_scores(m, p, spec.image_score, top, border=spec.image_border,
-                                   max_top_percent=spec.max_top_percent)
-    return m, image
+    return m, infer.image_scores({'c_emb': c_emb}, feats, p, m, scoring.HParams(top_percent=top),
+                                 spec)
 
   maps, image = jax.lax.map(one_map, (which, hp.sigma, hp.top_percent))
   return maps, image, frac.mean(0)[which]
@@ -352,14 +348,40 @@ def sweep_spec(cfg_model, variant: infer.Variant, crop: int, axes: dict) -> infe
                          max_top_percent=max_top)
 
 
-def sweep_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor,
+def effective_config(cfg, fitted: model_lib.PNIModel) -> ml_collections.ConfigDict:
+  """The fitted model's own config (data, backbone, features, neighbourhood window: what the
+  model is) with this run's scoring choices (model.scoring, model.refine.fusion_weight,
+  eval.max_fpr), variant switches (model.use_*) and sweep settings."""
+  out = ml_collections.ConfigDict(fitted.meta['config'])
+  with out.unlocked():
+    out.model.scoring = ml_collections.ConfigDict(cfg.model.scoring.to_dict())
+    out.model.refine.fusion_weight = float(cfg.model.refine.fusion_weight)
+    for name in ('use_neighborhood', 'use_position', 'use_refinement'):
+      out.model[name] = bool(cfg.model[name])
+    out.eval.max_fpr = float(cfg.eval.max_fpr)
+    out.sweep = ml_collections.ConfigDict(cfg.sweep.to_dict())
+    out.data.root = str(cfg.data.root or out.data.root)
+  return out
+
+
+def _feature_key(cfg) -> tuple:
+  m = cfg.model
+  return (str(m.backbone), str(m.weights), tuple(m.layers), str(m.precision),
+          int(m.aggregation_size), int(m.pre_dim), int(m.dim), int(cfg.data.crop),
+          int(cfg.data.batch_size), int(cfg.seed))
+
+
+def sweep_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor | None,
                    axes: dict) -> tuple[list[dict], dict]:
-  """Rows of one category and timings {'cache_s', 'grid_s'}."""
+  """Rows of one category and timings {'cache_s', 'grid_s'}.
+
+  `cfg` supplies the scoring choices and the sweep; data and features follow the fitted model's
+  saved config (`effective_config`). `extractor`: one made for that config (None: made here).
+  """
   fitted = model_lib.load(cat_dir / 'model')
-  saved = ml_collections.ConfigDict(fitted.meta['config'])
-  if int(saved.data.crop) != int(cfg.data.crop):
-    raise ValueError(f'{cat_dir}/model was fitted at crop {saved.data.crop}, this config has '
-                     f'{cfg.data.crop}: use the config the workdir was fitted with')
+  cfg = effective_config(cfg, fitted)
+  if extractor is None:
+    extractor = infer.make_extractor(cfg)
   text = str(cfg.sweep.get('variant', '') or '')
   variant = infer.parse_variant(text) if text else infer.Variant(
       bool(cfg.model.use_neighborhood), bool(cfg.model.use_position), False)
@@ -402,10 +424,13 @@ def run(cfg, workdir) -> list[dict]:
   missing = [c for c in wanted if c not in fitted_cats]
   if missing:
     raise FileNotFoundError(f'no fitted model for {", ".join(missing)} in {workdir}')
-  extractor = infer.make_extractor(cfg)
-  rows = []
+  extractors, rows = {}, []
   for category in wanted:
-    cat_rows, _ = sweep_category(cfg, category, workdir / category, extractor, axes)
+    eff = effective_config(cfg, model_lib.load(workdir / category / 'model'))
+    key = _feature_key(eff)
+    if key not in extractors:                      # one backbone per feature setting, not per cat
+      extractors[key] = infer.make_extractor(eff)
+    cat_rows, _ = sweep_category(cfg, category, workdir / category, extractors[key], axes)
     rows += [dict(r, category=category) for r in cat_rows]
   write_outputs(workdir, rows, list(axes))
   return rows

@@ -191,6 +191,17 @@ def run(args) -> int:
   except ValueError as e:
     print(f'predict skipped: {e}')
 
+  # The MLP's work against this machine's matmul rate, measured now (a lower bound of N+P).
+  mlp_gflop = None
+  if fitted.mlp is not None:
+    layers = infer._fold_mlp(fitted.mlp)                  # pylint: disable=protected-access
+    h, w = extractor.feature_shape(crop)[:2]
+    mlp_gflop = 2e-9 * h * w * sum(int(k.shape[0]) * int(k.shape[1]) for k, _ in layers)
+    a = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    t_mm = _median_times({'mm': lambda: mm(a)}, args.repeats)['mm']
+    rate = 2 * 2048 ** 3 / t_mm / 1e9
+
   order = ['compiled', 'compiled (before)', 'runtime', 'runtime (before: padded to B)',
            'backbone', 'MLP', 'priors', 'masked search', 'maps']
   print(f'\nms per image                       ' + ''.join(
@@ -205,6 +216,9 @@ def run(args) -> int:
   for (vname, b), r in results.items():
     print(f'  {vname} b{b}: compiled {r["compiled (before)"] / r["compiled"]:.2f}x, '
           f'runtime path {r["runtime (before: padded to B)"] / r["runtime"]:.2f}x')
+  if mlp_gflop is not None:
+    print(f'\nMLP work {mlp_gflop:.2f} GFLOP / image; matmul rate now {rate:.0f} GFLOP/s -> the MLP '
+          f'alone needs >= {1e3 * mlp_gflop / rate:.1f} ms / image at that rate')
   print('\ntargets (issue 11 item 5, CPU demo 256 px):')
   def show(label, value, bound):
     ok = 'ok' if value <= bound else 'MISSED'

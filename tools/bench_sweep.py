@@ -84,6 +84,7 @@ def run(args) -> int:
       cfg.sweep = base_config().sweep
     for name, values in axes.items():
       cfg.sweep[name] = values
+  cfg = sweep.effective_config(cfg, fitted)
   cache_dir = workdir / category / 'sweep'
   timings = []
   for i in range(args.repeats + 1):                                   # the first one compiles
