@@ -83,8 +83,10 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 
 def _save_png(path: pathlib.Path, array: np.ndarray) -> None:
+  # zlib level 1: ~5x faster to encode than PIL's default 6 (the PNGs of one image took about
+  # half as long as scoring it), lossless all the same.
   buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format='PNG')
+  Image.fromarray(array).save(buf, format='PNG', compress_level=1)
   fileio.atomic_write_bytes(path, buf.getvalue())
 
 
