@@ -66,6 +66,16 @@ def _split_names(values) -> tuple[str, ...]:
   return tuple(out)
 
 
+def _split_floats(value, name: str) -> tuple[float, ...]:
+  """'0.1,0.5,1' / ('0.1,0.5',) / 2.0 from the command line -> (0.1, 0.5, 1.0)."""
+  parts = _split_names(value if isinstance(value, (tuple, list)) else (value,))
+  try:
+    return tuple(float(p) for p in parts)
+  except ValueError:
+    raise ValueError(f'config.{name} must be a list of numbers such as 0.1,0.5,1; got '
+                     f'{value!r}') from None
+
+
 def normalize_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Copies `cfg`, normalises list-valued fields from the command line, and checks values."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -78,6 +88,11 @@ def normalize_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   cfg.model.ensemble_weights = weights
   if 'ablations' in cfg.eval:
     cfg.eval.ablations = _split_names(cfg.eval.ablations)
+  if 'sweep' in cfg:
+    from pni_jax import scoring  # pylint: disable=g-import-not-at-top
+    for name in scoring.HPARAM_NAMES:
+      if name in cfg.sweep:
+        cfg.sweep[name] = _split_floats(cfg.sweep[name], f'sweep.{name}')
   config_lib.validate(cfg)
   return cfg
 
@@ -110,7 +125,7 @@ def run(cfg, workdir: str, *, mode: str = 'fit_eval', images: str | None = None,
     from pni_jax import predict
     predict.run(workdir, images, category=category, out=out)
     return
-  if mode != 'fit_eval':
+  if mode not in ('fit_eval', 'sweep'):
     raise app.UsageError(f'unknown --mode={mode}')
   if cfg is None:
     raise app.UsageError('--config is required (e.g. --config=configs/demo.py)')
@@ -118,5 +133,12 @@ def run(cfg, workdir: str, *, mode: str = 'fit_eval', images: str | None = None,
     cfg = normalize_config(cfg)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if mode == 'sweep':
+    from pni_jax import sweep
+    try:
+      sweep.run(cfg, workdir)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(str(e)) from None
+    return
   from pni_jax import pipeline
   pipeline.run(cfg, workdir)

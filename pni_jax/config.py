@@ -100,9 +100,16 @@ def base_config() -> ml_collections.ConfigDict:
   sc.tau_scale = 0.5          # tau = tau_scale / |C_emb|
   sc.likelihood_lambda = 1.0
   sc.combine = 'mean_prob'    # 'mean_prob' (eq. 6) | 'product' | 'mean_score' | 'max_prob'
+  sc.neighborhood_weight = 0.5  # weight of p(c | N) against p(c | x) (eq. 6: 0.5)
   sc.sigma = 8.0              # Gaussian blur of the upsampled map (PatchCore: 4)
-  sc.image_score = 'max'      # 'max' | 'reweight' (PatchCore) | 'top_percent'
+  sc.max_sigma = 16.0         # static bound of sigma (the blur kernel's radius is 4 max_sigma)
+  # Image score: 'patch_max_cropped' (authors' test step: max of the unblurred patch map, its
+  # border cut for N / P variants) | 'max' (of the blurred map) | 'patch_max' | 'reweight'
+  # (PatchCore) | 'top_percent'.
+  sc.image_score = 'patch_max_cropped'
+  sc.image_border = -1        # cells cut by patch_max_cropped; -1: (window - 1) / 2 for N / P
   sc.top_percent = 1.0
+  sc.search_chunk = 256       # patches per masked-search chunk (only where a prior binds)
   sc.reweight_neighbors = 9
   sc.query_tile = 1024        # patches per distance tile
   sc.bank_tile = 4096         # coreset rows per distance tile
@@ -136,6 +143,19 @@ def base_config() -> ml_collections.ConfigDict:
   e.pixel_threshold_fpr = 0.001  # fit-time pixel threshold (defect masks in predict mode)
   e.calibration_pixels = 2 ** 22 # held-out pixels kept for the pixel threshold (strided)
   e.ablations = ()            # extra variants to evaluate, e.g. ('baseline', 'N', 'N+P', 'N+P+R')
+
+  # ---------------------------------------------------------------- hyper-parameter sweeps
+  # `--mode=sweep`: one list per swept hyper-parameter (named as in model.scoring / model.refine:
+  # tau_scale, temperature, likelihood_lambda, neighborhood_weight, sigma, top_percent,
+  # fusion_weight); the grid is their product. Empty = that parameter stays at its config value.
+  c.sweep = sw = ml_collections.ConfigDict()
+  for name in ('tau_scale', 'temperature', 'likelihood_lambda', 'neighborhood_weight', 'sigma',
+               'top_percent', 'fusion_weight'):
+    sw[name] = ()
+  sw.variant = ''             # '' = the main variant (model.use_*); e.g. 'N+P'
+  sw.chunk_size = 16          # grid points per compiled call (bounded by memory_mb too)
+  sw.memory_mb = 1024.0       # host memory for one chunk's maps (chunk shrinks to fit)
+  sw.cache_mb = 4096.0        # cap on the cached per-patch code distances and MLP logits
 
   # ---------------------------------------------------------------- process
   c.runtime = rt = ml_collections.ConfigDict()
@@ -212,8 +232,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(m.scoring.combine, 'model.scoring.combine',
           ('mean_prob', 'product', 'mean_score', 'max_prob'))
   _choice(m.scoring.image_score, 'model.scoring.image_score',
-          ('max', 'patch_max', 'top_percent', 'reweight'))
+          ('max', 'patch_max', 'patch_max_cropped', 'top_percent', 'reweight'))
   _positive(m.scoring.temperature, 'model.scoring.temperature')
+  if not 0 <= m.scoring.get('neighborhood_weight', 0.5) <= 1:
+    raise ValueError(f'config.model.scoring.neighborhood_weight must be in [0, 1], got '
+                     f'{m.scoring.neighborhood_weight}')
+  if not 0 <= m.scoring.sigma <= m.scoring.get('max_sigma', m.scoring.sigma):
+    raise ValueError(f'config.model.scoring.sigma must be in [0, model.scoring.max_sigma = '
+                     f'{m.scoring.get("max_sigma")}], got {m.scoring.sigma}')
+  if not 0 < m.scoring.top_percent <= 100:
+    raise ValueError(f'config.model.scoring.top_percent must be in (0, 100], got '
+                     f'{m.scoring.top_percent}')
   _choice(m.refine.loss, 'model.refine.loss', ('reg_grad', 'ce', 'focal'))
   _choice(m.refine.encoder, 'model.refine.encoder', ('densenet161', 'efficientnet_lite0'))
   _choice(m.refine.texture_source, 'model.refine.texture_source', ('procedural', 'images'))

@@ -196,6 +196,7 @@ def _score_units(cfg_model, variant: infer.Variant) -> dict:
              'nearest C_emb vector (PatchCore)'))
   image = {'max': 'max of the final map',
            'patch_max': 'max patch score', 'reweight': 'PatchCore reweighted max patch score',
+           'patch_max_cropped': 'max patch score, the border of the patch map cut',
            'top_percent': f'mean of the top {float(sc.top_percent):g} % PNI map pixels'}
   maps = (f'{dist}, upsampled and blurred (sigma {float(sc.sigma):g})' if not variant.refinement
           else '(1 - w) * clip((A - lo) / (hi - lo), 0, 1) + w * refined: unitless, ~[0, 1]')

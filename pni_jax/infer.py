@@ -1,24 +1,46 @@
-"""Inference: images -> patch features -> patch scores, maps and image scores of a fitted model.
+"""The inference runtime: images -> patch features -> patch scores, maps and image scores.
 
-`make_scorer(cfg_model, variant, out_size)` returns one jitted pure function
-`score(arrays, feats) -> dict` per ablation variant; `arrays` is `model.arrays(fitted)`.
-The runtime (`Extractor`, `score_batches`) runs the backbone and the scorers over batches of
-images on all devices; evaluation, calibration, predict mode and export all go through it.
+Pure scoring (no config reads inside, hyper-parameters as data):
+  `make_spec(cfg_model, variant, out_size)`  the static choices (variant, combine mode,
+      image-score mode, tiles, bounds) as one hashable `ScoringSpec`
+  `score_features(arrays, feats, hp, spec, images=None)`  arrays = `model.arrays(fitted)`,
+      hp = `scoring.HParams` -> dict(patch, maps, image, allowed)
+  `make_scorer(cfg_model, variant, out_size)`  that function jitted, with the config's
+      hyper-parameters as defaults: `score(arrays, feats, images=None, hparams=None)`
+
+Runtime (the deployable path `predict`, `export`, evaluation and calibration use):
+  `make_extractor(cfg)` the backbone's jitted feature function with its variables on the devices
+      (once per run); `Extractor.scorer` builds each data-parallel scorer once per run.
+  `ModelRuntime(cfg, extractor, fitted, variants)` uploads a fitted model's arrays to the
+      devices once and scores batches of any size: a batch of b images runs at the smallest
+      bucket (1, 2, 4, ... up to data.batch_size, a multiple of the device count) that holds it,
+      so one image costs a batch-1 call, not a padded batch.
+
+N + P work per patch, made to cost what its kernels cost (`patch_scores`):
+  * the MLP over the p x p window as one convolution (its first layer) with BatchNorm folded into
+    the layers, then dense layers (`mlp_logits`; equal to `neighborhood.neighbor_logits`);
+  * priors, their combination and the threshold as one fused elementwise pass;
+  * the unconstrained nearest C_emb row first; the masked search over C_emb only for the patches
+    whose nearest code the prior excludes, in fixed-size chunks (`scoring.masked_sq_dist_sparse`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pni_jax import features
+from pni_jax import knn
 from pni_jax import model as model_lib
-from pni_jax import neighborhood
 from pni_jax import scoring
 from pni_jax import sharding
+
+
+# ----------------------------------------------------------------------------- variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,93 +83,262 @@ def tau(cfg_scoring, num_emb: int) -> float:
   return float(cfg_scoring.tau_scale) / float(num_emb)
 
 
-def patch_scores(arrays: dict, feats: jax.Array, variant: Variant, cfg_model):
-  """Patch scores for one batch.
+# ----------------------------------------------------------------------------- static spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSpec:
+  """The static (structural) part of scoring; hashable, so jit treats it as a constant."""
+  variant: Variant
+  out_size: tuple[int, int]
+  combine: str = 'mean_prob'
+  image_score: str = 'max'
+  image_border: int = 0          # cells cut at each side for image_score='patch_max_cropped'
+  window: int = 9                # neighbourhood window p
+  dilation: int = 1              # neighbourhood window stride (model.neighborhood.dilation)
+  infer_chunk: int = 4096        # patches per MLP call (rounded to whole images)
+  query_tile: int = 1024
+  bank_tile: int = 4096
+  search_chunk: int = 256        # patches per masked-search chunk (where a prior binds)
+  reweight_neighbors: int = 9
+  max_sigma: float = 16.0        # static bound of a traced sigma
+  max_top_percent: float = 1.0   # static bound of a traced top_percent
+  dtype: str = 'float32'         # MLP compute dtype
+  refine_input_size: int = 320
+  refine_encoder: str = 'densenet161'
+  refine_loss: str = 'reg_grad'
+
+
+def image_border(cfg_model, variant: Variant) -> int:
+  """Border cut by image_score='patch_max_cropped': model.scoring.image_border, or with -1 (auto)
+  (p - 1) / 2 of the neighbourhood window for variants with N or P (the cells whose window leaves
+  the map; the authors crop it from N / N+P maps) and 0 for the baseline (PatchCore)."""
+  border = int(cfg_model.scoring.get('image_border', -1))
+  if border >= 0:
+    return border
+  return (int(cfg_model.neighborhood.window) - 1) // 2 if variant.conditional else 0
+
+
+def make_spec(cfg_model, variant: Variant, out_size: tuple[int, int], *,
+              max_sigma: float | None = None, max_top_percent: float | None = None
+              ) -> ScoringSpec:
+  """The static choices of `variant` under `cfg_model`. The bounds default to the config
+  (model.scoring.max_sigma, at least sigma; top_percent); sweeps pass their grid's maxima."""
+  sc, nb, r = cfg_model.scoring, cfg_model.neighborhood, cfg_model.refine
+  return ScoringSpec(
+      variant=variant, out_size=(int(out_size[0]), int(out_size[1])),
+      combine=str(sc.combine), image_score=str(sc.image_score),
+      image_border=image_border(cfg_model, variant),
+      window=int(nb.window), dilation=int(nb.get('dilation', 1)),
+      infer_chunk=int(nb.infer_chunk),
+      query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile),
+      search_chunk=int(sc.get('search_chunk', 256)),
+      reweight_neighbors=int(sc.reweight_neighbors),
+      max_sigma=float(max_sigma if max_sigma is not None
+                      else max(float(sc.get('max_sigma', 16.0)), float(sc.sigma))),
+      max_top_percent=float(max_top_percent if max_top_percent is not None
+                            else float(sc.top_percent)),
+      dtype=jnp.dtype(features.compute_dtype(cfg_model)).name,
+      refine_input_size=int(r.input_size), refine_encoder=str(r.encoder), refine_loss=str(r.loss))
+
+
+# ----------------------------------------------------------------------------- the MLP
+
+
+def _fold_mlp(variables) -> list[tuple[jax.Array, jax.Array]]:
+  """The MLP's layers as [(kernel [in, out], bias [out])] with inference BatchNorm folded in
+  (y = (x W + b - mean) * scale / sqrt(var + eps) + beta); ReLU between them."""
+  params = variables['params']
+  stats = variables.get('batch_stats', {})
+  names = sorted((k for k in params if k.startswith('Dense_')), key=lambda k: int(k.split('_')[1]))
+  layers = []
+  for i, name in enumerate(names):
+    kernel = jnp.asarray(params[name]['kernel'], jnp.float32)
+    bias = jnp.asarray(params[name].get('bias', jnp.zeros(kernel.shape[1])), jnp.float32)
+    bn = f'BatchNorm_{i}'
+    if i < len(names) - 1 and bn in params:
+      s = params[bn]['scale'] * jax.lax.rsqrt(stats[bn]['var'] + 1e-5)
+      kernel = kernel * s[None, :]
+      bias = (bias - stats[bn]['mean']) * s + params[bn]['bias']
+    layers.append((kernel, bias))
+  return layers
+
+
+def mlp_logits(variables, feats: jax.Array, *, window: int, dilation: int = 1,
+               chunk: int = 4096, dtype=jnp.float32) -> jax.Array:
+  """MLP logits at every position, as `neighborhood.neighbor_logits` computes them.
+
+  The first layer reads the p x p window (centre removed, zeros outside the map), i.e. it is a
+  p x p convolution whose centre tap is zero; the others are dense layers on each position.
+  Images go through in groups of max(1, chunk // (H W)) (`lax.map`), bounding the activations.
+
+  Args:
+    variables: the trained MLP's {'params', 'batch_stats'}.
+    feats: [B, H, W, d] patch features.
+    window: p (odd); dilation: cells between window taps (1 = adjacent).
+    dtype: compute dtype of the matmuls (float32 accumulation).
+  Returns:
+    [B, H, W, K_dist] float32.
+  """
+  b, h, w, d = feats.shape
+  layers = _fold_mlp(variables)
+  first, first_bias = layers[0]
+  p = int(window)
+  if first.shape[0] != (p * p - 1) * d:
+    raise ValueError(f'MLP expects {first.shape[0]} inputs, but window {p} and d = {d} give '
+                     f'{(p * p - 1) * d}')
+  taps = first.reshape(p * p - 1, d, -1)
+  centre = (p * p) // 2
+  taps = jnp.concatenate([taps[:centre], jnp.zeros_like(taps[:1]), taps[centre:]], axis=0)
+  kernel = taps.reshape(p, p, d, -1)                                    # HWIO
+  r = (p // 2) * int(dilation)
+  cdt = jnp.dtype(dtype)
+
+  def one_group(x):                                                     # [g, H, W, d]
+    y = jax.lax.conv_general_dilated(
+        x.astype(cdt), kernel.astype(cdt), window_strides=(1, 1), padding=((r, r), (r, r)),
+        rhs_dilation=(int(dilation), int(dilation)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), preferred_element_type=jnp.float32)
+    y = y + first_bias
+    for kern, bias in layers[1:]:
+      y = jax.nn.relu(y)
+      y = jnp.dot(y.astype(cdt), kern.astype(cdt), preferred_element_type=jnp.float32) + bias
+    return y
+
+  per = max(1, min(b, int(chunk) // (h * w)))
+  groups = -(-b // per)
+  if groups == 1:
+    return one_group(feats)
+  x = sharding.pad_rows(feats, per)[0] if b % per else feats
+  out = jax.lax.map(one_group, x.reshape(groups, per, h, w, d))
+  return out.reshape(groups * per, h, w, -1)[:b]
+
+
+# ----------------------------------------------------------------------------- pure scoring
+
+
+def _check_component(arrays: dict, name: str, what: str, setting: str) -> None:
+  if arrays.get(name) is None:
+    raise ValueError(f'variant uses {what} but the model has no {name} arrays '
+                     f'(fit with {setting}=True)')
+
+
+def priors(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec):
+  """(p_nb [B, H, W, K] or None, p_pos [1, H, W, K] or None) of the variant."""
+  v = spec.variant
+  _, h, w, _ = feats.shape
+  p_nb = p_pos = None
+  if v.neighborhood:
+    _check_component(arrays, 'mlp', 'N', 'model.use_neighborhood')
+    logits = mlp_logits(arrays['mlp'], feats, window=spec.window, dilation=spec.dilation,
+                        chunk=spec.infer_chunk, dtype=spec.dtype)
+    p_nb = scoring.neighbor_prior(logits, hp.temperature)
+  if v.position:
+    _check_component(arrays, 'position', 'P', 'model.use_position')
+    pos = arrays['position']
+    if pos.shape[:2] != (h, w):
+      raise ValueError(f'position prior grid {pos.shape[:2]} != feature grid {(h, w)}: the model '
+                       'was fitted at another image size')
+    p_pos = pos[None]
+  return p_nb, p_pos
+
+
+def patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec):
+  """Patch scores of one batch.
 
   Args:
     arrays: model arrays (`model.arrays`): c_emb [K_emb, d], emb_to_dist [K_emb], position
       [H', W', K_dist] or None, mlp variables or None.
     feats: [B, H', W', d] patch features.
+    hp: scalar `scoring.HParams`.
   Returns:
     (scores [B, H', W'] float32, allowed_fraction [B, H', W'] float32 (1 for the baseline)).
   """
-  sc = cfg_model.scoring
   b, h, w, d = feats.shape
   flat = feats.reshape(-1, d)
-  tiles = dict(query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
-  if not variant.conditional:
-    dist, _ = scoring.nearest_distance(flat, arrays['c_emb'], **tiles)
-    return (float(sc.likelihood_lambda) * dist).reshape(b, h, w), jnp.ones((b, h, w), jnp.float32)
-  p_nb = p_pos = None
-  if variant.neighborhood:
-    if arrays.get('mlp') is None:
-      raise ValueError('variant uses N but the model has no neighbourhood MLP '
-                       '(fit with model.use_neighborhood=True)')
-    nb = cfg_model.neighborhood
-    p_nb = neighborhood.neighbor_probs(arrays['mlp'], feats, window=int(nb.window),
-                                       chunk=int(nb.infer_chunk),
-                                       temperature=float(sc.temperature),
-                                       dtype=features.compute_dtype(cfg_model))
-    p_nb = p_nb.reshape(b * h * w, -1)
-  if variant.position:
-    if arrays.get('position') is None:
-      raise ValueError('variant uses P but the model has no position histograms '
-                       '(fit with model.use_position=True)')
-    pos = arrays['position']
-    if pos.shape[:2] != (h, w):
-      raise ValueError(f'position prior grid {pos.shape[:2]} != feature grid {(h, w)}: the model '
-                       'was fitted at another image size')
-    p_pos = jnp.broadcast_to(pos[None], (b, h, w, pos.shape[-1])).reshape(b * h * w, -1)
-  scores, frac = scoring.pni_patch_scores(
-      flat, arrays['c_emb'], arrays['emb_to_dist'], p_nb, p_pos,
-      tau=tau(sc, arrays['c_emb'].shape[0]), lam=float(sc.likelihood_lambda),
-      combine=str(sc.combine), **tiles)
+  c_emb = arrays['c_emb']
+  tiles = dict(query_tile=spec.query_tile, bank_tile=spec.bank_tile)
+  if not spec.variant.conditional:
+    sq = knn.nearest_sq_dist(flat, c_emb, **tiles)
+    return ((hp.likelihood_lambda * jnp.sqrt(sq)).reshape(b, h, w),
+            jnp.ones((b, h, w), jnp.float32))
+  p_nb, p_pos = priors(arrays, feats, hp, spec)
+  k = (p_nb if p_nb is not None else p_pos).shape[-1]
+  if p_nb is not None:
+    p_nb = p_nb.reshape(-1, k)
+  if p_pos is not None:
+    p_pos = jnp.broadcast_to(p_pos, (b, h, w, k)).reshape(-1, k)
+  sq, idx = knn.knn(flat, c_emb, k=1, **tiles)
+  sq, idx = sq[:, 0], idx[:, 0]
+  e2d = arrays['emb_to_dist']
+
+  def nearest_allowed_sq(allowed):
+    return scoring.masked_sq_dist_sparse(flat, c_emb, e2d, allowed, sq, idx,
+                                         chunk=spec.search_chunk, **tiles)
+
+  scores, frac = scoring.conditional_scores(
+      nearest_allowed_sq, sq, p_nb, p_pos, hp, num_emb=c_emb.shape[0],
+      code_count=scoring.code_counts(e2d, k), combine=spec.combine)
   return scores.reshape(b, h, w), frac.reshape(b, h, w)
 
 
-def refine_maps(refine_arrays: dict, images: jax.Array, maps: jax.Array, cfg_model) -> jax.Array:
+def refine_maps(refine_arrays: dict, images: jax.Array, maps: jax.Array, weight,
+                spec: ScoringSpec) -> jax.Array:
   """Eq. 9 fusion: (1 - w) * normalize(A_hat) + w * f(I, normalize(A_hat)).
 
   Args:
     refine_arrays: {'variables', 'lo', 'hi'} (`model.arrays(...)['refine']`).
-    images: [B, S, S, 3] float32 in [0, 1]; maps: [B, S, S] A_hat.
+    images: [B, S, S, 3] float32 in [0, 1]; maps: [B, S, S] A_hat; weight: w (may be traced).
   Returns:
     [B, S, S] float32 in the normalised units of the refinement stage.
   """
   from pni_jax import refine  # the refinement network (and its encoder) only when used
-  r = cfg_model.refine
   return refine.fuse(refine_arrays['variables'], images, maps, refine_arrays['lo'],
-                     refine_arrays['hi'], float(r.fusion_weight), input_size=int(r.input_size),
-                     encoder=str(r.encoder), loss=str(r.loss))
+                     refine_arrays['hi'], weight, input_size=spec.refine_input_size,
+                     encoder=spec.refine_encoder, loss=spec.refine_loss)
+
+
+def image_scores(arrays: dict, feats, patch, maps, hp: scoring.HParams, spec: ScoringSpec):
+  """[B] image scores of the spec's mode."""
+  if spec.image_score == 'reweight':
+    return scoring.reweighted_image_scores(
+        feats, patch, arrays['c_emb'], spec.reweight_neighbors,
+        query_tile=spec.query_tile, bank_tile=spec.bank_tile)
+  return scoring.image_scores(maps, patch, spec.image_score, hp.top_percent,
+                              border=spec.image_border, max_top_percent=spec.max_top_percent)
+
+
+def score_features(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec,
+                   images: jax.Array | None = None) -> dict:
+  """Patch scores, maps and image scores of one batch: a pure function of its arguments.
+
+  With `spec.variant.refinement` the maps are the fused refined maps (images [B, S, S, 3] in
+  [0, 1] needed) and the image score is taken from them, as in the paper's R rows.
+
+  Returns:
+    dict(patch [B, h, w], maps [B, S, S], image [B], allowed [B, h, w]) float32.
+  """
+  patch, allowed = patch_scores(arrays, feats, hp, spec)
+  maps = scoring.anomaly_maps(patch, spec.out_size, hp.sigma, spec.max_sigma)
+  if spec.variant.refinement:
+    _check_component(arrays, 'refine', 'R', 'model.use_refinement')
+    if images is None:
+      raise ValueError('the refinement stage needs the images: score(arrays, feats, images)')
+    maps = refine_maps(arrays['refine'], images, maps, hp.fusion_weight, spec)
+  image = image_scores(arrays, feats, patch, maps, hp, spec)
+  return dict(patch=patch, maps=maps, image=image, allowed=allowed)
 
 
 def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
-  """Jitted `score(arrays, feats, images=None) -> dict(patch [B,h,w], maps [B,S,S], image [B],
-  allowed [B,h,w])`.
-
-  With `variant.refinement` the maps are the fused refined maps (images [B, S, S, 3] needed) and
-  the image score is taken from them, as in the paper's R rows.
-  """
-  sc = cfg_model.scoring
+  """Jitted `score(arrays, feats, images=None, hparams=None) -> dict(patch [B,h,w], maps [B,S,S],
+  image [B], allowed [B,h,w])`; hparams default to the config's (`scoring.hparams_from_config`)."""
+  spec = make_spec(cfg_model, variant, out_size)
+  defaults = scoring.hparams_from_config(cfg_model)
 
   @jax.jit
-  def score(arrays, feats, images=None):
-    patch, allowed = patch_scores(arrays, feats, variant, cfg_model)
-    maps = scoring.anomaly_maps(patch, out_size, float(sc.sigma))
-    if variant.refinement:
-      if arrays.get('refine') is None:
-        raise ValueError('variant uses R but the model has no refinement network '
-                         '(fit with model.use_refinement=True)')
-      if images is None:
-        raise ValueError('the refinement stage needs the images: score(arrays, feats, images)')
-      maps = refine_maps(arrays['refine'], images, maps, cfg_model)
-    if sc.image_score == 'reweight':
-      image = scoring.reweighted_image_scores(
-          feats, patch, arrays['c_emb'], int(sc.reweight_neighbors),
-          query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
-    else:
-      image = scoring.image_scores(maps, patch, str(sc.image_score), float(sc.top_percent))
-    return dict(patch=patch, maps=maps, image=image, allowed=allowed)
+  def score(arrays, feats, images=None, hparams=None):
+    hp = defaults if hparams is None else hparams
+    return score_features(arrays, feats, hp, spec, images)
 
   return score
 
@@ -155,9 +346,21 @@ def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
 # ----------------------------------------------------------------------------- runtime
 
 
+def bucket_size(b: int, batch_size: int, num_devices: int = 1) -> int:
+  """The batch a call of b images runs at: the smallest power of two >= b, rounded up to a
+  multiple of the device count, capped at `batch_size` (itself such a multiple)."""
+  if b < 1:
+    raise ValueError(f'batch of {b} images')
+  p = 1
+  while p < b:
+    p *= 2
+  return min(sharding.padded_size(p, num_devices), batch_size)
+
+
 @dataclasses.dataclass
 class Extractor:
-  """The jitted feature function and backbone variables, shared by every category.
+  """The jitted feature function and backbone variables (on the devices), shared by every
+  category of a run.
 
   Batches are split over `mesh` (all devices); `batch_size` is data.batch_size rounded up to a
   multiple of the device count, the variables are replicated.
@@ -178,8 +381,18 @@ class Extractor:
                                                  self.mesh, sharded_argnums=(1, 2))
     return self.scorers[key]
 
+  def features(self, images: np.ndarray):
+    """Host images [b, S, S, 3] -> (device images [n, ...], features [n, h, w, d]) at the
+    bucket n >= b (padding repeats the last image)."""
+    b = images.shape[0]
+    n = bucket_size(b, self.batch_size, sharding.num_shards(self.mesh))
+    if b > n:
+      raise ValueError(f'{b} images exceed the batch size {self.batch_size}')
+    images_dev = sharding.shard_rows(sharding.pad_rows(images, n)[0], self.mesh)
+    return images_dev, self.fn(self.variables, images_dev)
+
   def feature_shape(self, crop: int) -> tuple[int, int, int]:
-    """(h, w, d) of the patch feature grid of a crop x crop image."""
+    """(h, w, d) of the features of a crop x crop image."""
     shape = jax.eval_shape(self.fn, self.variables,
                            jax.ShapeDtypeStruct((self.batch_size, crop, crop, 3), jnp.float32))
     return tuple(shape.shape[1:])
@@ -192,23 +405,43 @@ def make_extractor(cfg) -> Extractor:
                    sharding.padded_size(int(cfg.data.batch_size), sharding.num_shards(mesh)), mesh)
 
 
+class ModelRuntime:
+  """A fitted model on the devices, ready to score: its arrays and hyper-parameters are uploaded
+  once, the scorers come from the extractor (built once per run)."""
+
+  def __init__(self, cfg, extractor: Extractor, fitted: model_lib.PNIModel,
+               variants: Iterable[Variant], hparams: scoring.HParams | None = None):
+    self.extractor = extractor
+    self.variants = list(variants)
+    mesh = extractor.mesh
+    self.arrays = sharding.replicate(model_lib.arrays(fitted), mesh)
+    hp = scoring.hparams_from_config(cfg.model) if hparams is None else hparams
+    self.hparams = sharding.replicate(hp, mesh)
+    self.scorers = {v.name: extractor.scorer(cfg, v) for v in self.variants}
+
+  def score(self, images: np.ndarray, keys=('maps', 'image', 'allowed')) -> dict[str, dict]:
+    """images [b, S, S, 3] float32 in [0, 1] (b <= batch size) -> {variant name: {key: numpy
+    array cut to b}}."""
+    images = np.asarray(images, np.float32)
+    b = images.shape[0]
+    images_dev, feats = self.extractor.features(images)
+    outs = {}
+    for v in self.variants:
+      out = self.scorers[v.name](self.arrays, feats, images_dev, self.hparams)
+      outs[v.name] = {k: np.asarray(out[k][:b]) for k in keys}
+    return outs
+
+  def score_batches(self, batches) -> Iterator[tuple[dict, dict]]:
+    """Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])})."""
+    for batch in batches:
+      yield batch, self.score(batch['image'])
+
+
 def score_batches(cfg, extractor: Extractor, fitted: model_lib.PNIModel,
                   variants: list[Variant], batches):
-  """Scores batches of images with every variant.
+  """Scores batches of images with every variant (`ModelRuntime.score_batches`).
 
   Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])}) with numpy
   arrays cut to the batch's real size.
   """
-  mesh = extractor.mesh
-  arrays = sharding.replicate(model_lib.arrays(fitted), mesh)
-  scorers = {v.name: extractor.scorer(cfg, v) for v in variants}
-  for batch in batches:
-    images = np.asarray(batch['image'], np.float32)
-    b = images.shape[0]
-    images_dev = sharding.shard_rows(sharding.pad_rows(images, extractor.batch_size)[0], mesh)
-    feats = extractor.fn(extractor.variables, images_dev)
-    outs = {}
-    for v in variants:
-      out = scorers[v.name](arrays, feats, images_dev)
-      outs[v.name] = {k: np.asarray(out[k][:b]) for k in ('maps', 'image', 'allowed')}
-    yield batch, outs
+  yield from ModelRuntime(cfg, extractor, fitted, variants).score_batches(batches)

@@ -100,6 +100,18 @@ def _check_tile(value: int, name: str) -> None:
     raise ValueError(f'{name} must be >= 1, got {value}')
 
 
+def _check_search(queries, bank, query_tile: int, bank_tile: int) -> tuple[int, int]:
+  """Checks a search's inputs; returns (M, K)."""
+  _check_2d(queries, 'queries')
+  _check_2d(bank, 'bank')
+  _check_same_dim(queries, bank, 'queries', 'bank')
+  _check_tile(query_tile, 'query_tile')
+  _check_tile(bank_tile, 'bank_tile')
+  if bank.shape[0] == 0:
+    raise ValueError('bank is empty (0 rows)')
+  return queries.shape[0], bank.shape[0]
+
+
 def balanced_tile(rows: int, max_tile: int, align: int) -> int:
   """Tile size <= max_tile that splits ``rows`` into as few, nearly equal tiles as possible.
 
@@ -199,13 +211,38 @@ def row_argmin(dist: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]
   """
   tq, tk = dist.shape
   if tk % block or tk <= block:
-    j = jnp.argmin(dist, axis=1).astype(jnp.int32)
-    return jnp.take_along_axis(dist, j[:, None], axis=1)[:, 0], j
+    # The minimum, then the lowest column holding it: two plain min reductions, which XLA:CPU
+    # runs ~2x faster than one argmin (tiles are aligned to `block` where possible, see
+    # `_align_bank`).
+    dmin = jnp.min(dist, axis=1)
+    cols = jnp.arange(tk, dtype=jnp.int32)
+    j = jnp.min(jnp.where(dist == dmin[:, None], cols[None, :], tk - 1), axis=1)
+    return dmin, j
   blocks = dist.reshape(tq, tk // block, block)
   jb = jnp.argmin(jnp.min(blocks, axis=2), axis=1).astype(jnp.int32)  # [tq]
   row = jnp.take_along_axis(blocks, jb[:, None, None], axis=1)[:, 0]  # [tq, block]
   jc = jnp.argmin(row, axis=1).astype(jnp.int32)
   return jnp.take_along_axis(row, jc[:, None], axis=1)[:, 0], jb * block + jc
+
+
+def _align_bank(bank: jax.Array, bank_valid: jax.Array | None, bank_aux: Any, bank_tile: int,
+                align: int = 128):
+  """Pads a bank that fits one tile to a multiple of `align` rows (the blocked `row_argmin` and
+  vector widths need aligned tiles); the padding rows are invalid (never returned). Banks larger
+  than a tile are already split into aligned tiles by `balanced_tile`.
+
+  Returns (bank, valid [K'] bool or None, bank_aux) with K' >= K.
+  """
+  kb = bank.shape[0]
+  if kb >= bank_tile or kb % align == 0 or kb < align:
+    return bank, bank_valid, bank_aux
+  pad = -(-kb // align) * align - kb
+  valid = jnp.ones((kb,), bool) if bank_valid is None else bank_valid
+  valid = jnp.concatenate([valid, jnp.zeros((pad,), bool)])
+  bank = jnp.concatenate([bank, jnp.zeros((pad,) + bank.shape[1:], bank.dtype)])
+  bank_aux = jax.tree_util.tree_map(
+      lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]), bank_aux)
+  return bank, valid, bank_aux
 
 
 def _merge_top_k(best_d, best_i, cand_d, cand_i, k):
@@ -249,21 +286,16 @@ def knn(queries: jax.Array,
     (sq_dists [M, k] float32 ascending, indices [M, k] int32). Ties: lowest
     bank index first.
   """
-  _check_2d(queries, 'queries')
-  _check_2d(bank, 'bank')
-  _check_same_dim(queries, bank, 'queries', 'bank')
   if k < 1:
     raise ValueError(f'k must be >= 1, got {k}')
-  _check_tile(query_tile, 'query_tile')
-  _check_tile(bank_tile, 'bank_tile')
-  m, kb = queries.shape[0], bank.shape[0]
-  if kb == 0:
-    raise ValueError('bank is empty (0 rows)')
+  m, kb = _check_search(queries, bank, query_tile, bank_tile)
   if bank_mask is not None and bank_mask.shape != (kb,):
     raise ValueError(f'bank_mask must have shape ({kb},), got {tuple(bank_mask.shape)}')
   if m == 0:
     return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
 
+  bank, bank_mask, _ = _align_bank(bank, bank_mask, None, bank_tile)
+  kb = bank.shape[0]
   tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
   b_sq = _bank_sq_norms(bank, bank_mask)
   kt = min(k, tk)  # candidates taken from one bank tile
@@ -287,6 +319,35 @@ def knn(queries: jax.Array,
 
   d, i = _map_query_tiles(query_tile_fn, tq, queries)
   return d, jnp.where(jnp.isinf(d), -1, i)
+
+
+@functools.partial(jax.jit, static_argnames=('query_tile', 'bank_tile', 'precision'))
+def nearest_sq_dist(queries: jax.Array, bank: jax.Array, *, query_tile: int = 1024,
+                    bank_tile: int = 4096, precision=_HIGHEST) -> jax.Array:
+  """Squared distance of every query row to its nearest bank row, without the index.
+
+  The same tiles and distances as `knn(k=1)`, reduced with a plain minimum (no argmin), which
+  XLA:CPU runs several times faster: PatchCore's patch score needs only the distance.
+
+  Args:
+    queries: [M, d]; bank: [K, d], K >= 1.
+  Returns:
+    [M] float32, equal to `knn(queries, bank, 1)[0][:, 0]`.
+  """
+  m, kb = _check_search(queries, bank, query_tile, bank_tile)
+  if m == 0:
+    return jnp.zeros((0,), jnp.float32)
+  bank, valid, _ = _align_bank(bank, None, None, bank_tile)
+  kb = bank.shape[0]
+  tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
+  b_sq = _bank_sq_norms(bank, valid)
+
+  def query_tile_fn(qt, qt_sq, _):
+    def bank_step(best, bt, bt_sq, _, start):
+      return jnp.minimum(best, jnp.min(_tile_sq_dists(qt, qt_sq, bt, bt_sq, precision), axis=1))
+    return _scan_bank_tiles(bank_step, jnp.full((tq,), jnp.inf, jnp.float32), tk, bank, b_sq)
+
+  return _map_query_tiles(query_tile_fn, tq, queries)
 
 
 def knn_dists(queries: jax.Array, bank: jax.Array, k: int = 1, **kwargs
@@ -400,14 +461,7 @@ def masked_min_dist(queries: jax.Array,
     `MaskedNearest` of [M] arrays. Queries with nothing allowed get sq_dist
     +inf and index -1 (callers fall back to nearest_*). Ties: lowest index.
   """
-  _check_2d(queries, 'queries')
-  _check_2d(bank, 'bank')
-  _check_same_dim(queries, bank, 'queries', 'bank')
-  _check_tile(query_tile, 'query_tile')
-  _check_tile(bank_tile, 'bank_tile')
-  m, kb = queries.shape[0], bank.shape[0]
-  if kb == 0:
-    raise ValueError('bank is empty (0 rows)')
+  m, kb = _check_search(queries, bank, query_tile, bank_tile)
   for name, tree, rows in (('query_aux', query_aux, m), ('bank_aux', bank_aux, kb)):
     for leaf in jax.tree_util.tree_leaves(tree):
       if leaf.ndim < 1 or leaf.shape[0] != rows:
@@ -417,8 +471,10 @@ def masked_min_dist(queries: jax.Array,
     empty_f, empty_i = jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
     return MaskedNearest(empty_f, empty_i, empty_f, empty_i)
 
+  bank, valid, bank_aux = _align_bank(bank, None, bank_aux, bank_tile)
+  kb = bank.shape[0]
   tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
-  b_sq = _bank_sq_norms(bank, None)
+  b_sq = _bank_sq_norms(bank, valid)
 
   def query_tile_fn(qt, qt_sq, qat):
 

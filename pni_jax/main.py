@@ -4,6 +4,9 @@ Modes:
   fit_eval (default)  for each category: fit, evaluate, write metrics / tables / figures.
   predict             load a fitted workdir and inspect new images (--images=DIR_OR_GLOB
                       [--category=CAT] [--out=DIR]); the workdir's own config is used.
+  sweep               evaluate a grid of scoring hyper-parameters on a fitted workdir in compiled,
+                      vmapped calls (--config.sweep.tau_scale=0.1,0.5,1 --config.sweep.sigma=2,4,8);
+                      writes sweep.csv / sweep.md / sweep_*.png (pni_jax/sweep.py).
 Logs: stage and progress lines at INFO; other libraries' INFO lines only with --verbosity=1.
 Any config field can be overridden: `--config.data.root=/data/mvtec --config.data.categories=bottle,cable`.
 """
@@ -28,7 +31,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where models, metrics, maps and figures are written.')
-flags.DEFINE_enum('mode', 'fit_eval', ['fit_eval', 'predict'], 'What to do.')
+flags.DEFINE_enum('mode', 'fit_eval', ['fit_eval', 'predict', 'sweep'], 'What to do.')
 flags.DEFINE_string('images', None, 'predict mode: a folder or glob of images to inspect.')
 flags.DEFINE_string('category', None, 'predict mode: which fitted category (if several).')
 flags.DEFINE_string('out', None, 'predict mode: output folder (default RUN/predictions/CAT).')

@@ -40,7 +40,9 @@ and divided by max_fpr.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 from typing import Any, Iterator, NamedTuple
 
 from absl import logging
@@ -696,3 +698,256 @@ def evaluate(image_scores: Any, labels: Any, maps: Any, masks: Any, *, max_fpr: 
   metrics, _ = evaluate_with_curves(image_scores, labels, maps, masks, max_fpr=max_fpr,
                                     pr_points=0, hist_bins=0, chunk_pixels=chunk_pixels)
   return metrics
+
+
+# ----------------------------------------------------------------------------- grids of maps
+#
+# A hyper-parameter sweep scores the same test set G times. The ground truth is the same for
+# every grid point, so the anomalous pixels are one fixed set (usually a few percent of all
+# pixels). For each point the exact metrics follow from
+#   a  = the anomalous scores sorted ascending (with each pixel's 1 / region size along),
+#   lt = for each a_i, the number of normal pixels scoring < a_i, le = ... <= a_i,
+# i.e. one sort of the normal scores plus a binary search of the few anomalous ones:
+#   AUROC  = sum_i (lt_i + (le_i - lt_i) / 2) / (A N)                 (ties count 1/2)
+#   F1     at each anomalous score t (the optimum is always at one): TP = #anomalous >= t,
+#          FP = N - lt
+#   AUPRO  the PRO curve is flat between distinct anomalous scores (only FPR moves there) and a
+#          straight ramp across the normal pixels tied with one, so its integral up to max_fpr
+#          has a closed form per distinct anomalous score.
+# `grid_metrics` does this in numpy for a chunk of G points at once (rows sorted in parallel
+# threads, vectorised counts over [G, A]): no Python per pixel; memory ~ 8 bytes x G x pixels per
+# chunk beyond the maps. Results equal `evaluate` (same definitions, float64) to rounding.
+
+
+class GroundTruth(NamedTuple):
+  """The fixed ground truth of a test set, prepared once for `grid_metrics`.
+
+  anomalous: [N, H, W] bool pixel masks; weights: [A] float64, 1 / (size of its region) of every
+  anomalous pixel in C order; num_regions: R; labels: [N] bool image labels.
+  """
+  anomalous: np.ndarray
+  weights: np.ndarray
+  num_regions: int
+  labels: np.ndarray
+
+
+def ground_truth(masks: Any, labels: Any) -> GroundTruth:
+  """Masks [N, H, W] (non-zero = anomalous) and labels [N] -> `GroundTruth` (regions labelled
+  with 8-connectivity, as `aupro`)."""
+  gt = np.asarray(masks) != 0
+  if gt.ndim != 3:
+    raise ValueError(f'masks must be [N, H, W]; got shape {gt.shape}')
+  labels = _binary_labels(labels, 'labels')
+  if labels.shape != (gt.shape[0],):
+    raise ValueError(f'labels must be [{gt.shape[0]}]; got shape {labels.shape}')
+  return GroundTruth(gt, _region_weights(gt, gt), _count_regions(gt), labels)
+
+
+def _run_first(a: np.ndarray) -> np.ndarray:
+  """For sorted rows a [G, A]: the index of the first element of each element's run of equal
+  values."""
+  idx = np.broadcast_to(np.arange(a.shape[-1]), a.shape)
+  start = np.ones(a.shape, bool)
+  start[..., 1:] = a[..., 1:] != a[..., :-1]
+  return np.maximum.accumulate(np.where(start, idx, 0), axis=-1)
+
+
+def _split_metrics(a: np.ndarray, w: np.ndarray, lt: np.ndarray, le: np.ndarray, num_neg: int,
+                   num_regions: int, max_fpr: float | None) -> dict[str, np.ndarray]:
+  """Metrics of G score sets from their sorted anomalous scores (see the section comment).
+
+  Args:
+    a: [G, A] anomalous scores, ascending per row; w: [G, A] their region weights (same order);
+    lt, le: [G, A] int64 numbers of normal scores < a and <= a.
+  Returns:
+    {'auroc', 'f1_max', 'threshold', 'aupro'}: [G] float64 (nan where undefined).
+  """
+  g, num_pos = a.shape
+  nan = np.full(g, np.nan)
+  if num_pos == 0:
+    return dict(auroc=nan, f1_max=nan, threshold=nan, aupro=nan)
+  lt = lt.astype(np.float64)
+  le = le.astype(np.float64)
+  auroc = ((lt + 0.5 * (le - lt)).sum(-1) / (num_pos * num_neg) if num_neg else nan)
+  first = _run_first(a)
+  tp = num_pos - first
+  fp = num_neg - lt
+  f1 = 2.0 * tp / (tp + fp + num_pos)
+  best = num_pos - 1 - np.argmax(f1[:, ::-1], axis=-1)          # ties: the largest threshold
+  rows = np.arange(g)
+  out = dict(auroc=np.asarray(auroc, np.float64), f1_max=f1[rows, best],
+             threshold=a[rows, best].astype(np.float64), aupro=nan)
+  if max_fpr is None or num_regions == 0 or num_neg == 0:
+    return out
+  c = float(max_fpr)
+  suffix = np.zeros((g, num_pos + 1))
+  suffix[:, :-1] = np.cumsum(w[:, ::-1], axis=-1)[:, ::-1]      # sum of w[j] for j >= i
+  last = np.ones(a.shape, bool)
+  last[:, :-1] = a[:, 1:] != a[:, :-1]
+  y1 = np.minimum(np.take_along_axis(suffix, first, -1) / num_regions, 1.0)   # PRO(>= v)
+  y0 = np.minimum(suffix[:, 1:] / num_regions, 1.0)                            # PRO(> v) at last
+  x_s = (num_neg - le) / num_neg                                 # FPR(> v)
+  x_e = (num_neg - lt) / num_neg                                 # FPR(>= v)
+  x_p = np.zeros_like(x_e)                                       # FPR(>= next higher score)
+  x_p[:, :-1] = x_e[:, 1:]
+  flat = y0 * (np.minimum(x_s, c) - np.minimum(x_p, c))
+  span = np.where(x_e > x_s, x_e - x_s, 1.0)
+  y_cut = y0 + (y1 - y0) * (c - x_s) / span
+  ramp = np.where(x_e <= c, (x_e - x_s) * (y0 + y1) / 2.0,
+                  np.where(x_s < c, (c - x_s) * (y0 + y_cut) / 2.0, 0.0))
+  area = np.where(last, flat + ramp, 0.0).sum(-1)
+  y_all = np.minimum(suffix[:, 0] / num_regions, 1.0)
+  area += y_all * (c - np.minimum(x_e[:, 0], c))
+  out['aupro'] = area / c
+  return out
+
+
+def _row_counts(row: np.ndarray, pos_mask: np.ndarray, weights: np.ndarray):
+  """One score set: (sorted anomalous scores [A], their weights, lt [A], le [A]).
+
+  Only the scores within [min, max] of the anomalous ones need sorting (the normal ones below
+  are below every anomalous score and are just counted; those above never count): typically a
+  small part of the normal pixels. The normal counts are the counts among those scores minus the
+  anomalous ones.
+  """
+  pos = row[pos_mask]
+  order = np.argsort(pos, kind='stable')
+  a = pos[order]
+  w = weights[order] if weights.size else np.zeros(len(a))
+  if not len(a):
+    empty = np.zeros(0, np.int64)
+    return a, w, empty, empty
+  inside = row >= a[0]
+  below = row.size - np.count_nonzero(inside)
+  inside &= row <= a[-1]
+  sub = np.sort(row[inside])
+  lt = below + np.searchsorted(sub, a, 'left') - np.searchsorted(a, a, 'left')
+  le = below + np.searchsorted(sub, a, 'right') - np.searchsorted(a, a, 'right')
+  return a, w, lt, le
+
+
+def _split_counts(rows: np.ndarray, pos_mask: np.ndarray, weights: np.ndarray, threads: int):
+  """`_row_counts` of every row of [G, P] scores, rows in parallel threads (numpy releases the
+  GIL in its sorts); stacked to [G, A] arrays."""
+  if threads > 1 and rows.shape[0] > 1:
+    with concurrent.futures.ThreadPoolExecutor(min(threads, rows.shape[0])) as pool:
+      parts = list(pool.map(lambda r: _row_counts(r, pos_mask, weights), rows))
+  else:
+    parts = [_row_counts(r, pos_mask, weights) for r in rows]
+  return tuple(np.stack(x) for x in zip(*parts))
+
+
+def grid_metrics(image_scores: Any, maps: Any, truth: GroundTruth, *,
+                 max_fpr: float = 0.3, threads: int | None = None) -> dict[str, np.ndarray]:
+  """Exact metrics of G scorings of one test set, batched over the grid (host, numpy).
+
+  Args:
+    image_scores: [G, N] image scores; maps: [G, N, H, W] float32 anomaly maps.
+    truth: `ground_truth(masks, labels)` of the N images.
+    threads: rows sorted in parallel (default: the CPU count).
+  Returns:
+    {'image_auroc', 'image_f1_max', 'pixel_auroc', 'aupro', 'pixel_f1_max', 'pixel_threshold'}:
+    [G] float64 each, equal to `evaluate`'s values for each row.
+  """
+  maps = np.asarray(maps, np.float32)
+  scores = np.asarray(image_scores, np.float32)
+  gt, labels = truth.anomalous, truth.labels
+  if maps.ndim != 4 or maps.shape[1:] != gt.shape:
+    raise ValueError(f'maps must be [G, {", ".join(map(str, gt.shape))}]; got {maps.shape}')
+  if scores.shape != maps.shape[:2]:
+    raise ValueError(f'image_scores must be [G, N] = {maps.shape[:2]}; got {scores.shape}')
+  if np.isnan(maps).any() or np.isnan(scores).any():
+    raise ValueError('grid_metrics: scores contain NaN values')
+  if max_fpr is not None:
+    max_fpr = _check_max_fpr(max_fpr)
+  g = maps.shape[0]
+  threads = (os.cpu_count() or 1) if threads is None else int(threads)
+  mask = gt.reshape(-1)
+  a, w, lt, le = _split_counts(maps.reshape(g, -1), mask, truth.weights, threads)
+  pix = _split_metrics(a, w, lt, le, int((~mask).sum()), truth.num_regions, max_fpr)
+  a, w, lt, le = _split_counts(scores, labels, np.zeros(0), 1)
+  img = _split_metrics(a, w, lt, le, int((~labels).sum()), 0, None)
+  return dict(image_auroc=img['auroc'], image_f1_max=img['f1_max'], pixel_auroc=pix['auroc'],
+              aupro=pix['aupro'], pixel_f1_max=pix['f1_max'], pixel_threshold=pix['threshold'])
+
+
+# ----------------------------------------------------------------------------- jit-able (jnp)
+
+
+def _curve_metrics_jnp(scores, positive, weights, num_regions, max_fpr):
+  """AUROC, F1-max (+ threshold) and AUPRO of one score set in jnp (jit / vmap-able, exact up
+  to float32 rounding): one sort of all scores (descending, class and region weight carried),
+  the curve points at every distinct score, trapezoids, the cut at max_fpr interpolated.
+
+  scores [P] float32; positive [P] bool; weights [P] float32 (1 / region size at anomalous
+  pixels, else 0); num_regions: scalar.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (the host path above needs no jax)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  f32 = jnp.float32
+  pos = positive.astype(f32)
+  neg_scores, p, w = jax.lax.sort((-scores.astype(f32), pos, weights.astype(f32)), num_keys=1)
+  v = -neg_scores
+  n = v.shape[0]
+  num_pos = pos.sum()
+  num_neg = n - num_pos
+  tp, fp, pro = jnp.cumsum(p), jnp.cumsum(1.0 - p), jnp.cumsum(w)
+  change = v[1:] != v[:-1]
+  is_end = jnp.concatenate([change, jnp.ones((1,), bool)])
+  is_start = jnp.concatenate([jnp.ones((1,), bool), change])
+  start = jax.lax.cummax(jnp.where(is_start, jnp.arange(n), 0))
+
+  def before(c):                                    # cumulative value before the run's start
+    return jnp.where(start > 0, c[jnp.maximum(start - 1, 0)], 0.0)
+
+  x, xp = fp / num_neg, before(fp) / num_neg
+  auroc = jnp.sum(jnp.where(is_end, (x - xp) * (tp + before(tp)) / 2.0, 0.0)) / num_pos
+  f1 = jnp.where(is_end, 2.0 * tp / (tp + fp + num_pos), -1.0)
+  best = jnp.argmax(f1)                             # first = largest threshold on ties
+  y = jnp.minimum(pro / num_regions, 1.0)
+  yp = jnp.minimum(before(pro) / num_regions, 1.0)
+  c = max_fpr
+  span = jnp.where(x > xp, x - xp, 1.0)
+  y_cut = yp + (y - yp) * (c - xp) / span
+  seg = jnp.where(x <= c, (x - xp) * (y + yp) / 2.0,
+                  jnp.where(xp < c, (c - xp) * (yp + y_cut) / 2.0, 0.0))
+  aupro = jnp.sum(jnp.where(is_end, seg, 0.0)) / c
+  nan = jnp.float32(jnp.nan)
+  defined = (num_pos > 0) & (num_neg > 0)
+  return dict(auroc=jnp.where(defined, auroc, nan),
+              f1_max=jnp.where(num_pos > 0, f1[best], nan),
+              threshold=jnp.where(num_pos > 0, v[best], nan),
+              aupro=jnp.where(defined & (num_regions > 0), aupro, nan))
+
+
+def evaluate_jnp(image_scores, labels, maps, masks, region_weights, num_regions, *,
+                 max_fpr: float = 0.3) -> dict:
+  """`evaluate`'s main metrics as a pure jnp function (jit- and vmap-able; one sort of all
+  pixels per call, so it suits accelerators; on CPU `grid_metrics` is much faster).
+
+  Args:
+    image_scores: [N]; labels: [N] bool / 0-1; maps: [N, H, W]; masks: [N, H, W] bool / 0-1;
+    region_weights: [N, H, W] float32 (1 / region size at anomalous pixels, 0 elsewhere; from
+      `region_weight_map`); num_regions: R.
+  Returns:
+    {'image_auroc', 'image_f1_max', 'pixel_auroc', 'aupro', 'pixel_f1_max', 'pixel_threshold'}
+    float32 scalars.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  img = _curve_metrics_jnp(jnp.asarray(image_scores).reshape(-1),
+                           jnp.asarray(labels).reshape(-1) != 0,
+                           jnp.zeros(jnp.shape(image_scores)[0], jnp.float32), 1.0, 1.0)
+  pix = _curve_metrics_jnp(jnp.asarray(maps).reshape(-1), jnp.asarray(masks).reshape(-1) != 0,
+                           jnp.asarray(region_weights).reshape(-1),
+                           jnp.asarray(num_regions, jnp.float32), float(max_fpr))
+  return dict(image_auroc=img['auroc'], image_f1_max=img['f1_max'], pixel_auroc=pix['auroc'],
+              aupro=pix['aupro'], pixel_f1_max=pix['f1_max'], pixel_threshold=pix['threshold'])
+
+
+def region_weight_map(masks: Any) -> tuple[np.ndarray, int]:
+  """Masks [N, H, W] -> (weights [N, H, W] float32: 1 / size of the pixel's 8-connected region at
+  anomalous pixels, 0 elsewhere; number of regions), for `evaluate_jnp`."""
+  gt = np.asarray(masks) != 0
+  out = np.zeros(gt.shape, np.float32)
+  out[gt] = _region_weights(gt, gt)
+  return out, _count_regions(gt)

@@ -220,9 +220,10 @@ def neighbor_logits(variables, feats: jax.Array, window: int, chunk: int,
 
 def neighbor_probs(variables, feats: jax.Array, window: int, chunk: int,
                    temperature: float = 2.0, dtype=jnp.float32) -> jax.Array:
-  """p(c_dist | N_p(x)) = softmax(logits / T): `[B, H, W, K]` float32, rows summing to 1."""
-  if temperature <= 0:
-    raise ValueError(f'temperature must be > 0, got {temperature}')
+  """p(c_dist | N_p(x)) = softmax(logits / T): `[B, H, W, K]` float32, rows summing to 1.
+
+  `temperature` may be traced (a hyper-parameter under vmap); T > 0 is checked by config
+  validation (model.scoring.temperature)."""
   return jax.nn.softmax(neighbor_logits(variables, feats, window, chunk, dtype) / temperature, -1)
 
 

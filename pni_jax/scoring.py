@@ -1,4 +1,4 @@
-"""Patch scores -> anomaly maps and image scores.
+"""Patch scores -> anomaly maps and image scores, as pure functions of arrays and hyper-parameters.
 
 * PatchCore: the patch score is the distance to the nearest C_emb vector.
 * PNI (eq. 3-8): p(c | Omega) over C_dist from the neighbourhood MLP and / or the position
@@ -8,20 +8,93 @@
   nearest C_emb vector is used (the paper's fallback).
 * Maps: bilinear upsampling to the crop and a Gaussian blur are both linear and separable, so the
   whole step is one matrix pair per axis: map = A_h @ s @ A_w^T with A = blur @ upsample.
+
+Hyper-parameters are data. `HParams` is one pytree of every numeric scoring knob (tau scale,
+temperature, lambda, the N / P mixing weight, sigma, top_percent, the fusion weight w); the
+functions here take it as an argument and never branch on its values in Python, so
+`jax.vmap(f, in_axes=(..., 0))` over a stacked `HParams` evaluates a whole grid in one call.
+Structural choices (the combine mode, the image-score mode, which priors exist) stay static
+arguments. The blur is built in jnp from a traced sigma with a static radius bound
+(`max_sigma`); for sigma <= max_sigma it equals scipy.ndimage.gaussian_filter (truncate 4,
+mode 'reflect').
+
+Adding a variant: a new combine mode is a function `(nearest_allowed, prior_nb, prior_pos, hp,
+num_emb, code_count) -> (dist [M], frac [M])` registered in `COMBINERS` (see
+`_combine_thresholded`); a new numeric knob is a field of `HParams` (with its config path in
+`HPARAM_CONFIG`), e.g. a relative threshold rho.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pni_jax import knn
 
-COMBINE_MODES = ('mean_prob', 'product', 'mean_score', 'max_prob')
-IMAGE_SCORES = ('max', 'patch_max', 'top_percent', 'reweight')
+IMAGE_SCORES = ('max', 'patch_max', 'patch_max_cropped', 'top_percent', 'reweight')
+TRUNCATE = 4.0   # scipy.ndimage.gaussian_filter's default: radius = int(4 sigma + 0.5)
+
+
+# ----------------------------------------------------------------------------- hyper-parameters
+
+
+@flax.struct.dataclass
+class HParams:
+  """Every numeric scoring hyper-parameter, as one pytree (leaves: scalars or [G] arrays).
+
+  tau_scale: tau = tau_scale / |C_emb| (eq. 5; paper 0.5).
+  temperature: p(c | N_p(x)) = softmax(logits / temperature) (paper 2).
+  likelihood_lambda: lambda of eq. 8 (paper 1); scores are lambda * distance.
+  neighborhood_weight: weight of the neighbourhood prior against the position prior (eq. 6 uses
+    0.5: (p_N + p_P) / 2; with combine='mean_score' the weight of the N score).
+  sigma: Gaussian blur of the upsampled map, in pixels (paper 8).
+  top_percent: image_score='top_percent' averages this percentage of the highest map pixels.
+  fusion_weight: w of the refinement fusion (1 - w) A_hat + w refined (paper 0.1).
+  """
+  tau_scale: jax.Array = 0.5
+  temperature: jax.Array = 2.0
+  likelihood_lambda: jax.Array = 1.0
+  neighborhood_weight: jax.Array = 0.5
+  sigma: jax.Array = 8.0
+  top_percent: jax.Array = 1.0
+  fusion_weight: jax.Array = 0.1
+
+
+# HParams field -> (config section under cfg.model, field name); the sweep fields of config.sweep
+# carry the same names.
+HPARAM_CONFIG = {
+    'tau_scale': ('scoring', 'tau_scale'),
+    'temperature': ('scoring', 'temperature'),
+    'likelihood_lambda': ('scoring', 'likelihood_lambda'),
+    'neighborhood_weight': ('scoring', 'neighborhood_weight'),
+    'sigma': ('scoring', 'sigma'),
+    'top_percent': ('scoring', 'top_percent'),
+    'fusion_weight': ('refine', 'fusion_weight'),
+}
+HPARAM_NAMES = tuple(HPARAM_CONFIG)
+
+
+def hparams_from_config(cfg_model, **overrides) -> HParams:
+  """The config's values as float32 scalars (the defaults of every scorer); `overrides` replace
+  fields by name."""
+  values = {}
+  for name, (section, field) in HPARAM_CONFIG.items():
+    values[name] = cfg_model[section].get(field, getattr(HParams, name))
+  unknown = set(overrides) - set(values)
+  if unknown:
+    raise ValueError(f'unknown hyper-parameter(s) {sorted(unknown)}; known: {HPARAM_NAMES}')
+  values.update(overrides)
+  return HParams(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+
+
+def stack_hparams(points: list[HParams]) -> HParams:
+  """[HParams of scalars] -> one HParams of [G] arrays (vmap over axis 0)."""
+  return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs]), *points)
 
 
 # ----------------------------------------------------------------------------- patch scores
@@ -40,16 +113,25 @@ def nearest_distance(feats: jax.Array, c_emb: jax.Array, *, query_tile: int, ban
   return jnp.sqrt(sq[:, 0]), idx[:, 0]
 
 
+def neighbor_prior(logits: jax.Array, temperature) -> jax.Array:
+  """p(c_dist | N_p(x)) = softmax(logits / T) over the last axis (T may be traced; > 0 is checked
+  by config validation)."""
+  return jax.nn.softmax(logits / temperature, axis=-1)
+
+
 def combine_priors(p_nb: jax.Array | None, p_pos: jax.Array | None,
-                   mode: str = 'mean_prob') -> jax.Array:
+                   mode: str = 'mean_prob', weight=0.5) -> jax.Array:
   """p(c | Omega) from the two priors, or whichever prior is present.
 
-  'mean_prob' is the paper's eq. 6, (p(c | N_p(x)) + p(c | x)) / 2. 'product' treats the two as
-  independent evidence, p_nb * p_pos renormalised (all zeros where their supports do not meet),
-  so a code ruled out by either prior stays ruled out.
+  'mean_prob' is the paper's eq. 6, (p(c | N_p(x)) + p(c | x)) / 2 (generally weight * p_N +
+  (1 - weight) * p_P). 'product' treats the two as independent evidence, p_nb * p_pos
+  renormalised (all zeros where their supports do not meet), so a code ruled out by either prior
+  stays ruled out. 'max_prob': the larger of the two.
 
   Args:
-    p_nb, p_pos: [..., K_dist] probabilities (or None when that prior is switched off).
+    p_nb, p_pos: [..., K_dist] probabilities (or None when that prior is switched off); they
+      broadcast against each other.
+    weight: the N weight of 'mean_prob' (traced or float).
   """
   if p_nb is None and p_pos is None:
     raise ValueError('combine_priors needs at least one prior')
@@ -63,7 +145,9 @@ def combine_priors(p_nb: jax.Array | None, p_pos: jax.Array | None,
     return jnp.where(total > 0, prod / jnp.where(total > 0, total, 1.0), 0.0)
   if mode == 'max_prob':
     return jnp.maximum(p_nb, p_pos)
-  return 0.5 * (p_nb + p_pos)
+  if mode in ('mean_prob', 'mean_score'):
+    return weight * p_nb + (1.0 - weight) * p_pos
+  raise ValueError(f'model.scoring.combine must be one of {COMBINE_MODES}, got {mode!r}')
 
 
 def _allowed_by_code(allowed_dist_tile, emb_to_dist_tile):
@@ -71,9 +155,116 @@ def _allowed_by_code(allowed_dist_tile, emb_to_dist_tile):
   return jnp.take(allowed_dist_tile, emb_to_dist_tile, axis=1)
 
 
+def code_counts(emb_to_dist: jax.Array, num_dist: int) -> jax.Array:
+  """[K_dist] float32: how many C_emb rows each C_dist code represents."""
+  return jnp.zeros((num_dist,), jnp.float32).at[emb_to_dist].add(1.0)
+
+
+def masked_sq_dist_dense(feats, c_emb, emb_to_dist, allowed_dist, *, query_tile, bank_tile):
+  """Squared distance to the nearest allowed C_emb row for every patch (+inf where none).
+
+  Args: feats [M, d]; c_emb [K_emb, d]; emb_to_dist [K_emb]; allowed_dist [M, K_dist] bool.
+  """
+  res = knn.masked_min_dist(feats, c_emb, allowed_dist, emb_to_dist, _allowed_by_code,
+                            query_tile=query_tile, bank_tile=bank_tile)
+  return res.sq_dist
+
+
+def masked_sq_dist_sparse(feats, c_emb, emb_to_dist, allowed_dist, nearest_sq, nearest_idx, *,
+                          chunk: int, query_tile: int, bank_tile: int):
+  """`masked_sq_dist_dense`, searching only where the prior binds.
+
+  When the nearest C_emb row's code is allowed, its distance is the answer. Only the other
+  patches are searched, gathered into fixed-size chunks of `chunk` rows (a `while_loop` over as
+  many chunks as there are such patches), so the cost follows the number of excluded patches.
+
+  Args:
+    feats [M, d]; c_emb [K_emb, d]; emb_to_dist [K_emb] int32; allowed_dist [M, K_dist] bool;
+    nearest_sq [M], nearest_idx [M]: the unconstrained nearest C_emb row (`knn`, k=1).
+  Returns:
+    [M] float32 squared distances (+inf where nothing is allowed).
+  """
+  m = feats.shape[0]
+  chunk = max(1, min(int(chunk), m))
+  nearest_code = jnp.take(emb_to_dist, nearest_idx)
+  ok = jnp.take_along_axis(allowed_dist, nearest_code[:, None], axis=1)[:, 0]
+  out = jnp.where(ok, nearest_sq, jnp.inf)
+  need = ~ok
+  count = need.sum()
+  num_chunks = -(-m // chunk)
+  rows = jnp.nonzero(need, size=num_chunks * chunk, fill_value=m)[0]   # m = "no row"
+
+  def body(state):
+    i, out = state
+    ids = jax.lax.dynamic_slice_in_dim(rows, i * chunk, chunk)
+    safe = jnp.minimum(ids, m - 1)
+    sq = masked_sq_dist_dense(feats[safe], c_emb, emb_to_dist, allowed_dist[safe],
+                              query_tile=min(query_tile, chunk), bank_tile=bank_tile)
+    return i + 1, out.at[ids].set(sq, mode='drop')
+
+  _, out = jax.lax.while_loop(lambda s: s[0] * chunk < count, body, (jnp.int32(0), out))
+  return out
+
+
+def _combine_thresholded(nearest_allowed, p_nb, p_pos, hp, num_emb, code_count, mode):
+  """Eq. 4-5 on the combined prior: distance to the nearest allowed C_emb row (fallback: the
+  nearest), and the allowed fraction of C_emb."""
+  tau = hp.tau_scale / num_emb
+
+  def one(prior):
+    allowed = prior > tau
+    dist = nearest_allowed(allowed)
+    frac = (allowed.astype(jnp.float32) @ code_count) / num_emb
+    return dist, frac
+
+  if mode == 'mean_score' and p_nb is not None and p_pos is not None:
+    w = hp.neighborhood_weight
+    d1, f1 = one(p_nb)
+    d2, f2 = one(p_pos)
+    return w * d1 + (1.0 - w) * d2, w * f1 + (1.0 - w) * f2
+  return one(combine_priors(p_nb, p_pos, mode, hp.neighborhood_weight))
+
+
+COMBINERS: dict[str, Callable] = {
+    'mean_prob': functools.partial(_combine_thresholded, mode='mean_prob'),
+    'product': functools.partial(_combine_thresholded, mode='product'),
+    'max_prob': functools.partial(_combine_thresholded, mode='max_prob'),
+    'mean_score': functools.partial(_combine_thresholded, mode='mean_score'),
+}
+COMBINE_MODES = tuple(COMBINERS)
+
+
+def conditional_scores(nearest_allowed_sq: Callable, nearest_sq: jax.Array, p_nb, p_pos,
+                       hp: HParams, *, num_emb: int, code_count: jax.Array, combine: str):
+  """PNI patch scores lambda * min_{allowed c} ||phi - c|| from a distance oracle.
+
+  Args:
+    nearest_allowed_sq: allowed_dist [M, K_dist] bool -> [M] squared distance to the nearest
+      allowed C_emb row (+inf where none); see `masked_sq_dist_sparse` / `group_min_sq_dists`.
+    nearest_sq: [M] squared distance to the nearest C_emb row (the fallback).
+    p_nb, p_pos: [M, K_dist] priors (or broadcastable), or None when switched off.
+    hp: HParams (scalars here; vmap for grids).
+    num_emb: |C_emb|; code_count: [K_dist] C_emb rows per code (`code_counts`).
+    combine: a key of COMBINERS (static).
+  Returns:
+    scores [M] float32, allowed_fraction [M] float32.
+  """
+  if combine not in COMBINERS:
+    raise ValueError(f'model.scoring.combine must be one of {COMBINE_MODES}, got {combine!r}')
+
+  def nearest_allowed(allowed):
+    sq = nearest_allowed_sq(allowed)
+    return jnp.sqrt(jnp.where(jnp.isfinite(sq), sq, nearest_sq))
+
+  dist, frac = COMBINERS[combine](nearest_allowed, p_nb, p_pos, hp, num_emb, code_count)
+  return hp.likelihood_lambda * dist, frac
+
+
 def conditional_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
-                         prior: jax.Array, tau: float, *, query_tile: int, bank_tile: int):
+                         prior: jax.Array, tau, *, query_tile: int, bank_tile: int):
   """Distance to the nearest C_emb vector whose C_dist representative has prior > tau (eq. 4-5).
+
+  The reference (dense) formulation: every patch searches all of C_emb with the mask applied.
 
   Args:
     feats: [M, d] patch features.
@@ -90,15 +281,15 @@ def conditional_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Ar
                             query_tile=query_tile, bank_tile=bank_tile)
   none_allowed = ~jnp.isfinite(res.sq_dist)
   sq = jnp.where(none_allowed, res.nearest_sq_dist, res.sq_dist)
-  # Fraction of C_emb allowed: count the codes' multiplicity once, per patch.
-  code_count = jnp.zeros((prior.shape[-1],), jnp.float32).at[emb_to_dist].add(1.0)
-  frac = (allowed_dist.astype(jnp.float32) @ code_count) / c_emb.shape[0]
+  frac = (allowed_dist.astype(jnp.float32) @ code_counts(emb_to_dist, prior.shape[-1])
+          ) / c_emb.shape[0]
   return jnp.sqrt(sq), frac
 
 
 def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combine,
-                     query_tile, bank_tile):
-  """PNI patch scores -log max_{allowed c} exp(-lam ||phi - c||) for one set of patches.
+                     query_tile, bank_tile, neighborhood_weight=0.5):
+  """PNI patch scores -log max_{allowed c} exp(-lam ||phi - c||) for one set of patches
+  (reference formulation: dense masked search, scalar hyper-parameters).
 
   Args:
     feats: [M, d]; c_emb: [K_emb, d]; emb_to_dist: [K_emb] int32;
@@ -112,14 +303,66 @@ def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combin
   kw = dict(query_tile=query_tile, bank_tile=bank_tile)
   if combine not in COMBINE_MODES:
     raise ValueError(f'model.scoring.combine must be one of {COMBINE_MODES}, got {combine!r}')
+  w = neighborhood_weight
   if p_nb is None or p_pos is None or combine != 'mean_score':
-    prior = combine_priors(p_nb, p_pos, combine)
+    prior = combine_priors(p_nb, p_pos, combine, w)
     dist, frac = conditional_distance(feats, c_emb, emb_to_dist, prior, tau, **kw)
   else:  # mean_score
     d1, f1 = conditional_distance(feats, c_emb, emb_to_dist, p_nb, tau, **kw)
     d2, f2 = conditional_distance(feats, c_emb, emb_to_dist, p_pos, tau, **kw)
-    dist, frac = 0.5 * (d1 + d2), 0.5 * (f1 + f2)
+    dist, frac = w * d1 + (1 - w) * d2, w * f1 + (1 - w) * f2
   return lam * dist, frac
+
+
+# ----------------------------------------------------------------------------- group distances
+
+
+def group_min_sq_dists(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
+                       num_dist: int, *, query_tile: int, bank_tile: int) -> jax.Array:
+  """For every patch and C_dist code: the squared distance to the nearest C_emb row of that code.
+
+  What eq. 4-5 needs of the distances, whatever the prior: for an allowed set A of codes, the
+  nearest allowed distance is min_{k in A} G[m, k]. Computing G once makes every hyper-parameter
+  point a [M, K_dist] reduction (the sweep's cache). Codes without a C_emb row get +inf.
+
+  Args:
+    feats: [M, d]; c_emb: [K_emb, d]; emb_to_dist: [K_emb] int32 in [0, num_dist).
+  Returns:
+    [M, num_dist] float32.
+  """
+  m, kb = feats.shape[0], c_emb.shape[0]
+  tq = knn.balanced_tile(m, query_tile, 8)
+  tk = knn.balanced_tile(kb, bank_tile, 128)
+  n_q, q_starts = knn._tile_starts(m, tq)        # pylint: disable=protected-access
+  n_k, k_starts = knn._tile_starts(kb, tk)       # pylint: disable=protected-access
+  c_sq = knn._sq_norms(c_emb)                     # pylint: disable=protected-access
+  cols = jnp.arange(tk, dtype=jnp.int32)
+
+  def query_tile_fn(start):
+    q = jax.lax.dynamic_slice_in_dim(feats, start, tq, axis=0)
+    q_sq = knn._sq_norms(q)                       # pylint: disable=protected-access
+
+    def bank_step(acc, xs):
+      t, kstart = xs
+      b = jax.lax.dynamic_slice_in_dim(c_emb, kstart, tk, axis=0)
+      b_sq = jax.lax.dynamic_slice_in_dim(c_sq, kstart, tk, axis=0)
+      b_sq = jnp.where(kstart + cols >= t * tk, b_sq, jnp.inf)   # rows an earlier tile covered
+      codes = jax.lax.dynamic_slice_in_dim(emb_to_dist, kstart, tk, axis=0)
+      d = knn._tile_sq_dists(q, q_sq, b, b_sq, knn._HIGHEST)  # pylint: disable=protected-access
+      grp = jax.ops.segment_min(d.T, codes, num_segments=num_dist)     # [K_dist, tq]
+      return jnp.minimum(acc, grp.T), None
+
+    init = jnp.full((tq, num_dist), jnp.inf, jnp.float32)
+    acc, _ = jax.lax.scan(bank_step, init, (jnp.arange(n_k, dtype=jnp.int32), k_starts))
+    return acc
+
+  out = jax.lax.map(query_tile_fn, q_starts)                  # [n_q, tq, K_dist]
+  return knn._unshift(out, m, tq)                             # pylint: disable=protected-access
+
+
+def masked_sq_dist_from_groups(group_sq: jax.Array, allowed_dist: jax.Array) -> jax.Array:
+  """min over allowed codes of `group_min_sq_dists`: [..., K_dist] x bool -> [...] (+inf if none)."""
+  return jnp.min(jnp.where(allowed_dist, group_sq, jnp.inf), axis=-1)
 
 
 # ----------------------------------------------------------------------------- maps
@@ -132,54 +375,128 @@ def upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
     return np.asarray(jax.image.resize(eye, (n_out, n_in), 'bilinear', antialias=False))
 
 
-def gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
-  """[n, n] Gaussian blur with scipy.ndimage's defaults (mode 'reflect', truncate 4)."""
+def gaussian_matrix(n: int, sigma: float, truncate: float = TRUNCATE) -> np.ndarray:
+  """[n, n] Gaussian blur with scipy.ndimage's defaults (mode 'reflect', truncate 4), numpy
+  (the reference of `gaussian_matrix_jnp`)."""
   if sigma <= 0:
     return np.eye(n, dtype=np.float32)
   radius = int(truncate * sigma + 0.5)
   offs = np.arange(-radius, radius + 1)
   kern = np.exp(-0.5 * (offs / sigma) ** 2)
   kern /= kern.sum()
-  src = np.arange(n)[:, None] + offs[None, :]
-  period = 2 * n  # 'reflect' (d c b a | a b c d | d c b a) is periodic with period 2n
-  src = np.mod(src, period)
-  src = np.where(src >= n, period - 1 - src, src)
+  src = _reflect(np.arange(n)[:, None] + offs[None, :], n)
   mat = np.zeros((n, n), np.float64)
   np.add.at(mat, (np.repeat(np.arange(n), offs.size), src.ravel()), np.tile(kern, n))
   return mat.astype(np.float32)
 
 
+def _reflect(src: np.ndarray, n: int) -> np.ndarray:
+  period = 2 * n  # 'reflect' (d c b a | a b c d | d c b a) is periodic with period 2n
+  src = np.mod(src, period)
+  return np.where(src >= n, period - 1 - src, src)
+
+
+def max_radius(max_sigma: float) -> int:
+  """Static kernel radius bound for sigma <= max_sigma."""
+  return int(TRUNCATE * float(max_sigma) + 0.5)
+
+
+def gaussian_matrix_jnp(n: int, sigma, max_sigma: float) -> jax.Array:
+  """`gaussian_matrix` with a traced sigma: [n, n] float32.
+
+  The kernel has the static radius `max_radius(max_sigma)`; taps beyond sigma's own radius
+  int(4 sigma + 0.5) are zero, so for 0 <= sigma <= max_sigma this is scipy's Gaussian (sigma 0:
+  the identity). Larger sigmas are cut at the bound.
+  """
+  radius = max_radius(max_sigma)
+  offs = np.arange(-radius, radius + 1)
+  s = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-6)
+  own = jnp.floor(TRUNCATE * s + 0.5)
+  o = jnp.asarray(offs, jnp.float32)
+  kern = jnp.where(jnp.abs(o) <= own, jnp.exp(-0.5 * (o / s) ** 2), 0.0)
+  kern = kern / kern.sum()
+  src = _reflect(np.arange(n)[:, None] + offs[None, :], n)          # static [n, 2R + 1]
+  rows = np.repeat(np.arange(n), offs.size)
+  return jnp.zeros((n, n), jnp.float32).at[rows, src.ravel()].add(jnp.tile(kern, n))
+
+
 @functools.lru_cache(maxsize=16)
 def map_operator(h: int, w: int, out_h: int, out_w: int, sigma: float):
-  """(A_h [out_h, h], A_w [out_w, w]) so that map = A_h @ patch_scores @ A_w.T."""
+  """(A_h [out_h, h], A_w [out_w, w]) numpy, so that map = A_h @ patch_scores @ A_w.T."""
   a_h = gaussian_matrix(out_h, sigma) @ upsample_matrix(h, out_h)
   a_w = gaussian_matrix(out_w, sigma) @ upsample_matrix(w, out_w)
   return a_h, a_w
 
 
-def anomaly_maps(patch_scores: jax.Array, out_size: tuple[int, int], sigma: float) -> jax.Array:
-  """Patch score grids [B, h, w] -> blurred pixel maps [B, out_h, out_w] float32."""
+def map_operator_jnp(h: int, w: int, out_h: int, out_w: int, sigma, max_sigma: float):
+  """`map_operator` with a traced sigma (see `gaussian_matrix_jnp`)."""
+  hi = jax.lax.Precision.HIGHEST
+  a_h = jnp.matmul(gaussian_matrix_jnp(out_h, sigma, max_sigma), upsample_matrix(h, out_h),
+                   precision=hi)
+  a_w = jnp.matmul(gaussian_matrix_jnp(out_w, sigma, max_sigma), upsample_matrix(w, out_w),
+                   precision=hi)
+  return a_h, a_w
+
+
+def anomaly_maps(patch_scores: jax.Array, out_size: tuple[int, int], sigma,
+                 max_sigma: float | None = None) -> jax.Array:
+  """Patch score grids [B, h, w] -> blurred pixel maps [B, out_h, out_w] float32.
+
+  sigma: a float, or a traced scalar with the static bound `max_sigma` (required then).
+  """
   _, h, w = patch_scores.shape
-  a_h, a_w = map_operator(h, w, int(out_size[0]), int(out_size[1]), float(sigma))
+  out_h, out_w = int(out_size[0]), int(out_size[1])
+  if max_sigma is None:
+    if isinstance(sigma, jax.core.Tracer):
+      raise ValueError('anomaly_maps: a traced sigma needs the static bound max_sigma '
+                       '(model.scoring.max_sigma)')
+    max_sigma = float(sigma)
+  a_h, a_w = map_operator_jnp(h, w, out_h, out_w, sigma, max_sigma)
   hi = jax.lax.Precision.HIGHEST
   return jnp.einsum('ih,bhw,jw->bij', a_h, patch_scores.astype(jnp.float32), a_w, precision=hi)
 
 
-def image_scores(maps: jax.Array, patch_scores: jax.Array, mode: str, top_percent: float = 1.0):
+def top_k_bound(num_pixels: int, max_top_percent: float) -> int:
+  """Static number of candidates for a top_percent <= max_top_percent."""
+  return max(1, min(num_pixels, int(np.ceil(num_pixels * float(max_top_percent) / 100.0)) + 1))
+
+
+def image_scores(maps: jax.Array, patch_scores: jax.Array, mode: str, top_percent=1.0, *,
+                 border: int = 0, max_top_percent: float | None = None):
   """Image anomaly scores [B] from maps [B, H, W] and patch score grids [B, h, w].
 
-  'max': max of the blurred map (authors' code); 'patch_max': max patch score (PatchCore without
-  reweighting); 'top_percent': mean of the top `top_percent` % map pixels. PatchCore's neighbour
-  reweighting needs the coreset and is `reweighted_image_scores`.
+  'max': max of the blurred map; 'patch_max': max patch score (PatchCore without reweighting);
+  'patch_max_cropped': max of the unblurred patch map with `border` cells cut at every side (the
+  authors' test step for N / N+P: their MLP has no full window there); 'top_percent': mean of
+  the top `top_percent` % map pixels (k = max(1, round(H W top_percent / 100)); a traced
+  top_percent needs the static bound `max_top_percent`). PatchCore's neighbour reweighting needs
+  the coreset and is `reweighted_image_scores`.
   """
   if mode == 'max':
     return maps.reshape(maps.shape[0], -1).max(-1)
   if mode == 'patch_max':
     return patch_scores.reshape(patch_scores.shape[0], -1).max(-1)
+  if mode == 'patch_max_cropped':
+    b, h, w = patch_scores.shape
+    border = int(border)
+    if 2 * border >= min(h, w):
+      raise ValueError(f'image_score patch_max_cropped: border {border} leaves nothing of the '
+                       f'{h} x {w} patch grid (model.scoring.image_border)')
+    inner = patch_scores[:, border:h - border, border:w - border]
+    return inner.reshape(b, -1).max(-1)
   if mode == 'top_percent':
     flat = maps.reshape(maps.shape[0], -1)
-    k = max(1, int(round(flat.shape[1] * top_percent / 100.0)))
-    return jax.lax.top_k(flat, k)[0].mean(-1)
+    n = flat.shape[1]
+    if max_top_percent is None:
+      if isinstance(top_percent, jax.core.Tracer):
+        raise ValueError('image_scores: a traced top_percent needs the static bound '
+                         'max_top_percent')
+      max_top_percent = float(top_percent)
+    kmax = top_k_bound(n, max_top_percent)
+    k = jnp.clip(jnp.round(n * jnp.asarray(top_percent, jnp.float32) / 100.0), 1, kmax)
+    top = jax.lax.top_k(flat, kmax)[0]
+    keep = jnp.arange(kmax)[None, :] < k
+    return jnp.where(keep, top, 0.0).sum(-1) / k
   raise ValueError(f'model.scoring.image_score must be one of {IMAGE_SCORES}, got {mode!r}')
 
 

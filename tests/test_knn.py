@@ -234,3 +234,37 @@ def test_knn_sharded_equals_brute_force(data):
   np.testing.assert_allclose(np.asarray(d), ref_d, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match='same feature size'):
     knn_lib.knn_sharded(q, b[:, :5])
+
+
+@pytest.mark.parametrize('rows', [300, 517, 1000])
+def test_nearest_sq_dist_and_unaligned_single_tile_banks(rows):
+  """A bank of one tile that is not a multiple of 128 rows is padded internally (blocked argmin);
+  results stay the brute-force ones, ties to the lowest index, padding rows never returned."""
+  rng = np.random.default_rng(rows)
+  q = rng.normal(size=(77, 6)).astype(np.float32)
+  bank = rng.normal(size=(rows, 6)).astype(np.float32)
+  bank[rows - 1] = bank[3]                                   # a tie: index 3 must win
+  q[0] = bank[3]
+  full = ((q[:, None] - bank[None]) ** 2).sum(-1)
+  d, i = knn_lib.knn(jnp.asarray(q), jnp.asarray(bank), 1, query_tile=32, bank_tile=4096)
+  np.testing.assert_array_equal(np.asarray(i[:, 0]), full.argmin(-1))
+  np.testing.assert_allclose(np.asarray(d[:, 0]), full.min(-1), rtol=1e-5, atol=1e-5)
+  only = knn_lib.nearest_sq_dist(jnp.asarray(q), jnp.asarray(bank), query_tile=32, bank_tile=128)
+  np.testing.assert_allclose(np.asarray(only), full.min(-1), rtol=1e-5, atol=1e-5)
+  allowed = rng.random((77, rows)) < 0.3
+  res = knn_lib.masked_min_dist(jnp.asarray(q), jnp.asarray(bank), jnp.asarray(allowed),
+                                jnp.arange(rows), _allowed_rows, query_tile=32, bank_tile=4096)
+  masked = np.where(allowed, full, np.inf)
+  np.testing.assert_array_equal(np.asarray(res.index), masked.argmin(-1))
+  np.testing.assert_array_equal(np.asarray(res.nearest_index), full.argmin(-1))
+
+
+def _allowed_rows(allowed_tile, rows_tile):
+  return jnp.take(allowed_tile, rows_tile, axis=1)
+
+
+def test_row_argmin_unaligned_width_is_first_minimum():
+  dist = jnp.asarray([[3.0, 1.0, 1.0, 2.0, 5.0], [jnp.inf] * 5, [0.0, 0.0, 0.0, 0.0, 0.0]])
+  d, j = knn_lib.row_argmin(dist)
+  np.testing.assert_array_equal(np.asarray(j), np.argmin(np.asarray(dist), axis=1))  # [1, 0, 0]
+  np.testing.assert_array_equal(np.asarray(d), [1.0, np.inf, 0.0])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from pni_jax import knn
 from pni_jax import scoring
 
 
@@ -133,3 +134,149 @@ def test_reweighted_image_score_matches_patchcore_formula():
   got = scoring.reweighted_image_scores(jnp.asarray(feats), jnp.asarray(patch.reshape(2, 3, 3)),
                                         jnp.asarray(bank), 3, query_tile=4, bank_tile=4)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- hyper-parameters
+
+
+def _random_case(seed=6, m=60, d=5, k_emb=40, k_dist=9):
+  rng = np.random.default_rng(seed)
+  feats = rng.normal(size=(m, d)).astype(np.float32)
+  c_emb = rng.normal(size=(k_emb, d)).astype(np.float32)
+  e2d = rng.integers(0, k_dist, size=k_emb).astype(np.int32)
+  e2d[:k_dist] = np.arange(k_dist)                       # every code has a row
+  logits = rng.normal(scale=3.0, size=(m, k_dist)).astype(np.float32)
+  pos = rng.dirichlet(np.ones(k_dist) * 0.3, size=m).astype(np.float32)
+  return feats, c_emb, e2d, logits, pos
+
+
+@pytest.mark.parametrize('sigma', [0.0, 0.7, 2.5, 4.0, 8.0])
+def test_jnp_blur_equals_the_numpy_reference_for_sigma_within_the_bound(sigma):
+  got = np.asarray(scoring.gaussian_matrix_jnp(50, jnp.float32(sigma), max_sigma=8.0))
+  np.testing.assert_allclose(got, scoring.gaussian_matrix(50, sigma), atol=1e-6)
+  a_h, a_w = scoring.map_operator(7, 9, 50, 60, sigma)
+  b_h, b_w = scoring.map_operator_jnp(7, 9, 50, 60, jnp.float32(sigma), 8.0)
+  np.testing.assert_allclose(np.asarray(b_h), a_h, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(b_w), a_w, atol=1e-6)
+
+
+def test_traced_sigma_under_vmap_equals_scipy_per_value():
+  rng = np.random.default_rng(7)
+  patch = jnp.asarray(rng.normal(size=(2, 6, 7)).astype(np.float32))
+  sigmas = jnp.asarray([1.0, 2.5, 6.0], jnp.float32)
+  maps = jax.jit(jax.vmap(lambda s: scoring.anomaly_maps(patch, (40, 44), s, 6.0)))(sigmas)
+  up = np.asarray(jax.image.resize(patch, (2, 40, 44), 'bilinear', antialias=False))
+  for i, s in enumerate([1.0, 2.5, 6.0]):
+    want = np.stack([scipy.ndimage.gaussian_filter(u.astype(np.float64), s) for u in up])
+    np.testing.assert_allclose(np.asarray(maps[i]), want, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match='max_sigma'):
+    jax.jit(lambda s: scoring.anomaly_maps(patch, (40, 44), s))(jnp.float32(2.0))
+
+
+@pytest.mark.parametrize('combine', ['mean_prob', 'product', 'max_prob', 'mean_score'])
+def test_sparse_and_group_searches_equal_the_dense_reference(combine):
+  feats, c_emb, e2d, logits, pos = _random_case()
+  f, c, e = jnp.asarray(feats), jnp.asarray(c_emb), jnp.asarray(e2d)
+  hp = scoring.HParams(tau_scale=jnp.float32(1.0), temperature=jnp.float32(1.5),
+                       likelihood_lambda=jnp.float32(0.8), neighborhood_weight=jnp.float32(0.3))
+  p_nb = scoring.neighbor_prior(jnp.asarray(logits), hp.temperature)
+  tau = 1.0 / c_emb.shape[0]
+  want, want_frac = scoring.pni_patch_scores(f, c, e, p_nb, jnp.asarray(pos), tau=tau, lam=0.8,
+                                             combine=combine, query_tile=16, bank_tile=16,
+                                             neighborhood_weight=0.3)
+  sq, idx = knn.knn(f, c, 1, query_tile=16, bank_tile=16)
+  counts = scoring.code_counts(e, logits.shape[1])
+  sparse = lambda a: scoring.masked_sq_dist_sparse(f, c, e, a, sq[:, 0], idx[:, 0], chunk=7,
+                                                   query_tile=16, bank_tile=16)
+  groups = scoring.group_min_sq_dists(f, c, e, logits.shape[1], query_tile=16, bank_tile=16)
+  grouped = lambda a: scoring.masked_sq_dist_from_groups(groups, a)
+  for oracle in (sparse, grouped):
+    got, frac = scoring.conditional_scores(oracle, sq[:, 0], p_nb, jnp.asarray(pos), hp,
+                                           num_emb=c_emb.shape[0], code_count=counts,
+                                           combine=combine)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(frac), np.asarray(want_frac), atol=1e-6)
+
+
+def test_group_min_distances_are_the_per_code_minimum():
+  feats, c_emb, e2d, _, _ = _random_case(seed=8, k_dist=11)
+  e2d[e2d == 10] = 0                                      # code 10 has no C_emb row
+  got = np.asarray(scoring.group_min_sq_dists(jnp.asarray(feats), jnp.asarray(c_emb),
+                                              jnp.asarray(e2d), 11, query_tile=16, bank_tile=16))
+  full = ((feats[:, None] - c_emb[None]) ** 2).sum(-1)
+  for k in range(11):
+    cols = e2d == k
+    want = full[:, cols].min(-1) if cols.any() else np.full(len(feats), np.inf)
+    np.testing.assert_allclose(got[:, k], want, rtol=1e-5, atol=1e-5)
+
+
+def test_vmapped_hparams_equal_the_per_value_loop():
+  feats, c_emb, e2d, logits, pos = _random_case(seed=9)
+  f, c, e = jnp.asarray(feats), jnp.asarray(c_emb), jnp.asarray(e2d)
+  sq, idx = knn.knn(f, c, 1, query_tile=16, bank_tile=16)
+  counts = scoring.code_counts(e, logits.shape[1])
+
+  def score(hp):
+    p_nb = scoring.neighbor_prior(jnp.asarray(logits), hp.temperature)
+    oracle = lambda a: scoring.masked_sq_dist_sparse(f, c, e, a, sq[:, 0], idx[:, 0], chunk=8,
+                                                     query_tile=16, bank_tile=16)
+    s, _ = scoring.conditional_scores(oracle, sq[:, 0], p_nb, jnp.asarray(pos), hp,
+                                      num_emb=c_emb.shape[0], code_count=counts,
+                                      combine='mean_prob')
+    return s
+
+  values = [(0.1, 1.0), (1.0, 2.0), (3.0, 0.5), (8.0, 4.0)]
+  points = [scoring.HParams(tau_scale=jnp.float32(t), temperature=jnp.float32(T))
+            for t, T in values]
+  batched = jax.jit(jax.vmap(score))(scoring.stack_hparams(points))
+  for i, p in enumerate(points):
+    np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(jax.jit(score)(p)), atol=1e-6)
+  assert np.ptp(np.asarray(batched).mean(-1)) > 0          # the knobs do change the scores
+
+
+def test_hparams_from_config_reads_the_defaults_and_overrides():
+  from pni_jax.config import base_config
+  m = base_config().model
+  hp = scoring.hparams_from_config(m, sigma=3.0)
+  assert float(hp.tau_scale) == m.scoring.tau_scale and float(hp.sigma) == 3.0
+  assert float(hp.fusion_weight) == pytest.approx(m.refine.fusion_weight)
+  with pytest.raises(ValueError, match='unknown hyper-parameter'):
+    scoring.hparams_from_config(m, tau=1.0)
+
+
+def test_temperature_is_checked_by_config_validation_not_while_scoring():
+  from pni_jax import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.data.root = '/x'
+  cfg.model.scoring.temperature = 0.0
+  with pytest.raises(ValueError, match='model.scoring.temperature'):
+    config_lib.validate(cfg)
+  probs = jax.vmap(lambda t: scoring.neighbor_prior(jnp.ones((2, 3)), t))(jnp.asarray([1.0, 2.0]))
+  np.testing.assert_allclose(np.asarray(probs), 1.0 / 3.0, rtol=1e-6)
+
+
+def test_patch_max_cropped_ignores_the_border_and_the_blur():
+  patch = np.zeros((2, 8, 8), np.float32)
+  patch[0, 0, 3] = 9.0                 # on the border: cut
+  patch[0, 4, 4] = 2.0
+  patch[1, 2, 5] = 3.0                 # inside a border of 2
+  maps = np.full((2, 16, 16), 100.0, np.float32)
+  got = scoring.image_scores(jnp.asarray(maps), jnp.asarray(patch), 'patch_max_cropped', border=2)
+  np.testing.assert_allclose(np.asarray(got), [2.0, 3.0])
+  whole = scoring.image_scores(jnp.asarray(maps), jnp.asarray(patch), 'patch_max_cropped',
+                               border=0)
+  np.testing.assert_allclose(np.asarray(whole), [9.0, 3.0])
+  with pytest.raises(ValueError, match='image_border'):
+    scoring.image_scores(jnp.asarray(maps), jnp.asarray(patch), 'patch_max_cropped', border=4)
+
+
+def test_traced_top_percent_equals_the_static_one():
+  rng = np.random.default_rng(10)
+  maps = jnp.asarray(rng.normal(size=(3, 10, 10)).astype(np.float32))
+  patch = jnp.zeros((3, 2, 2))
+  got = jax.vmap(lambda t: scoring.image_scores(maps, patch, 'top_percent', t,
+                                                max_top_percent=10.0))(jnp.asarray([2.0, 5.0]))
+  for i, t in enumerate([2.0, 5.0]):
+    np.testing.assert_allclose(np.asarray(got[i]),
+                               np.asarray(scoring.image_scores(maps, patch, 'top_percent', t)),
+                               rtol=1e-6)

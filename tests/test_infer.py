@@ -1,0 +1,119 @@
+"""The inference runtime: batch buckets, the fast MLP and masked search against the reference
+formulations, one image scored alone equals the same image inside a batch."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from pni_jax import infer
+from pni_jax import model as model_lib
+from pni_jax import neighborhood
+from pni_jax import scoring
+from pni_jax.config import base_config
+
+
+def test_bucket_sizes():
+  assert [infer.bucket_size(b, 8) for b in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+  assert [infer.bucket_size(b, 8, 4) for b in (1, 3, 5)] == [4, 4, 8]
+  with pytest.raises(ValueError):
+    infer.bucket_size(0, 8)
+
+
+def _mlp_variables(key, window, d, width, classes, layers=3):
+  model = neighborhood.MLP(num_layers=layers, width=width, num_classes=classes)
+  variables = model.init(key, jnp.zeros((1, (window * window - 1) * d)), train=False)
+  stats = jax.tree.map(lambda x: x + 0.3 * jax.random.uniform(key, x.shape),
+                       variables['batch_stats'])          # non-trivial BatchNorm statistics
+  return {'params': variables['params'], 'batch_stats': stats}
+
+
+@pytest.mark.parametrize('window,chunk', [(3, 1000), (5, 70)])
+def test_mlp_as_convolution_equals_gathered_windows(window, chunk):
+  key = jax.random.key(window)
+  variables = _mlp_variables(key, window, 6, 24, 10)
+  feats = jax.random.normal(jax.random.fold_in(key, 1), (3, 7, 9, 6))
+  want = neighborhood.neighbor_logits(variables, feats, window, 64)
+  got = jax.jit(lambda v, f: infer.mlp_logits(v, f, window=window, chunk=chunk))(variables, feats)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='MLP expects'):
+    infer.mlp_logits(variables, feats[..., :5], window=window)
+
+
+def _model_config():
+  m = base_config().model
+  m.backbone, m.allow_random_init, m.layers = 'resnet18', True, ('layer2', 'layer3')
+  m.aggregation_size, m.pre_dim, m.dim = 3, 32, 16
+  m.neighborhood.window, m.neighborhood.infer_chunk = 3, 64
+  m.scoring.query_tile, m.scoring.bank_tile, m.scoring.search_chunk = 32, 64, 16
+  m.scoring.sigma, m.scoring.combine, m.scoring.image_score = 2.0, 'product', 'max'
+  return m
+
+
+def _arrays(key, grid=(8, 8), d=16, k_emb=90, k_dist=12):
+  rng = np.random.default_rng(0)
+  e2d = rng.integers(0, k_dist, size=k_emb).astype(np.int32)
+  e2d[:k_dist] = np.arange(k_dist)
+  return {'c_emb': jax.random.normal(key, (k_emb, d)), 'emb_to_dist': jnp.asarray(e2d),
+          'position': jnp.asarray(rng.dirichlet(np.ones(k_dist) * 0.2, size=grid)
+                                  .astype(np.float32)),
+          'mlp': _mlp_variables(key, 3, d, 16, k_dist), 'refine': None}
+
+
+@pytest.mark.parametrize('combine', ['product', 'mean_score'])
+def test_patch_scores_equal_the_dense_reference(combine):
+  m = _model_config()
+  m.scoring.combine = combine
+  m.scoring.tau_scale = 8.0                     # tau = 8 / |C_emb|: many codes excluded
+  arrays = _arrays(jax.random.key(2))
+  feats = jax.random.normal(jax.random.key(3), (2, 8, 8, 16))
+  spec = infer.make_spec(m, infer.Variant(True, True), (32, 32))
+  hp = scoring.hparams_from_config(m)
+  got, frac = jax.jit(lambda a, f: infer.patch_scores(a, f, hp, spec))(arrays, feats)
+  p_nb = neighborhood.neighbor_probs(arrays['mlp'], feats, 3, 64, 2.0).reshape(128, -1)
+  p_pos = jnp.broadcast_to(arrays['position'][None], (2, 8, 8, 12)).reshape(128, -1)
+  want, want_frac = scoring.pni_patch_scores(
+      feats.reshape(128, 16), arrays['c_emb'], arrays['emb_to_dist'], p_nb, p_pos,
+      tau=8.0 / 90, lam=1.0, combine=combine, query_tile=32, bank_tile=64)
+  np.testing.assert_allclose(np.asarray(got).ravel(), np.asarray(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(frac).ravel(), np.asarray(want_frac), atol=1e-6)
+  assert 0 < float(np.asarray(frac).mean()) < 0.9
+
+
+def test_runtime_scores_one_image_as_inside_a_batch():
+  cfg = ml_collections.ConfigDict(dict(seed=0, data=dict(crop=64, batch_size=4),
+                                       model=_model_config().to_dict()))
+  extractor = infer.make_extractor(cfg)
+  arrays = jax.tree.map(np.asarray, _arrays(jax.random.key(4)))
+  fitted = model_lib.PNIModel(c_emb=arrays['c_emb'], emb_to_dist=arrays['emb_to_dist'],
+                              position=arrays['position'], mlp=arrays['mlp'],
+                              meta={'num_dist': 12})
+  runtime = infer.ModelRuntime(cfg, extractor, fitted, [infer.Variant(True, True),
+                                                        infer.Variant()])
+  images = np.random.default_rng(5).random((3, 64, 64, 3)).astype(np.float32)
+  batch = runtime.score(images)                 # bucket 4
+  single = runtime.score(images[1:2])           # bucket 1
+  for name in ('+N+P', 'baseline'):
+    assert batch[name]['maps'].shape == (3, 64, 64)
+    for k in ('maps', 'image', 'allowed'):
+      np.testing.assert_allclose(single[name][k][0], batch[name][k][1], rtol=1e-5, atol=1e-5)
+  assert (batch['baseline']['allowed'] == 1).all()
+
+
+def test_paper_configs_take_the_max_of_the_unblurred_cropped_patch_map():
+  from configs import btad, mvtec, visa
+  for module in (mvtec, visa, btad):
+    m = module.get_config().model
+    assert m.scoring.image_score == 'patch_max_cropped'
+    assert infer.make_spec(m, infer.Variant(True, True), (480, 480)).image_border == 4
+    assert infer.make_spec(m, infer.Variant(False, True), (480, 480)).image_border == 4
+    assert infer.make_spec(m, infer.Variant(), (480, 480)).image_border == 0   # PatchCore
+  m = _model_config()
+  m.scoring.image_score = 'patch_max_cropped'                 # window 3: border 1
+  arrays = _arrays(jax.random.key(9))
+  feats = jax.random.normal(jax.random.key(10), (2, 8, 8, 16))
+  out = infer.make_scorer(m, infer.Variant(True, True), (32, 32))(arrays, feats)
+  patch = np.asarray(out['patch'])
+  np.testing.assert_allclose(np.asarray(out['image']), patch[:, 1:-1, 1:-1].max((1, 2)))
+  assert not np.allclose(np.asarray(out['image']), np.asarray(out['maps']).max((1, 2)))

@@ -1,0 +1,250 @@
+"""Inference speed on a fitted workdir: `python tools/benchmark.py infer --workdir=runs/demo`.
+
+For the baseline (PatchCore) and N+P, at batch 1 and batch B (data.batch_size), it prints
+  * compiled: features + scoring as one jitted call, per image;
+  * a per-stage breakdown, each stage jitted alone: backbone, MLP, priors (softmax, combination,
+    threshold), masked search (nearest C_emb row + the search where a prior binds), maps (upsample,
+    blur, image score);
+  * runtime: `infer.ModelRuntime.score` (the path evaluation, calibration and --mode=predict use)
+    on b host images, per image;
+  * predict: `predict.Predictor.run` on one image file (decode, preprocess, score, map back to
+    the original size, write the mask and overlay PNGs), warm;
+and the same measured for the reference formulation side by side ("before": the MLP as gathered
+windows + dense layers, the masked search over all of C_emb for every patch, every call padded to
+batch B, as pni-jax scored before the runtime rewrite), with the ratio. Times: median over
+--repeats calls after a warm-up (compile) call, the two formulations interleaved so both see the
+same background load. The targets of issue 11 item 5 are printed next to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pni_jax import data as data_lib
+from pni_jax import infer
+from pni_jax import sharding
+from pni_jax import knn
+from pni_jax import model as model_lib
+from pni_jax import neighborhood
+from pni_jax import scoring
+
+
+def _median_times(fns: dict, repeats: int) -> dict:
+  """Median wall time of each zero-argument function (block_until_ready), interleaved."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def reference_scorer(cfg_model, variant: infer.Variant, out_size):
+  """The pre-rewrite formulation (still in the package as reference functions): the gathered-
+  window MLP (`neighborhood.neighbor_probs`), the dense masked search (`scoring.pni_patch_scores`),
+  the numpy-built blur operator."""
+  sc = cfg_model.scoring
+  nb = cfg_model.neighborhood
+  tiles = dict(query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
+
+  @jax.jit
+  def score(arrays, feats):
+    b, h, w, d = feats.shape
+    flat = feats.reshape(-1, d)
+    if not variant.conditional:
+      dist, _ = scoring.nearest_distance(flat, arrays['c_emb'], **tiles)
+      patch = float(sc.likelihood_lambda) * dist.reshape(b, h, w)
+    else:
+      p_nb = neighborhood.neighbor_probs(arrays['mlp'], feats, window=int(nb.window),
+                                         chunk=int(nb.infer_chunk),
+                                         temperature=float(sc.temperature)).reshape(b * h * w, -1)
+      pos = arrays['position']
+      p_pos = jnp.broadcast_to(pos[None], (b, h, w, pos.shape[-1])).reshape(b * h * w, -1)
+      s, _ = scoring.pni_patch_scores(
+          flat, arrays['c_emb'], arrays['emb_to_dist'], p_nb, p_pos,
+          tau=infer.tau(sc, arrays['c_emb'].shape[0]), lam=float(sc.likelihood_lambda),
+          combine=str(sc.combine), **tiles)
+      patch = s.reshape(b, h, w)
+    a_h, a_w = scoring.map_operator(h, w, out_size[0], out_size[1], float(sc.sigma))
+    maps = jnp.einsum('ih,bhw,jw->bij', a_h, patch, a_w, precision=jax.lax.Precision.HIGHEST)
+    return dict(maps=maps, image=maps.reshape(b, -1).max(-1), patch=patch)
+
+  return score
+
+
+def _stage_fns(arrays, feats, cfg, variant, spec, hp):
+  """Jitted stage functions of the new formulation on fixed inputs -> {stage: thunk}."""
+  d = feats.shape[-1]
+  flat = feats.reshape(-1, d)
+  tiles = dict(query_tile=spec.query_tile, bank_tile=spec.bank_tile)
+  c_emb, e2d = arrays['c_emb'], arrays['emb_to_dist']
+  patch = jnp.zeros(feats.shape[:3], jnp.float32)
+  out = {}
+  maps_fn = jax.jit(lambda p: (lambda m: (m, scoring.image_scores(
+      m, p, spec.image_score, hp.top_percent, border=spec.image_border,
+      max_top_percent=spec.max_top_percent)))(
+          scoring.anomaly_maps(p, spec.out_size, hp.sigma, spec.max_sigma)))
+  if not variant.conditional:
+    out['masked search'] = lambda: jax.jit(knn.nearest_sq_dist, static_argnames=(
+        'query_tile', 'bank_tile'))(flat, c_emb, **tiles)
+    out['maps'] = lambda: maps_fn(patch)
+    return out
+  mlp_fn = jax.jit(lambda m, f: infer.mlp_logits(m, f, window=spec.window,
+                                                 dilation=spec.dilation, chunk=spec.infer_chunk,
+                                                 dtype=spec.dtype))
+  logits = mlp_fn(arrays['mlp'], feats)
+  k = logits.shape[-1]
+
+  @jax.jit
+  def priors_fn(logits, pos):
+    p_nb = scoring.neighbor_prior(logits, hp.temperature)
+    prior = scoring.combine_priors(p_nb, pos[None], spec.combine, hp.neighborhood_weight)
+    return prior.reshape(-1, k) > hp.tau_scale / c_emb.shape[0]
+
+  allowed = priors_fn(logits, arrays['position'])
+
+  @jax.jit
+  def search_fn(flat, allowed):
+    sq, idx = knn.knn(flat, c_emb, k=1, **tiles)
+    return scoring.masked_sq_dist_sparse(flat, c_emb, e2d, allowed, sq[:, 0], idx[:, 0],
+                                         chunk=spec.search_chunk, **tiles)
+
+  out['MLP'] = lambda: mlp_fn(arrays['mlp'], feats)
+  out['priors'] = lambda: priors_fn(logits, arrays['position'])
+  out['masked search'] = lambda: search_fn(flat, allowed)
+  out['maps'] = lambda: maps_fn(patch)
+  return out
+
+
+def run(args) -> int:
+  workdir = pathlib.Path(args.workdir)
+  cats = sorted(p.parent.parent.name for p in workdir.glob('*/model/meta.json'))
+  if not cats:
+    print(f'no fitted model under {workdir}: run the demo first '
+          '(python -m pni_jax.main --config=configs/demo.py --workdir=...)')
+    return 2
+  category = args.category or cats[0]
+  fitted = model_lib.load(workdir / category / 'model')
+  cfg = ml_collections.ConfigDict(fitted.meta['config'])
+  crop = int(cfg.data.crop)
+  extractor = infer.make_extractor(cfg)
+  big = extractor.batch_size
+  arrays = jax.device_put(model_lib.arrays(fitted))
+  hp = scoring.hparams_from_config(cfg.model)
+  test_dir = pathlib.Path(cfg.data.root) / category / 'test'
+  paths = sorted(str(p) for p in test_dir.rglob('*.png'))[:big]
+  images = np.stack([data_lib.preprocess(data_lib.load_image(p), int(cfg.data.resize), crop)
+                     for p in paths]).astype(np.float32)
+  print(f'{workdir} [{category}]: {crop} px, backbone {cfg.model.backbone}, |C_emb| '
+        f'{fitted.c_emb.shape[0]}, |C_dist| {fitted.num_dist}, devices {jax.device_count()} '
+        f'({jax.devices()[0].platform}), batch B = {big}; median of {args.repeats} calls')
+  variants = {'baseline': infer.Variant(), 'N+P': infer.Variant(True, True)}
+  results = {}
+  for vname, variant in variants.items():
+    if variant.neighborhood and fitted.mlp is None or variant.position and fitted.position is None:
+      continue
+    new = infer.make_scorer(cfg.model, variant, (crop, crop))
+    ref = reference_scorer(cfg.model, variant, (crop, crop))
+    spec = infer.make_spec(cfg.model, variant, (crop, crop))
+    fused_new = jax.jit(lambda a, v, x: new(a, extractor.fn(v, x)))
+    fused_ref = jax.jit(lambda a, v, x: ref(a, extractor.fn(v, x)))
+    runtime = infer.ModelRuntime(cfg, extractor, fitted, [variant])
+    for b in (1, big):
+      x = jnp.asarray(images[:b])
+      x_pad = jnp.asarray(sharding.pad_rows(images[:b], big)[0])
+      feats = extractor.fn(extractor.variables, x)
+      stages = _stage_fns(arrays, feats, cfg, variant, spec, hp)
+      fns = {'compiled': lambda: fused_new(arrays, extractor.variables, x),
+             'compiled (before)': lambda: fused_ref(arrays, extractor.variables, x),
+             'runtime': lambda: runtime.score(images[:b]),
+             'runtime (before: padded to B)': lambda: fused_ref(arrays, extractor.variables,
+                                                                  x_pad),
+             'backbone': lambda: extractor.fn(extractor.variables, x)}
+      fns.update(stages)
+      times = _median_times(fns, args.repeats)
+      results[(vname, b)] = {k: 1e3 * v / b for k, v in times.items()}
+  # predict on one image, warm (the second call).
+  predict_ms = None
+  try:
+    from pni_jax import predict
+    predictor = predict.Predictor(workdir, category)
+    with tempfile.TemporaryDirectory() as tmp:
+      predictor.run(paths[:1], pathlib.Path(tmp), progress=False)
+      runs = []
+      for _ in range(args.repeats):
+        t = time.perf_counter()
+        predictor.run(paths[:1], pathlib.Path(tmp), progress=False, write_tables=False)
+        runs.append(time.perf_counter() - t)
+      predict_ms = 1e3 * statistics.median(runs)
+      predict_variant = predictor.variant.name
+  except ValueError as e:
+    print(f'predict skipped: {e}')
+
+  # The MLP's work against this machine's matmul rate, measured now (a lower bound of N+P).
+  mlp_gflop = None
+  if fitted.mlp is not None:
+    layers = infer._fold_mlp(fitted.mlp)                  # pylint: disable=protected-access
+    h, w = extractor.feature_shape(crop)[:2]
+    mlp_gflop = 2e-9 * h * w * sum(int(k.shape[0]) * int(k.shape[1]) for k, _ in layers)
+    a = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    t_mm = _median_times({'mm': lambda: mm(a)}, args.repeats)['mm']
+    rate = 2 * 2048 ** 3 / t_mm / 1e9
+
+  order = ['compiled', 'compiled (before)', 'runtime', 'runtime (before: padded to B)',
+           'backbone', 'MLP', 'priors', 'masked search', 'maps']
+  print(f'\nms per image                       ' + ''.join(
+      f'{v + " b" + str(b):>16s}' for v, b in results))
+  for row in order:
+    cells = [results[key].get(row) for key in results]
+    if all(c is None for c in cells):
+      continue
+    print(f'  {row:<32s}' + ''.join(f'{c:16.2f}' if c is not None else f'{"-":>16s}'
+                                    for c in cells))
+  print('\nspeed-ups (before / after):')
+  for (vname, b), r in results.items():
+    print(f'  {vname} b{b}: compiled {r["compiled (before)"] / r["compiled"]:.2f}x, '
+          f'runtime path {r["runtime (before: padded to B)"] / r["runtime"]:.2f}x')
+  if mlp_gflop is not None:
+    print(f'\nMLP work {mlp_gflop:.2f} GFLOP / image; matmul rate now {rate:.0f} GFLOP/s -> the MLP '
+          f'alone needs >= {1e3 * mlp_gflop / rate:.1f} ms / image at that rate')
+  print('\ntargets (issue 11 item 5, CPU demo 256 px):')
+  def show(label, value, bound):
+    ok = 'ok' if value <= bound else 'MISSED'
+    print(f'  {label:<48s} {value:8.2f}  (<= {bound:.2f})  {ok}')
+  if ('N+P', 1) in results:
+    show('N+P ms / image at batch B', results[('N+P', big)]['compiled'], 25.0)
+    show('N+P ms at batch 1', results[('N+P', 1)]['compiled'], 25.0)
+  show('baseline ms / image at batch B', results[('baseline', big)]['compiled'], 12.0)
+  if predict_ms is not None:
+    key = ('N+P', 1) if predict_variant != 'baseline' and ('N+P', 1) in results else (
+        'baseline', 1)
+    print(f'  predict, one image, warm ({predict_variant}): {predict_ms:.2f} ms; runtime scoring '
+          f'of one image {results[key]["runtime"]:.2f} ms; compiled batch 1 '
+          f'{results[key]["compiled"]:.2f} ms')
+    show('runtime (predict scoring path) / compiled b1', results[key]['runtime'] /
+         results[key]['compiled'], 1.3)
+    show('predict incl. decode + PNG writes / compiled b1', predict_ms /
+         results[key]['compiled'], 1.3)
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog='benchmark.py infer', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', default='runs/demo', help='a fitted workdir (the demo)')
+  parser.add_argument('--category', default='', help='default: the first fitted category')
+  parser.add_argument('--repeats', type=int, default=7)
+  return run(parser.parse_args(argv))
