@@ -135,6 +135,7 @@ def fit(config, train_images, *, key: jax.Array | None = None) -> Model:
   """
   from pni_jax import fit as fit_lib              # pylint: disable=g-import-not-at-top
   from pni_jax import neighborhood                # pylint: disable=g-import-not-at-top
+  from pni_jax import position as position_lib    # pylint: disable=g-import-not-at-top
   images = np.asarray(train_images, np.float32)
   crop = int(config.data.crop)
   if images.ndim != 4 or images.shape[1:] != (crop, crop, 3):
@@ -167,8 +168,8 @@ def fit(config, train_images, *, key: jax.Array | None = None) -> Model:
                                     query_tile=int(m.scoring.query_tile),
                                     bank_tile=int(m.scoring.bank_tile), mesh=mesh)
       if m.use_position:
-        arrays['position'] = jnp.asarray(fit_lib.position_prior(
-            codes, core['num_dist'], int(m.position.window), images_per_chunk=bs))
+        arrays['position'] = jnp.asarray(position_lib.position_histogram(
+            codes, core['num_dist'], int(m.position.window), batch=bs))
       if m.use_neighborhood:
         mlp, _ = neighborhood.train_mlp(store.array, codes, m.neighborhood, k_mlp,
                                         num_classes=int(core['num_dist']),
