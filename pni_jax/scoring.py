@@ -20,7 +20,10 @@ import numpy as np
 
 from pni_jax import knn
 
-COMBINE_MODES = ('mean_prob', 'product', 'mean_score', 'max_prob')
+COMBINE_MODES = ('mean_prob', 'product', 'mean_score', 'max_prob', 'posterior',
+                 'posterior_ratio', 'relative', 'relative_score')
+BORDER_MODES = ('pad', 'authors')
+PRIOR_FLOOR = 1e-30   # -log p(c | Omega) of the posterior score is at most -log(1e-30) ~ 69
 IMAGE_SCORES = ('max', 'patch_max', 'top_percent', 'reweight')
 
 
@@ -96,22 +99,107 @@ def conditional_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Ar
   return jnp.sqrt(sq), frac
 
 
+def relative_allowed(prior: jax.Array, rho) -> jax.Array:
+  """[M, K_dist] bool: a code is allowed when p(c | Omega) > rho * max_c p(c | Omega).
+
+  A threshold relative to the most probable code: unlike tau = 1/(2|C_emb|) it does not depend on
+  how many codes there are, only on how peaked the prior is, and the most probable code is always
+  allowed (no fallback needed). rho is a float (or a traced scalar), rho in (0, 1].
+  """
+  return prior > rho * prior.max(-1, keepdims=True)
+
+
+def allowed_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
+                     allowed_dist: jax.Array, *, query_tile: int, bank_tile: int):
+  """Distance to the nearest C_emb vector whose C_dist code is allowed; the plain nearest when
+  none is. Like `conditional_distance` with the mask given: allowed_dist [M, K_dist] bool.
+
+  Returns (dist [M] float32, allowed_fraction [M] float32 of C_emb).
+  """
+  res = knn.masked_min_dist(feats, c_emb, allowed_dist, emb_to_dist, _allowed_by_code,
+                            query_tile=query_tile, bank_tile=bank_tile)
+  sq = jnp.where(jnp.isfinite(res.sq_dist), res.sq_dist, res.nearest_sq_dist)
+  code_count = jnp.zeros((allowed_dist.shape[-1],), jnp.float32).at[emb_to_dist].add(1.0)
+  frac = (allowed_dist.astype(jnp.float32) @ code_count) / c_emb.shape[0]
+  return jnp.sqrt(sq), frac
+
+
+def _offset_by_code(neg_log_tile, emb_to_dist_tile):
+  # neg_log_tile: [tq, K_dist] float32; emb_to_dist_tile: [tk] int32 -> [tq, tk].
+  return jnp.take(neg_log_tile, emb_to_dist_tile, axis=1)
+
+
+def posterior_scores(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
+                     prior: jax.Array, lam, *, query_tile: int, bank_tile: int) -> jax.Array:
+  """Posterior patch scores min_c (lam ||phi - c|| - log p(c | Omega)) (no threshold).
+
+  Eq. 3 with its sum replaced by the max term, in log space: -log max_c p(phi | c) p(c | Omega)
+  with p(phi | c) = exp(-lam ||phi - c||) (eq. 8) and p(c_emb | Omega) = p(c_dist | Omega) of its
+  C_dist code (section 3.2). Probabilities are floored at PRIOR_FLOOR.
+
+  Args:
+    feats: [M, d]; c_emb: [K_emb, d]; emb_to_dist: [K_emb] int32; prior: [M, K_dist];
+    lam: lambda > 0 (float or traced scalar).
+  Returns:
+    [M] float32.
+  """
+  neg_log = -jnp.log(jnp.maximum(prior.astype(jnp.float32), PRIOR_FLOOR)) / lam
+  value, _ = knn.min_dist_plus_offset(feats, c_emb, neg_log, emb_to_dist, _offset_by_code,
+                                      query_tile=query_tile, bank_tile=bank_tile)
+  return lam * value
+
+
+def edge_pad_border(scores: jax.Array, border: int) -> jax.Array:
+  """The authors' border handling of the N / N+P maps: the outer `border` cells of each
+  [B, h, w] score grid are replaced by the nearest interior value (crop, then edge-pad back).
+  `border` is a static int; 0 returns the grid unchanged."""
+  border = int(border)
+  if border <= 0:
+    return scores
+  _, h, w = scores.shape
+  if h <= 2 * border or w <= 2 * border:
+    raise ValueError(f'model.scoring.border: cropping {border} cells leaves nothing of a '
+                     f'{h} x {w} score grid')
+  inner = scores[:, border:h - border, border:w - border]
+  return jnp.pad(inner, ((0, 0), (border, border), (border, border)), mode='edge')
+
+
 def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combine,
-                     query_tile, bank_tile):
+                     query_tile, bank_tile, rho=0.01):
   """PNI patch scores -log max_{allowed c} exp(-lam ||phi - c||) for one set of patches.
 
   Args:
     feats: [M, d]; c_emb: [K_emb, d]; emb_to_dist: [K_emb] int32;
     p_nb, p_pos: [M, K_dist] priors or None (switched off).
     combine: 'mean_prob' (eq. 6: threshold the averaged prior), 'product' (threshold the
-      renormalised product), 'max_prob' (threshold the larger of the two), or 'mean_score' (score
-      under each prior separately, then average the scores).
+      renormalised product), 'max_prob' (threshold the larger of the two), 'mean_score' (the
+      authors' code: score under each prior separately, each thresholded at tau, then average
+      the scores), 'posterior' (`posterior_scores` with eq. 6's prior, no threshold),
+      'posterior_ratio' (the same with p(c | Omega) / max_c p(c | Omega): the score of a patch
+      that matches the most probable code exactly is its distance, whatever the prior's spread),
+      'relative' (eq. 6's prior thresholded at rho * its max, `relative_allowed`) or
+      'relative_score' (each prior thresholded at rho * its own max, scores averaged).
+    rho: the relative threshold of 'relative*' (float or traced scalar).
   Returns:
     scores [M] float32, allowed_fraction [M] float32.
   """
   kw = dict(query_tile=query_tile, bank_tile=bank_tile)
   if combine not in COMBINE_MODES:
     raise ValueError(f'model.scoring.combine must be one of {COMBINE_MODES}, got {combine!r}')
+  if combine in ('posterior', 'posterior_ratio'):
+    prior = combine_priors(p_nb, p_pos, 'mean_prob')
+    if combine == 'posterior_ratio':   # -log p(c) / max p: an uncertain prior penalises nothing
+      prior = prior / jnp.maximum(prior.max(-1, keepdims=True), PRIOR_FLOOR)
+    scores = posterior_scores(feats, c_emb, emb_to_dist, prior, lam, **kw)
+    return scores, jnp.ones_like(scores)
+  if combine in ('relative', 'relative_score'):
+    priors = ([p for p in (p_nb, p_pos) if p is not None] if combine == 'relative_score'
+              else [combine_priors(p_nb, p_pos, 'mean_prob')])
+    outs = [allowed_distance(feats, c_emb, emb_to_dist, relative_allowed(p, rho), **kw)
+            for p in priors]
+    dist = sum(o[0] for o in outs) / len(outs)
+    frac = sum(o[1] for o in outs) / len(outs)
+    return lam * dist, frac
   if p_nb is None or p_pos is None or combine != 'mean_score':
     prior = combine_priors(p_nb, p_pos, combine)
     dist, frac = conditional_distance(feats, c_emb, emb_to_dist, prior, tau, **kw)
