@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Neighbourhood MLP.
   m.neighborhood = nb = ml_collections.ConfigDict()
   nb.window = 9               # p: 9 x 9 window, centre removed -> 80 neighbours
+  nb.dilation = 1             # k: the window's cells every k feature cells (reach k (p-1)/2)
   nb.num_layers = 10          # N_MLP
   nb.width = 2048             # c_MLP
   nb.dropout = 0.5
@@ -86,6 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
   sc.tau_scale = 0.5          # tau = tau_scale / |C_emb|
   sc.likelihood_lambda = 1.0
   sc.combine = 'mean_prob'    # 'mean_prob' (eq. 6) | 'product' | 'mean_score' | 'max_prob'
+                              # | 'posterior' | 'posterior_ratio' | 'relative' | 'relative_score'
+                              # (pni_jax/scoring.py; README 'The neighbourhood prior')
+  sc.rho = 0.01               # 'relative*': a code is allowed when p > rho * max_c p
+  sc.border = 'pad'           # 'pad': N scored everywhere (zero-padded windows) | 'authors':
+                              # N / N+P maps' border (reach cells) cropped and edge-padded back
   sc.sigma = 8.0              # Gaussian blur of the upsampled map (PatchCore: 4)
   sc.image_score = 'max'      # 'max' | 'reweight' (PatchCore) | 'top_percent'
   sc.top_percent = 1.0
@@ -173,7 +179,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(m.neighborhood.train_positions, 'model.neighborhood.train_positions',
           ('interior', 'all'))
   _choice(m.scoring.combine, 'model.scoring.combine',
-          ('mean_prob', 'product', 'mean_score', 'max_prob'))
+          ('mean_prob', 'product', 'mean_score', 'max_prob', 'posterior', 'posterior_ratio',
+           'relative', 'relative_score'))
+  if not 0 < m.scoring.get('rho', 0.01) <= 1:
+    raise ValueError(f'config.model.scoring.rho must be in (0, 1], got {m.scoring.rho}')
+  _choice(m.scoring.get('border', 'pad'), 'model.scoring.border', ('pad', 'authors'))
+  if int(m.neighborhood.get('dilation', 1)) < 1:
+    raise ValueError(f'config.model.neighborhood.dilation must be >= 1, got '
+                     f'{m.neighborhood.dilation}')
   _choice(m.scoring.image_score, 'model.scoring.image_score',
           ('max', 'patch_max', 'top_percent', 'reweight'))
   _positive(m.scoring.temperature, 'model.scoring.temperature')

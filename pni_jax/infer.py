@@ -22,12 +22,14 @@ class Variant:
   neighborhood: bool = False
   position: bool = False
   refinement: bool = False
+  combine: str | None = None   # overrides model.scoring.combine ('N+P@mean_score')
 
   @property
   def name(self) -> str:
     letters = ''.join(l for l, on in zip('NPR', (self.neighborhood, self.position,
                                                   self.refinement)) if on)
-    return 'baseline' if not letters else '+' + '+'.join(letters)
+    name = 'baseline' if not letters else '+' + '+'.join(letters)
+    return name if self.combine is None or not self.conditional else f'{name}@{self.combine}'
 
   @property
   def conditional(self) -> bool:
@@ -35,15 +37,21 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-  """'baseline' | 'patchcore' | '-' -> no component; otherwise letters of 'NPR' ('N+P', 'NPR')."""
+  """'baseline' | 'patchcore' | '-' -> no component; otherwise letters of 'NPR' ('N+P', 'NPR'),
+  optionally '@<combine>' to score with that model.scoring.combine ('N+P@mean_score')."""
+  text, _, combine = text.partition('@')
+  combine = combine.strip() or None
+  if combine is not None and combine not in scoring.COMBINE_MODES:
+    raise ValueError(f'eval.ablations: unknown combine {combine!r} in {text}@{combine}; valid: '
+                     f'{scoring.COMBINE_MODES}')
   t = text.strip().upper().replace('+', '')
   if t in ('', '-', 'BASELINE', 'PATCHCORE', 'BASE'):
     return Variant()
   bad = set(t) - set('NPR')
   if bad:
     raise ValueError(f'eval.ablations: cannot parse variant {text!r}: use letters N, P, R '
-                     f"(e.g. 'N+P+R') or 'baseline'")
-  return Variant('N' in t, 'P' in t, 'R' in t)
+                     f"(e.g. 'N+P+R') or 'baseline', optionally '@combine'")
+  return Variant('N' in t, 'P' in t, 'R' in t, combine if ('N' in t or 'P' in t) else None)
 
 
 def variant_from_config(cfg_model) -> Variant:
@@ -82,7 +90,8 @@ def patch_scores(arrays: dict, feats: jax.Array, variant: Variant, cfg_model):
     p_nb = neighborhood.neighbor_probs(arrays['mlp'], feats, window=int(nb.window),
                                        chunk=int(nb.infer_chunk),
                                        temperature=float(sc.temperature),
-                                       dtype=features.compute_dtype(cfg_model))
+                                       dtype=features.compute_dtype(cfg_model),
+                                       dilation=int(nb.get('dilation', 1)))
     p_nb = p_nb.reshape(b * h * w, -1)
   if variant.position:
     if arrays.get('position') is None:
@@ -96,8 +105,13 @@ def patch_scores(arrays: dict, feats: jax.Array, variant: Variant, cfg_model):
   scores, frac = scoring.pni_patch_scores(
       flat, arrays['c_emb'], arrays['emb_to_dist'], p_nb, p_pos,
       tau=tau(sc, arrays['c_emb'].shape[0]), lam=float(sc.likelihood_lambda),
-      combine=str(sc.combine), **tiles)
-  return scores.reshape(b, h, w), frac.reshape(b, h, w)
+      combine=str(variant.combine or sc.combine), rho=float(sc.get('rho', 0.01)), **tiles)
+  scores = scores.reshape(b, h, w)
+  if variant.neighborhood and sc.get('border', 'pad') == 'authors':
+    nb = cfg_model.neighborhood
+    scores = scoring.edge_pad_border(
+        scores, neighborhood.window_reach(int(nb.window), int(nb.get('dilation', 1))))
+  return scores, frac.reshape(b, h, w)
 
 
 def refine_maps(refine_arrays: dict, images: jax.Array, maps: jax.Array, cfg_model) -> jax.Array:

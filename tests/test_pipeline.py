@@ -69,8 +69,24 @@ def test_outputs_follow_the_contract(run):
   assert rows == ['category', 'tokens', 'weave', 'mean (object)', 'mean (texture)', 'mean']
   with open(workdir / 'ablation.csv') as f:
     variants = [r[0] for r in csv.reader(f)][1:]
-  assert variants == ['+N+P', 'baseline', '+N', '+P']
+  assert variants == ['+N+P', 'baseline', '+N', '+P', '+N+P@mean_prob', '+N+P@mean_score']
   assert (workdir / 'results.md').read_text().count('\n') >= 7
+
+
+def test_variants_parse_combine_and_n_p_rows_report_both_rules():
+  assert infer.parse_variant('N+P@mean_score') == infer.Variant(True, True, False, 'mean_score')
+  assert infer.parse_variant('N+P@mean_score').name == '+N+P@mean_score'
+  assert infer.parse_variant('baseline@posterior') == infer.Variant()
+  with pytest.raises(ValueError, match="'sum'"):
+    infer.parse_variant('N@sum')
+  cfg = demo.get_config()            # combine 'product'
+  cfg.eval.ablations = ('baseline', 'N+P', 'N@posterior', 'N+P+R')
+  names = [v.name for v in pipeline.variants_to_evaluate(cfg)]
+  assert names == ['+N+P', 'baseline', '+N+P@mean_prob', '+N+P@mean_score', '+N@posterior',
+                   '+N+P+R']
+  cfg.model.scoring.combine = 'mean_prob'
+  names = [v.name for v in pipeline.variants_to_evaluate(cfg)]
+  assert names[:4] == ['+N+P', 'baseline', '+N+P@mean_score', '+N@posterior']
 
 
 def test_position_prior_beats_patchcore_on_locally_invisible_object_defects(run):
