@@ -27,6 +27,10 @@ def get_config():
   m.coreset.dist_size = 512
   m.position.window = 3
   m.neighborhood.window = 5
+  # The demo objects' parts are 9 feature cells (72 px) apart, wider than a CNN patch sees: a
+  # 5 x 5 window every 5 cells (reach 10 cells) sees the neighbouring parts, not only the part
+  # itself (docs/n_study.md: N's effect against the window's reach).
+  m.neighborhood.dilation = 5
   m.neighborhood.num_layers = 3
   m.neighborhood.width = 512
   m.neighborhood.dropout = 0.0
@@ -39,6 +43,9 @@ def get_config():
   # (measured: N+P scored exactly like the baseline on 'tokens'). The product keeps both vetoes.
   m.scoring.combine = 'product'
   m.scoring.sigma = 4.0
+  # Relative threshold of the 'relative*' rules: a code is allowed when p > rho * max p (T = 2).
+  m.scoring.rho = 0.1
+  m.scoring.border = 'pad'           # the MLP trains on every position ('all')
   # Refinement (R) is off by default to keep the demo within minutes; turn it on with
   # --config.model.use_refinement=True or evaluate it with --config.eval.ablations=...,N+P+R.
   m.use_refinement = False

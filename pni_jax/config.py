@@ -90,8 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
                               # | 'posterior' | 'posterior_ratio' | 'relative' | 'relative_score'
                               # (pni_jax/scoring.py; README 'The neighbourhood prior')
   sc.rho = 0.01               # 'relative*': a code is allowed when p > rho * max_c p
-  sc.border = 'pad'           # 'pad': N scored everywhere (zero-padded windows) | 'authors':
-                              # N / N+P maps' border (reach cells) cropped and edge-padded back
+  sc.border = 'authors'       # 'authors': the N / N+P maps' border (the window's reach, where
+                              # the MLP never trained: train_positions='interior') is cropped and
+                              # edge-padded back | 'pad': N scored everywhere (zero-padded windows)
   sc.sigma = 8.0              # Gaussian blur of the upsampled map (PatchCore: 4)
   sc.image_score = 'max'      # 'max' | 'reweight' (PatchCore) | 'top_percent'
   sc.top_percent = 1.0
