@@ -40,8 +40,11 @@ def get_config():
   m.neighborhood.decay_every = 4
   m.neighborhood.train_positions = 'all'
   # Eq. 6 averages the priors, so a broad MLP prior re-allows what the position prior rules out
-  # (measured: N+P scored exactly like the baseline on 'tokens'). The product keeps both vetoes.
-  m.scoring.combine = 'product'
+  # (cable: eq. 6 80.2 vs P alone 100). 'relative_score' thresholds each prior relative to its
+  # most probable code and averages the two scores (the authors' N+P rule with a relative
+  # threshold): it keeps P's gain on cable / tokens and N's on lattice, where P alone loses
+  # (docs/n_study.md, table 2).
+  m.scoring.combine = 'relative_score'
   m.scoring.sigma = 4.0
   # Relative threshold of the 'relative*' rules: a code is allowed when p > rho * max p (T = 2).
   m.scoring.rho = 0.1
