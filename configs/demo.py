@@ -28,6 +28,10 @@ def get_config():
   m.coreset.dist_size = 512
   m.position.window = 3
   m.neighborhood.window = 5
+  # The demo objects' parts are 9 feature cells (72 px) apart, wider than a CNN patch sees: a
+  # 5 x 5 window every 5 cells (reach 10 cells) sees the neighbouring parts, not only the part
+  # itself (docs/n_study.md: N's effect against the window's reach).
+  m.neighborhood.dilation = 5
   m.neighborhood.num_layers = 3
   m.neighborhood.width = 512
   m.neighborhood.dropout = 0.0
@@ -37,12 +41,18 @@ def get_config():
   m.neighborhood.decay_every = 4
   m.neighborhood.train_positions = 'all'
   # Eq. 6 averages the priors, so a broad MLP prior re-allows what the position prior rules out
-  # (measured: N+P scored exactly like the baseline on 'tokens'). The product keeps both vetoes.
-  m.scoring.combine = 'product'
+  # (cable: eq. 6 80.2 vs P alone 100). 'relative_score' thresholds each prior relative to its
+  # most probable code and averages the two scores (the authors' N+P rule with a relative
+  # threshold): it keeps P's gain on cable / tokens and N's on lattice, where P alone loses
+  # (docs/n_study.md, table 2).
+  m.scoring.combine = 'relative_score'
   m.scoring.sigma = 4.0
   # The demo's figures were measured with the max of the blurred map; the paper configs take the
   # authors' max of the unblurred, border-cropped patch map ('patch_max_cropped').
   m.scoring.image_score = 'max'
+  # Relative threshold of the 'relative*' rules: a code is allowed when p > rho * max p (T = 2).
+  m.scoring.rho = 0.1
+  m.scoring.border = 'pad'           # the MLP trains on every position ('all')
   # Refinement (R) is off by default to keep the demo within minutes; turn it on with
   # --config.model.use_refinement=True or evaluate it with --config.eval.ablations=...,N+P+R.
   m.use_refinement = False

@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Neighbourhood MLP.
   m.neighborhood = nb = ml_collections.ConfigDict()
   nb.window = 9               # p: 9 x 9 window, centre removed -> 80 neighbours
+  nb.dilation = 1             # k: the window's cells every k feature cells (reach k (p-1)/2)
   nb.num_layers = 10          # N_MLP
   nb.width = 2048             # c_MLP
   nb.dropout = 0.5
@@ -100,6 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
   sc.tau_scale = 0.5          # tau = tau_scale / |C_emb|
   sc.likelihood_lambda = 1.0
   sc.combine = 'mean_prob'    # 'mean_prob' (eq. 6) | 'product' | 'mean_score' | 'max_prob'
+                              # | 'posterior' | 'posterior_ratio' | 'relative' | 'relative_score'
+                              # (pni_jax/scoring.py; README 'The neighbourhood prior')
+  sc.rho = 0.01               # 'relative*': a code is allowed when p > rho * max_c p
+  sc.border = 'authors'       # 'authors': the N / N+P maps' border (the window's reach, where
+                              # the MLP never trained: train_positions='interior') is cropped and
+                              # edge-padded back | 'pad': N scored everywhere (zero-padded windows)
   sc.neighborhood_weight = 0.5  # weight of p(c | N) against p(c | x) (eq. 6: 0.5)
   sc.sigma = 8.0              # Gaussian blur of the upsampled map (PatchCore: 4)
   sc.max_sigma = 16.0         # static bound of sigma (the blur kernel's radius is 4 max_sigma)
@@ -147,10 +154,10 @@ def base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- hyper-parameter sweeps
   # `--mode=sweep`: one list per swept hyper-parameter (named as in model.scoring / model.refine:
   # tau_scale, temperature, likelihood_lambda, neighborhood_weight, sigma, top_percent,
-  # fusion_weight); the grid is their product. Empty = that parameter stays at its config value.
+  # fusion_weight, rho); the grid is their product. Empty = that parameter stays at its config value.
   c.sweep = sw = ml_collections.ConfigDict()
   for name in ('tau_scale', 'temperature', 'likelihood_lambda', 'neighborhood_weight', 'sigma',
-               'top_percent', 'fusion_weight'):
+               'top_percent', 'fusion_weight', 'rho'):
     sw[name] = ()
   sw.variant = ''             # '' = the main variant (model.use_*); e.g. 'N+P'
   sw.chunk_size = 16          # grid points per compiled call (bounded by memory_mb too)
@@ -230,7 +237,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(m.neighborhood.train_positions, 'model.neighborhood.train_positions',
           ('interior', 'all'))
   _choice(m.scoring.combine, 'model.scoring.combine',
-          ('mean_prob', 'product', 'mean_score', 'max_prob'))
+          ('mean_prob', 'product', 'mean_score', 'max_prob', 'posterior', 'posterior_ratio',
+           'relative', 'relative_score'))
+  if not 0 < m.scoring.get('rho', 0.01) <= 1:
+    raise ValueError(f'config.model.scoring.rho must be in (0, 1], got {m.scoring.rho}')
+  _choice(m.scoring.get('border', 'pad'), 'model.scoring.border', ('pad', 'authors'))
+  if int(m.neighborhood.get('dilation', 1)) < 1:
+    raise ValueError(f'config.model.neighborhood.dilation must be >= 1, got '
+                     f'{m.neighborhood.dilation}')
   _choice(m.scoring.image_score, 'model.scoring.image_score',
           ('max', 'patch_max', 'patch_max_cropped', 'top_percent', 'reweight'))
   _positive(m.scoring.temperature, 'model.scoring.temperature')

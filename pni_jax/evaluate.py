@@ -23,15 +23,19 @@ from pni_jax.progress import Progress
 
 
 def variants_to_evaluate(cfg) -> list[infer.Variant]:
-  """The main variant (model.use_*) first, then eval.ablations, without duplicates."""
+  """The main variant (model.use_*) first, then eval.ablations, without duplicates. An ablation
+  N+P row (without R, without '@combine') also gets its eq. 6 ('@mean_prob') and authors'
+  ('@mean_score') twins, so both rules are always reported (issue 12 A7)."""
   out = [infer.variant_from_config(cfg.model)]
   for text in cfg.eval.get('ablations', ()):
     v = infer.parse_variant(text)
-    if v not in out:
-      out.append(v)
+    twins = ([infer.Variant(True, True, False, c) for c in ('mean_prob', 'mean_score')
+              if c != cfg.model.scoring.combine]
+             if v.neighborhood and v.position and not v.refinement and v.combine is None else [])
+    for w in [v] + twins:
+      if w not in out:
+        out.append(w)
   return out
-
-
 
 
 def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor,

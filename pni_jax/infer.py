@@ -36,6 +36,7 @@ import numpy as np
 from pni_jax import features
 from pni_jax import knn
 from pni_jax import model as model_lib
+from pni_jax import neighborhood
 from pni_jax import scoring
 from pni_jax import sharding
 
@@ -49,12 +50,14 @@ class Variant:
   neighborhood: bool = False
   position: bool = False
   refinement: bool = False
+  combine: str | None = None   # overrides model.scoring.combine ('N+P@mean_score')
 
   @property
   def name(self) -> str:
     letters = ''.join(l for l, on in zip('NPR', (self.neighborhood, self.position,
                                                   self.refinement)) if on)
-    return 'baseline' if not letters else '+' + '+'.join(letters)
+    name = 'baseline' if not letters else '+' + '+'.join(letters)
+    return name if self.combine is None or not self.conditional else f'{name}@{self.combine}'
 
   @property
   def conditional(self) -> bool:
@@ -62,15 +65,21 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-  """'baseline' | 'patchcore' | '-' -> no component; otherwise letters of 'NPR' ('N+P', 'NPR')."""
+  """'baseline' | 'patchcore' | '-' -> no component; otherwise letters of 'NPR' ('N+P', 'NPR'),
+  optionally '@<combine>' to score with that model.scoring.combine ('N+P@mean_score')."""
+  text, _, combine = text.partition('@')
+  combine = combine.strip() or None
+  if combine is not None and combine not in scoring.COMBINE_MODES:
+    raise ValueError(f'eval.ablations: unknown combine {combine!r} in {text}@{combine}; valid: '
+                     f'{scoring.COMBINE_MODES}')
   t = text.strip().upper().replace('+', '')
   if t in ('', '-', 'BASELINE', 'PATCHCORE', 'BASE'):
     return Variant()
   bad = set(t) - set('NPR')
   if bad:
     raise ValueError(f'eval.ablations: cannot parse variant {text!r}: use letters N, P, R '
-                     f"(e.g. 'N+P+R') or 'baseline'")
-  return Variant('N' in t, 'P' in t, 'R' in t)
+                     f"(e.g. 'N+P+R') or 'baseline', optionally '@combine'")
+  return Variant('N' in t, 'P' in t, 'R' in t, combine if ('N' in t or 'P' in t) else None)
 
 
 def variant_from_config(cfg_model) -> Variant:
@@ -94,6 +103,7 @@ class ScoringSpec:
   combine: str = 'mean_prob'
   image_score: str = 'max'
   image_border: int = 0          # cells cut at each side for image_score='patch_max_cropped'
+  border: int = 0                # N / N+P map border replaced by edge padding (scoring.border)
   window: int = 9                # neighbourhood window p
   dilation: int = 1              # neighbourhood window stride (model.neighborhood.dilation)
   infer_chunk: int = 4096        # patches per MLP call (rounded to whole images)
@@ -119,6 +129,16 @@ def image_border(cfg_model, variant: Variant) -> int:
   return (int(cfg_model.neighborhood.window) - 1) // 2 if variant.conditional else 0
 
 
+def map_border(cfg_model, variant: Variant) -> int:
+  """Cells of the N / N+P patch-score border that model.scoring.border='authors' crops and
+  edge-pads back (the neighbourhood window's reach, where the MLP's windows leave the map); 0
+  for 'pad' and for variants without N."""
+  if not variant.neighborhood or cfg_model.scoring.get('border', 'pad') != 'authors':
+    return 0
+  nb = cfg_model.neighborhood
+  return neighborhood.window_reach(int(nb.window), int(nb.get('dilation', 1)))
+
+
 def make_spec(cfg_model, variant: Variant, out_size: tuple[int, int], *,
               max_sigma: float | None = None, max_top_percent: float | None = None
               ) -> ScoringSpec:
@@ -127,8 +147,8 @@ def make_spec(cfg_model, variant: Variant, out_size: tuple[int, int], *,
   sc, nb, r = cfg_model.scoring, cfg_model.neighborhood, cfg_model.refine
   return ScoringSpec(
       variant=variant, out_size=(int(out_size[0]), int(out_size[1])),
-      combine=str(sc.combine), image_score=str(sc.image_score),
-      image_border=image_border(cfg_model, variant),
+      combine=str(variant.combine or sc.combine), image_score=str(sc.image_score),
+      image_border=image_border(cfg_model, variant), border=map_border(cfg_model, variant),
       window=int(nb.window), dilation=int(nb.get('dilation', 1)),
       infer_chunk=int(nb.infer_chunk),
       query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile),
@@ -276,10 +296,17 @@ def patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: Scor
     return scoring.masked_sq_dist_sparse(flat, c_emb, e2d, allowed, sq, idx,
                                          chunk=spec.search_chunk, **tiles)
 
+  def min_plus_offset(offset):
+    value, _ = knn.min_dist_plus_offset(flat, c_emb, offset, e2d, scoring.offset_by_code,
+                                        **tiles)
+    return value
+
   scores, frac = scoring.conditional_scores(
       nearest_allowed_sq, sq, p_nb, p_pos, hp, num_emb=c_emb.shape[0],
-      code_count=scoring.code_counts(e2d, k), combine=spec.combine)
-  return scores.reshape(b, h, w), frac.reshape(b, h, w)
+      code_count=scoring.code_counts(e2d, k), combine=spec.combine,
+      min_plus_offset=min_plus_offset)
+  scores = scoring.edge_pad_border(scores.reshape(b, h, w), spec.border)
+  return scores, frac.reshape(b, h, w)
 
 
 def refine_maps(refine_arrays: dict, images: jax.Array, maps: jax.Array, weight,

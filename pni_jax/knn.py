@@ -509,3 +509,74 @@ def masked_min_dist(queries: jax.Array,
       index=jnp.where(jnp.isinf(best_d), -1, best_i),
       nearest_sq_dist=near_d,
       nearest_index=jnp.where(jnp.isinf(near_d), -1, near_i))
+
+
+# ----------------------------------------------------------------------------- offset nearest
+
+
+OffsetFn = Callable[[Any, Any], jax.Array]
+
+
+@functools.partial(
+    jax.jit, static_argnames=('offset', 'query_tile', 'bank_tile', 'precision'))
+def min_dist_plus_offset(queries: jax.Array,
+                         bank: jax.Array,
+                         query_aux: Any,
+                         bank_aux: Any,
+                         offset: OffsetFn,
+                         *,
+                         query_tile: int = 1024,
+                         bank_tile: int = 4096,
+                         precision=_HIGHEST) -> tuple[jax.Array, jax.Array]:
+  """Per query: min over bank rows k of ||q - b_k|| + offset[q, k], and that k, in one pass.
+
+  Like `masked_min_dist`, but each (query, bank row) pair adds a real offset instead of a
+  yes / no mask: ``offset(query_aux_tile, bank_aux_tile) -> [tq, tk] float32`` (static; put
+  numbers in the aux arrays). PNI's posterior score min_c (lam ||phi - c|| - log p(c | Omega))
+  is lam times this with offset -log p(c | Omega) / lam.
+
+  Args:
+    queries: [M, d]; bank: [K, d], K >= 1.
+    query_aux / bank_aux: pytrees of [M, ...] / [K, ...] arrays, sliced into the tiles.
+    offset: pure function (query_aux_tile, bank_aux_tile) -> [tq, tk] float32.
+  Returns:
+    (value [M] float32, index [M] int32); ties: lowest index.
+  """
+  _check_2d(queries, 'queries')
+  _check_2d(bank, 'bank')
+  _check_same_dim(queries, bank, 'queries', 'bank')
+  _check_tile(query_tile, 'query_tile')
+  _check_tile(bank_tile, 'bank_tile')
+  m, kb = queries.shape[0], bank.shape[0]
+  if kb == 0:
+    raise ValueError('bank is empty (0 rows)')
+  for name, tree, rows in (('query_aux', query_aux, m), ('bank_aux', bank_aux, kb)):
+    for leaf in jax.tree_util.tree_leaves(tree):
+      if leaf.ndim < 1 or leaf.shape[0] != rows:
+        raise ValueError(f'every {name} array needs leading axis {rows}, got shape '
+                         f'{tuple(leaf.shape)}')
+  if m == 0:
+    return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
+
+  tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
+  b_sq = _bank_sq_norms(bank, None)
+
+  def query_tile_fn(qt, qt_sq, qat):
+
+    def bank_step(carry, bt, bt_sq, bat, start):
+      best_v, best_i = carry
+      sq = _tile_sq_dists(qt, qt_sq, bt, bt_sq, precision)   # [tq, tk], +inf on masked rows
+      off = offset(qat, bat)
+      if off.shape != sq.shape:
+        raise ValueError(f'offset() must return a [{tq}, {tk}] tile, got shape '
+                         f'{tuple(off.shape)}')
+      value = jnp.sqrt(jnp.maximum(sq, 0.0)) + off.astype(jnp.float32)
+      value = jnp.where(jnp.isfinite(bt_sq)[None, :], value, jnp.inf)
+      vj, j = row_argmin(value)
+      better = vj < best_v
+      return jnp.where(better, vj, best_v), jnp.where(better, start + j, best_i)
+
+    init = (jnp.full((tq,), jnp.inf, jnp.float32), jnp.full((tq,), -1, jnp.int32))
+    return _scan_bank_tiles(bank_step, init, tk, bank, b_sq, bank_aux)
+
+  return _map_query_tiles(query_tile_fn, tq, queries, query_aux)

@@ -4,6 +4,8 @@ Input of the MLP at position x = (h, w) of image i: the p x p window of patch fe
 the centre removed, flattened in row-major window order (dy outer, dx inner, then the d channels),
 zeros for window cells outside the map: `[(p * p - 1) * d]` (81,920 values for p = 9, d = 1024).
 Target: the index of the C_dist vector nearest to the centre feature Phi_i(x) (given by the caller).
+A dilated window (`model.neighborhood.dilation` = k > 1) takes the same p * p - 1 cells every k
+cells, (dy, dx) in k * {-(p-1)/2 .. (p-1)/2}: the same input size, k times the reach.
 
 The inputs are never materialised for all positions: training gathers each batch from the
 device-resident feature maps inside the jitted step, inference gathers a fixed-size chunk of
@@ -78,31 +80,46 @@ def _check_window(window: int) -> int:
   return window
 
 
-def neighbor_offsets(window: int) -> np.ndarray:
-  """`[p * p - 1, 2]` int32 (dy, dx) offsets of the window cells, row-major, centre removed."""
+def _check_dilation(dilation: int) -> int:
+  if int(dilation) != dilation or int(dilation) < 1:
+    raise ValueError(f'neighbourhood dilation must be an integer >= 1 (window cells every k '
+                     f'feature cells), got {dilation}')
+  return int(dilation)
+
+
+def window_reach(window: int, dilation: int = 1) -> int:
+  """Cells from the centre to the window's outermost cells: (p - 1) / 2 * k."""
+  return (_check_window(window) // 2) * _check_dilation(dilation)
+
+
+def neighbor_offsets(window: int, dilation: int = 1) -> np.ndarray:
+  """`[p * p - 1, 2]` int32 (dy, dx) offsets of the window cells, row-major, centre removed;
+  every `dilation` cells (offsets are multiples of it)."""
   window = _check_window(window)
+  k = _check_dilation(dilation)
   r = window // 2
-  dy, dx = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing='ij')
+  dy, dx = np.meshgrid(np.arange(-r, r + 1) * k, np.arange(-r, r + 1) * k, indexing='ij')
   offsets = np.stack([dy.ravel(), dx.ravel()], axis=1).astype(np.int32)
   return np.delete(offsets, (window * window) // 2, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=('window',))
+@functools.partial(jax.jit, static_argnames=('window', 'dilation'))
 def gather_neighbors(feats: jax.Array, img: jax.Array, row: jax.Array, col: jax.Array,
-                     window: int) -> jax.Array:
+                     window: int, dilation: int = 1) -> jax.Array:
   """MLP inputs for M positions.
 
   Args:
     feats: `[N_img, H, W, d]` patch feature maps (any float dtype; kept).
     img, row, col: `[M]` int, image index and position of each query (assumed inside the map).
     window: p, odd.
+    dilation: k >= 1, spacing of the window cells (`neighbor_offsets`).
 
   Returns:
     `[M, (p * p - 1) * d]` in `feats.dtype`: for each query the window cells in row-major order
     without the centre, each cell's d channels contiguous, zeros where the cell is outside the map.
   """
   _, height, width, dim = feats.shape
-  offsets = jnp.asarray(neighbor_offsets(window))
+  offsets = jnp.asarray(neighbor_offsets(window, dilation))
   rows = row[:, None].astype(jnp.int32) + offsets[None, :, 0]          # [M, P]
   cols = col[:, None].astype(jnp.int32) + offsets[None, :, 1]
   inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
@@ -171,8 +188,9 @@ def mlp_from_variables(variables, dtype=jnp.float32) -> MLP:
 # ----------------------------------------------------------------------------- inference
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'window', 'chunk'))
-def _neighbor_logits(model: MLP, variables, feats: jax.Array, window: int, chunk: int):
+@functools.partial(jax.jit, static_argnames=('model', 'window', 'chunk', 'dilation'))
+def _neighbor_logits(model: MLP, variables, feats: jax.Array, window: int, chunk: int,
+                     dilation: int = 1):
   batch, height, width, _ = feats.shape
   total = batch * height * width
   chunk = min(chunk, total)
@@ -182,7 +200,7 @@ def _neighbor_logits(model: MLP, variables, feats: jax.Array, window: int, chunk
   def one_chunk(chunk_ids):
     chunk_ids = jnp.minimum(chunk_ids, total - 1)            # the padded tail repeats the last one
     img, rest = chunk_ids // (height * width), chunk_ids % (height * width)
-    x = gather_neighbors(feats, img, rest // width, rest % width, window)
+    x = gather_neighbors(feats, img, rest // width, rest % width, window, dilation)
     return model.apply(variables, x, train=False)
 
   logits = jax.lax.map(one_chunk, ids)                       # [num_chunks, chunk, K]
@@ -190,7 +208,7 @@ def _neighbor_logits(model: MLP, variables, feats: jax.Array, window: int, chunk
 
 
 def neighbor_logits(variables, feats: jax.Array, window: int, chunk: int,
-                    dtype=jnp.float32) -> jax.Array:
+                    dtype=jnp.float32, dilation: int = 1) -> jax.Array:
   """MLP logits at every position.
 
   Args:
@@ -199,11 +217,13 @@ def neighbor_logits(variables, feats: jax.Array, window: int, chunk: int,
     window: p used in training.
     chunk: positions per MLP call (memory: chunk x (p*p-1) x d inputs), `cfg.infer_chunk`.
     dtype: compute dtype of the MLP.
+    dilation: window cell spacing used in training.
 
   Returns:
     `[B, H, W, K]` float32 logits.
   """
   window = _check_window(window)
+  dilation = _check_dilation(dilation)
   if chunk < 1:
     raise ValueError(f'infer_chunk must be >= 1, got {chunk}')
   feats = jnp.asarray(feats)
@@ -215,16 +235,17 @@ def neighbor_logits(variables, feats: jax.Array, window: int, chunk: int,
     raise ValueError(f'MLP expects {in_dim} inputs, but window {window} and d = {feats.shape[-1]} '
                      f'give {(window * window - 1) * feats.shape[-1]}')
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  return _neighbor_logits(model, variables, feats, window, int(chunk))
+  return _neighbor_logits(model, variables, feats, window, int(chunk), dilation)
 
 
 def neighbor_probs(variables, feats: jax.Array, window: int, chunk: int,
-                   temperature: float = 2.0, dtype=jnp.float32) -> jax.Array:
+                   temperature: float = 2.0, dtype=jnp.float32, dilation: int = 1) -> jax.Array:
   """p(c_dist | N_p(x)) = softmax(logits / T): `[B, H, W, K]` float32, rows summing to 1.
 
   `temperature` may be traced (a hyper-parameter under vmap); T > 0 is checked by config
   validation (model.scoring.temperature)."""
-  return jax.nn.softmax(neighbor_logits(variables, feats, window, chunk, dtype) / temperature, -1)
+  logits = neighbor_logits(variables, feats, window, chunk, dtype, dilation)
+  return jax.nn.softmax(logits / temperature, -1)
 
 
 # ----------------------------------------------------------------------------- training state
@@ -243,6 +264,7 @@ class TrainState:
   opt_state: Any
   model: MLP = flax.struct.field(pytree_node=False)
   window: int = flax.struct.field(pytree_node=False)
+  dilation: int = flax.struct.field(pytree_node=False)
   learning_rate: float = flax.struct.field(pytree_node=False)
   decay_steps: int = flax.struct.field(pytree_node=False)      # 0 = constant learning rate
   decay_factor: float = flax.struct.field(pytree_node=False)
@@ -268,6 +290,8 @@ def check_config(cfg_nb: ml_collections.ConfigDict) -> None:
     raise ValueError(f'model.neighborhood.{field} = {cfg_nb[field]!r}: {why}')
   if int(cfg_nb.window) < 3 or int(cfg_nb.window) % 2 == 0:
     bad('window', 'must be an odd integer >= 3')
+  if 'dilation' in cfg_nb and (int(cfg_nb.dilation) != cfg_nb.dilation or int(cfg_nb.dilation) < 1):
+    bad('dilation', 'must be an integer >= 1')
   if int(cfg_nb.num_layers) < 1:
     bad('num_layers', 'must be >= 1')
   if int(cfg_nb.width) < 1:
@@ -334,7 +358,8 @@ def create_train_state(key: jax.Array, cfg_nb: ml_collections.ConfigDict, in_dim
   state = TrainState(
       step=jnp.zeros((), jnp.int32), params=variables['params'],
       batch_stats=variables.get('batch_stats', {}), opt_state=None, model=model,
-      window=int(cfg_nb.window), learning_rate=float(cfg_nb.learning_rate),
+      window=int(cfg_nb.window), dilation=int(cfg_nb.get('dilation', 1)),
+      learning_rate=float(cfg_nb.learning_rate),
       decay_steps=int(cfg_nb.decay_every) * int(steps_per_epoch),
       decay_factor=float(cfg_nb.decay_factor))
   return state.replace(opt_state=state.tx.init(state.params))
@@ -354,7 +379,8 @@ def train_step(state: TrainState, feats: jax.Array, batch: dict[str, jax.Array],
   Returns:
     (new state, `Metrics` of the batch: mean cross-entropy and top-1 accuracy, train mode).
   """
-  x = gather_neighbors(feats, batch['img'], batch['row'], batch['col'], state.window)
+  x = gather_neighbors(feats, batch['img'], batch['row'], batch['col'], state.window,
+                       state.dilation)
 
   def loss_fn(params):
     logits, updates = state.model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
@@ -370,7 +396,8 @@ def train_step(state: TrainState, feats: jax.Array, batch: dict[str, jax.Array],
 @jax.jit
 def eval_step(state: TrainState, feats: jax.Array, batch: dict[str, jax.Array]) -> Metrics:
   """Metrics of a batch in inference mode; `batch['mask']` `[B]` bool marks the real entries."""
-  x = gather_neighbors(feats, batch['img'], batch['row'], batch['col'], state.window)
+  x = gather_neighbors(feats, batch['img'], batch['row'], batch['col'], state.window,
+                       state.dilation)
   logits = state.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
                           train=False)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['target'])
@@ -394,15 +421,15 @@ class _Grid:
     return self.num_images * self.rows * self.cols
 
 
-def _sample_grid(shape, window: int, train_positions: str) -> _Grid:
+def _sample_grid(shape, window: int, train_positions: str, dilation: int = 1) -> _Grid:
   num_images, height, width = shape[:3]
   if train_positions == 'all':
     return _Grid(num_images, height, width, 0)
-  r = window // 2
+  r = window_reach(window, dilation)
   if height - 2 * r < 1 or width - 2 * r < 1:
     raise ValueError(f"model.neighborhood.train_positions = 'interior' leaves no position: the "
-                     f'{height} x {width} map has no full {window} x {window} window; use '
-                     f"'all' or a smaller window")
+                     f'{height} x {width} map has no full {window} x {window} window (dilation '
+                     f"{dilation}); use 'all' or a smaller window")
   return _Grid(num_images, height - 2 * r, width - 2 * r, r)
 
 
@@ -566,7 +593,8 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
   per_group = images_per_group(feats.shape, dev_dtype.itemsize, device_cap_bytes)
   streamed = per_group < feats.shape[0]
   maps = _DeviceMaps(feats, per_group, dev_dtype, mesh)
-  grid = _sample_grid(feats.shape, window, cfg_nb.train_positions)
+  dilation = int(cfg_nb.get('dilation', 1))
+  grid = _sample_grid(feats.shape, window, cfg_nb.train_positions, dilation)
   num_samples = grid.size
   if int(cfg_nb.max_train_samples) > 0:
     num_samples = min(num_samples, int(cfg_nb.max_train_samples))
@@ -595,6 +623,8 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
       **{k: cfg_nb[k] for k in ('window', 'num_layers', 'width', 'dropout', 'learning_rate',
                                 'decay_every', 'decay_factor', 'val_fraction', 'max_train_samples',
                                 'train_positions')}}
+  if dilation != 1:  # absent from older fingerprints: dilation-1 checkpoints still resume
+    fingerprint['dilation'] = dilation
   if streamed:
     fingerprint['images_per_group'] = per_group
   fingerprint = checkpoints.json_ready(fingerprint)

@@ -27,7 +27,7 @@ num_emb, code_count) -> (dist [M], frac [M])` registered in `COMBINERS` (see
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax
 import jax
@@ -36,6 +36,8 @@ import numpy as np
 
 from pni_jax import knn
 
+BORDER_MODES = ('pad', 'authors')
+PRIOR_FLOOR = 1e-30   # -log p(c | Omega) of the posterior score is at most -log(1e-30) ~ 69
 IMAGE_SCORES = ('max', 'patch_max', 'patch_max_cropped', 'top_percent', 'reweight')
 TRUNCATE = 4.0   # scipy.ndimage.gaussian_filter's default: radius = int(4 sigma + 0.5)
 
@@ -55,6 +57,8 @@ class HParams:
   sigma: Gaussian blur of the upsampled map, in pixels (paper 8).
   top_percent: image_score='top_percent' averages this percentage of the highest map pixels.
   fusion_weight: w of the refinement fusion (1 - w) A_hat + w refined (paper 0.1).
+  rho: the relative threshold of the 'relative*' rules: a code is allowed when
+    p(c | Omega) > rho * max_c p(c | Omega).
   """
   tau_scale: jax.Array = 0.5
   temperature: jax.Array = 2.0
@@ -63,6 +67,7 @@ class HParams:
   sigma: jax.Array = 8.0
   top_percent: jax.Array = 1.0
   fusion_weight: jax.Array = 0.1
+  rho: jax.Array = 0.01
 
 
 # HParams field -> (config section under cfg.model, field name); the sweep fields of config.sweep
@@ -75,6 +80,7 @@ HPARAM_CONFIG = {
     'sigma': ('scoring', 'sigma'),
     'top_percent': ('scoring', 'top_percent'),
     'fusion_weight': ('refine', 'fusion_weight'),
+    'rho': ('scoring', 'rho'),
 }
 HPARAM_NAMES = tuple(HPARAM_CONFIG)
 
@@ -206,18 +212,24 @@ def masked_sq_dist_sparse(feats, c_emb, emb_to_dist, allowed_dist, nearest_sq, n
   return out
 
 
-def _combine_thresholded(nearest_allowed, p_nb, p_pos, hp, num_emb, code_count, mode):
-  """Eq. 4-5 on the combined prior: distance to the nearest allowed C_emb row (fallback: the
-  nearest), and the allowed fraction of C_emb."""
-  tau = hp.tau_scale / num_emb
+class Distances(NamedTuple):
+  """What a combine rule may ask of the distances (each returns [M] float32 distances):
+  nearest_allowed(allowed [M, K_dist] bool): to the nearest C_emb row whose code is allowed, the
+    plain nearest where none is (the paper's fallback);
+  min_plus_offset(offset [M, K_dist]): min_c (||phi - c|| + offset[code(c)]) (posterior rules).
+  """
+  nearest_allowed: Callable
+  min_plus_offset: Callable
 
-  def one(prior):
-    allowed = prior > tau
-    dist = nearest_allowed(allowed)
-    frac = (allowed.astype(jnp.float32) @ code_count) / num_emb
-    return dist, frac
 
-  if mode == 'mean_score' and p_nb is not None and p_pos is not None:
+def _allowed_fraction(allowed, code_count, num_emb):
+  return (allowed.astype(jnp.float32) @ code_count) / num_emb
+
+
+def _per_prior(one, p_nb, p_pos, hp, each: bool, mode: str = 'mean_prob'):
+  """`one(prior) -> (dist, frac)` on the combined prior, or (each=True: the authors' N+P rule)
+  on each prior separately, averaged with the N weight."""
+  if each and p_nb is not None and p_pos is not None:
     w = hp.neighborhood_weight
     d1, f1 = one(p_nb)
     d2, f2 = one(p_pos)
@@ -225,18 +237,62 @@ def _combine_thresholded(nearest_allowed, p_nb, p_pos, hp, num_emb, code_count, 
   return one(combine_priors(p_nb, p_pos, mode, hp.neighborhood_weight))
 
 
+def _combine_thresholded(dists, p_nb, p_pos, hp, num_emb, code_count, mode):
+  """Eq. 4-5: a code is allowed when its prior exceeds tau = tau_scale / |C_emb|; distance to the
+  nearest allowed C_emb row (fallback: the nearest), and the allowed fraction of C_emb."""
+  tau = hp.tau_scale / num_emb
+
+  def one(prior):
+    allowed = prior > tau
+    return dists.nearest_allowed(allowed), _allowed_fraction(allowed, code_count, num_emb)
+
+  return _per_prior(one, p_nb, p_pos, hp, mode == 'mean_score',
+                    'mean_prob' if mode == 'mean_score' else mode)
+
+
+def _combine_relative(dists, p_nb, p_pos, hp, num_emb, code_count, each):
+  """A threshold relative to the most probable code: allowed when p > rho * max_c p. It does not
+  depend on |C_emb| (tau does), only on how peaked the prior is, and the most probable code is
+  always allowed. each=True ('relative_score'): each prior on its own, scores averaged."""
+
+  def one(prior):
+    allowed = prior > hp.rho * prior.max(-1, keepdims=True)
+    return dists.nearest_allowed(allowed), _allowed_fraction(allowed, code_count, num_emb)
+
+  return _per_prior(one, p_nb, p_pos, hp, each)
+
+
+def _combine_posterior(dists, p_nb, p_pos, hp, num_emb, code_count, ratio):
+  """The posterior score without a threshold: min_c (lam ||phi - c|| - log p(c | Omega)) / lam
+  (eq. 3 with its sum replaced by the largest term, in log space), the prior floored at
+  PRIOR_FLOOR. ratio=True divides the prior by its max first (a patch matching the most probable
+  code exactly scores its distance, whatever the prior's spread)."""
+  del num_emb, code_count
+  prior = combine_priors(p_nb, p_pos, 'mean_prob', hp.neighborhood_weight)
+  if ratio:
+    prior = prior / jnp.maximum(prior.max(-1, keepdims=True), PRIOR_FLOOR)
+  offset = -jnp.log(jnp.maximum(prior, PRIOR_FLOOR)) / hp.likelihood_lambda
+  dist = dists.min_plus_offset(offset)
+  return dist, jnp.ones_like(dist)
+
+
 COMBINERS: dict[str, Callable] = {
     'mean_prob': functools.partial(_combine_thresholded, mode='mean_prob'),
     'product': functools.partial(_combine_thresholded, mode='product'),
     'max_prob': functools.partial(_combine_thresholded, mode='max_prob'),
     'mean_score': functools.partial(_combine_thresholded, mode='mean_score'),
+    'relative': functools.partial(_combine_relative, each=False),
+    'relative_score': functools.partial(_combine_relative, each=True),
+    'posterior': functools.partial(_combine_posterior, ratio=False),
+    'posterior_ratio': functools.partial(_combine_posterior, ratio=True),
 }
 COMBINE_MODES = tuple(COMBINERS)
 
 
 def conditional_scores(nearest_allowed_sq: Callable, nearest_sq: jax.Array, p_nb, p_pos,
-                       hp: HParams, *, num_emb: int, code_count: jax.Array, combine: str):
-  """PNI patch scores lambda * min_{allowed c} ||phi - c|| from a distance oracle.
+                       hp: HParams, *, num_emb: int, code_count: jax.Array, combine: str,
+                       min_plus_offset: Callable | None = None):
+  """PNI patch scores lambda * (distance under the combine rule) from distance oracles.
 
   Args:
     nearest_allowed_sq: allowed_dist [M, K_dist] bool -> [M] squared distance to the nearest
@@ -246,6 +302,8 @@ def conditional_scores(nearest_allowed_sq: Callable, nearest_sq: jax.Array, p_nb
     hp: HParams (scalars here; vmap for grids).
     num_emb: |C_emb|; code_count: [K_dist] C_emb rows per code (`code_counts`).
     combine: a key of COMBINERS (static).
+    min_plus_offset: offset [M, K_dist] -> [M] min_c (||phi - c|| + offset[code(c)]) (the
+      posterior rules; see `Distances`).
   Returns:
     scores [M] float32, allowed_fraction [M] float32.
   """
@@ -256,8 +314,18 @@ def conditional_scores(nearest_allowed_sq: Callable, nearest_sq: jax.Array, p_nb
     sq = nearest_allowed_sq(allowed)
     return jnp.sqrt(jnp.where(jnp.isfinite(sq), sq, nearest_sq))
 
-  dist, frac = COMBINERS[combine](nearest_allowed, p_nb, p_pos, hp, num_emb, code_count)
+  def no_offsets(offset):
+    raise ValueError(f'combine={combine!r} needs a min_plus_offset distance oracle')
+
+  dists = Distances(nearest_allowed, min_plus_offset or no_offsets)
+  dist, frac = COMBINERS[combine](dists, p_nb, p_pos, hp, num_emb, code_count)
   return hp.likelihood_lambda * dist, frac
+
+
+def min_plus_offset_from_groups(group_sq: jax.Array, offset: jax.Array) -> jax.Array:
+  """min_k (sqrt(group_sq[m, k]) + offset[m, k]) from per-code squared distances
+  (`group_min_sq_dists`; +inf for codes without a C_emb row): [M] float32."""
+  return jnp.min(jnp.sqrt(group_sq) + offset, axis=-1)
 
 
 def conditional_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
@@ -276,18 +344,77 @@ def conditional_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Ar
     dist [M] float32 (allowed minimum, or the plain nearest where nothing is allowed),
     allowed_fraction [M] float32: fraction of C_emb rows allowed for each patch.
   """
-  allowed_dist = prior > tau
+  return allowed_distance(feats, c_emb, emb_to_dist, prior > tau, query_tile=query_tile,
+                          bank_tile=bank_tile)
+
+
+def relative_allowed(prior: jax.Array, rho) -> jax.Array:
+  """[M, K_dist] bool: a code is allowed when p(c | Omega) > rho * max_c p(c | Omega).
+
+  A threshold relative to the most probable code: unlike tau = 1/(2|C_emb|) it does not depend on
+  how many codes there are, only on how peaked the prior is, and the most probable code is always
+  allowed (no fallback needed). rho is a float (or a traced scalar), rho in (0, 1].
+  """
+  return prior > rho * prior.max(-1, keepdims=True)
+
+
+def allowed_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
+                     allowed_dist: jax.Array, *, query_tile: int, bank_tile: int):
+  """Distance to the nearest C_emb vector whose C_dist code is allowed; the plain nearest when
+  none is (reference formulation, dense): allowed_dist [M, K_dist] bool.
+
+  Returns (dist [M] float32, allowed_fraction [M] float32 of C_emb).
+  """
   res = knn.masked_min_dist(feats, c_emb, allowed_dist, emb_to_dist, _allowed_by_code,
                             query_tile=query_tile, bank_tile=bank_tile)
-  none_allowed = ~jnp.isfinite(res.sq_dist)
-  sq = jnp.where(none_allowed, res.nearest_sq_dist, res.sq_dist)
-  frac = (allowed_dist.astype(jnp.float32) @ code_counts(emb_to_dist, prior.shape[-1])
-          ) / c_emb.shape[0]
+  sq = jnp.where(jnp.isfinite(res.sq_dist), res.sq_dist, res.nearest_sq_dist)
+  frac = _allowed_fraction(allowed_dist, code_counts(emb_to_dist, allowed_dist.shape[-1]),
+                           c_emb.shape[0])
   return jnp.sqrt(sq), frac
 
 
+def offset_by_code(neg_log_tile, emb_to_dist_tile):
+  # neg_log_tile: [tq, K_dist] float32; emb_to_dist_tile: [tk] int32 -> [tq, tk].
+  return jnp.take(neg_log_tile, emb_to_dist_tile, axis=1)
+
+
+def posterior_scores(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
+                     prior: jax.Array, lam, *, query_tile: int, bank_tile: int) -> jax.Array:
+  """Posterior patch scores min_c (lam ||phi - c|| - log p(c | Omega)) (no threshold).
+
+  Eq. 3 with its sum replaced by the max term, in log space: -log max_c p(phi | c) p(c | Omega)
+  with p(phi | c) = exp(-lam ||phi - c||) (eq. 8) and p(c_emb | Omega) = p(c_dist | Omega) of its
+  C_dist code (section 3.2). Probabilities are floored at PRIOR_FLOOR.
+
+  Args:
+    feats: [M, d]; c_emb: [K_emb, d]; emb_to_dist: [K_emb] int32; prior: [M, K_dist];
+    lam: lambda > 0 (float or traced scalar).
+  Returns:
+    [M] float32.
+  """
+  neg_log = -jnp.log(jnp.maximum(prior.astype(jnp.float32), PRIOR_FLOOR)) / lam
+  value, _ = knn.min_dist_plus_offset(feats, c_emb, neg_log, emb_to_dist, offset_by_code,
+                                      query_tile=query_tile, bank_tile=bank_tile)
+  return lam * value
+
+
+def edge_pad_border(scores: jax.Array, border: int) -> jax.Array:
+  """The authors' border handling of the N / N+P maps: the outer `border` cells of each
+  [B, h, w] score grid are replaced by the nearest interior value (crop, then edge-pad back).
+  `border` is a static int; 0 returns the grid unchanged."""
+  border = int(border)
+  if border <= 0:
+    return scores
+  _, h, w = scores.shape
+  if h <= 2 * border or w <= 2 * border:
+    raise ValueError(f'model.scoring.border: cropping {border} cells leaves nothing of a '
+                     f'{h} x {w} score grid')
+  inner = scores[:, border:h - border, border:w - border]
+  return jnp.pad(inner, ((0, 0), (border, border), (border, border)), mode='edge')
+
+
 def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combine,
-                     query_tile, bank_tile, neighborhood_weight=0.5):
+                     query_tile, bank_tile, neighborhood_weight=0.5, rho=0.01):
   """PNI patch scores -log max_{allowed c} exp(-lam ||phi - c||) for one set of patches
   (reference formulation: dense masked search, scalar hyper-parameters).
 
@@ -295,8 +422,14 @@ def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combin
     feats: [M, d]; c_emb: [K_emb, d]; emb_to_dist: [K_emb] int32;
     p_nb, p_pos: [M, K_dist] priors or None (switched off).
     combine: 'mean_prob' (eq. 6: threshold the averaged prior), 'product' (threshold the
-      renormalised product), 'max_prob' (threshold the larger of the two), or 'mean_score' (score
-      under each prior separately, then average the scores).
+      renormalised product), 'max_prob' (threshold the larger of the two), 'mean_score' (the
+      authors' code: score under each prior separately, each thresholded at tau, then average
+      the scores), 'posterior' (`posterior_scores` with eq. 6's prior, no threshold),
+      'posterior_ratio' (the same with p(c | Omega) / max_c p(c | Omega): the score of a patch
+      that matches the most probable code exactly is its distance, whatever the prior's spread),
+      'relative' (eq. 6's prior thresholded at rho * its max, `relative_allowed`) or
+      'relative_score' (each prior thresholded at rho * its own max, scores averaged).
+    rho: the relative threshold of 'relative*' (float or traced scalar).
   Returns:
     scores [M] float32, allowed_fraction [M] float32.
   """
@@ -304,6 +437,21 @@ def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combin
   if combine not in COMBINE_MODES:
     raise ValueError(f'model.scoring.combine must be one of {COMBINE_MODES}, got {combine!r}')
   w = neighborhood_weight
+  if combine in ('posterior', 'posterior_ratio'):
+    prior = combine_priors(p_nb, p_pos, 'mean_prob', w)
+    if combine == 'posterior_ratio':   # -log p(c) / max p: an uncertain prior penalises nothing
+      prior = prior / jnp.maximum(prior.max(-1, keepdims=True), PRIOR_FLOOR)
+    scores = posterior_scores(feats, c_emb, emb_to_dist, prior, lam, **kw)
+    return scores, jnp.ones_like(scores)
+  if combine in ('relative', 'relative_score'):
+    priors = ([p for p in (p_nb, p_pos) if p is not None] if combine == 'relative_score'
+              else [combine_priors(p_nb, p_pos, 'mean_prob', w)])
+    outs = [allowed_distance(feats, c_emb, emb_to_dist, relative_allowed(p, rho), **kw)
+            for p in priors]
+    weights = [w, 1 - w] if len(outs) == 2 else [1.0]
+    dist = sum(wi * o[0] for wi, o in zip(weights, outs))
+    frac = sum(wi * o[1] for wi, o in zip(weights, outs))
+    return lam * dist, frac
   if p_nb is None or p_pos is None or combine != 'mean_score':
     prior = combine_priors(p_nb, p_pos, combine, w)
     dist, frac = conditional_distance(feats, c_emb, emb_to_dist, prior, tau, **kw)

@@ -260,11 +260,12 @@ def grid_scores(group_sq, nearest_sq, logits, position, code_count, feats, c_emb
       p_pos = None if position is None else position.reshape(h * w, -1)
       scores, frac = scoring.conditional_scores(
           lambda allowed: scoring.masked_sq_dist_from_groups(g_sq, allowed), n_sq, p_nb, p_pos,
-          p, num_emb=num_emb, code_count=code_count, combine=spec.combine)
+          p, num_emb=num_emb, code_count=code_count, combine=spec.combine,
+          min_plus_offset=lambda offset: scoring.min_plus_offset_from_groups(g_sq, offset))
       return scores, frac.mean()
 
     patch, frac = jax.vmap(one_point)(hp_patch)              # [U, h*w], [U]
-    return patch.reshape(-1, h, w), frac
+    return scoring.edge_pad_border(patch.reshape(-1, h, w), spec.border), frac
 
   patch, frac = jax.lax.map(one_image, (group_sq, nearest_sq, logits))   # [N, U, h, w], [N, U]
   patch = jnp.swapaxes(patch, 0, 1)                                       # [U, N, h, w]

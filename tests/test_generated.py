@@ -37,8 +37,8 @@ def small_set(tmp_path_factory):
 def test_byte_identical_and_seed_dependent(small_set, tmp_path):
   root, cats, hashes = small_set
   assert cats == list(generated.CATEGORIES)
-  # 4 categories x (2 train + 1 good + 4 defective + 4 masks) + 4 manifests
-  assert len(hashes) == 4 * (2 + 1 + 4 + 4) + 4
+  # per category: 2 train + 1 good + 4 defective + 4 masks + 1 manifest
+  assert len(hashes) == len(generated.CATEGORIES) * (2 + 1 + 4 + 4 + 1)
   generated.generate(str(tmp_path / 'b'), seed=3, **SMALL)
   assert _hashes(tmp_path / 'b') == hashes
   generated.generate(str(tmp_path / 'c'), seed=4, **SMALL)
@@ -132,12 +132,13 @@ def test_masks_cover_every_changed_pixel(category):
 
 def test_object_defects_locally_invisible():
   """Every 12 x 12 window (32 px at 256) of a defective object image has a near-identical window
-  somewhere in 4 training images; texture defects do not."""
+  somewhere in 4 training images (8 for the lattice, whose random phase needs more images to
+  show every part cut by every border); texture defects do not."""
   size, patch, stride = 96, 12, 6
   result = {}
   for cat in generated.CATEGORIES:
     refs = [generated.render_sample(cat, generated.sample_rng(1, cat, 'train', i), size).image
-            for i in range(4)]
+            for i in range(8 if cat == 'lattice' else 4)]
     good = generated.render_sample(cat, generated.sample_rng(1, cat, 'test_good', 0), size).image
     bad = [generated.render_sample(cat, generated.sample_rng(1, cat, 'test_defect', i), size,
                                    kind).image for i, kind in enumerate(generated.DEFECTS[cat])]
@@ -187,3 +188,18 @@ def test_generate_from_config(small_set, tmp_path):
   sub = _hashes(tmp_path / 'e')
   assert len(sub) == 12 and all(hashes[k] == v for k, v in sub.items())
   assert data.generate is generated.generate
+
+
+def test_lattice_position_tells_nothing():
+  """The part nearest the image centre is of every type in some normal lattice images, so a
+  position histogram cannot tell a misplaced type; only its neighbours' order can."""
+  size = 96
+  palette = np.float32([part[1] for part in generated._token_parts()[:3]])   # red, blue, green
+  counts = np.zeros(3, int)
+  for i in range(24):
+    img = generated.render_sample('lattice', generated.sample_rng(0, 'lattice', 'train', i),
+                                  size).image[36:60, 36:60].reshape(-1, 3).astype(np.float32)
+    part = img[np.abs(img - np.float32([206, 201, 190])).max(-1) > 60]
+    if len(part):
+      counts[np.argmin(((palette - part.mean(0)) ** 2).sum(-1))] += 1
+  assert (counts >= 4).all(), counts

@@ -48,6 +48,7 @@ def _model_config():
   m.neighborhood.window, m.neighborhood.infer_chunk = 3, 64
   m.scoring.query_tile, m.scoring.bank_tile, m.scoring.search_chunk = 32, 64, 16
   m.scoring.sigma, m.scoring.combine, m.scoring.image_score = 2.0, 'product', 'max'
+  m.scoring.border = 'pad'
   return m
 
 
@@ -61,10 +62,11 @@ def _arrays(key, grid=(8, 8), d=16, k_emb=90, k_dist=12):
           'mlp': _mlp_variables(key, 3, d, 16, k_dist), 'refine': None}
 
 
-@pytest.mark.parametrize('combine', ['product', 'mean_score'])
+@pytest.mark.parametrize('combine', ['product', 'mean_score', 'relative_score', 'posterior'])
 def test_patch_scores_equal_the_dense_reference(combine):
   m = _model_config()
   m.scoring.combine = combine
+  m.scoring.rho = 0.05
   m.scoring.tau_scale = 8.0                     # tau = 8 / |C_emb|: many codes excluded
   arrays = _arrays(jax.random.key(2))
   feats = jax.random.normal(jax.random.key(3), (2, 8, 8, 16))
@@ -75,10 +77,30 @@ def test_patch_scores_equal_the_dense_reference(combine):
   p_pos = jnp.broadcast_to(arrays['position'][None], (2, 8, 8, 12)).reshape(128, -1)
   want, want_frac = scoring.pni_patch_scores(
       feats.reshape(128, 16), arrays['c_emb'], arrays['emb_to_dist'], p_nb, p_pos,
-      tau=8.0 / 90, lam=1.0, combine=combine, query_tile=32, bank_tile=64)
+      tau=8.0 / 90, lam=1.0, combine=combine, query_tile=32, bank_tile=64, rho=0.05)
   np.testing.assert_allclose(np.asarray(got).ravel(), np.asarray(want), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(frac).ravel(), np.asarray(want_frac), atol=1e-6)
-  assert 0 < float(np.asarray(frac).mean()) < 0.9
+  if not combine.startswith('posterior'):
+    assert 0 < float(np.asarray(frac).mean()) < 0.9
+
+
+def test_authors_border_edge_pads_the_n_map_only():
+  """scoring.border='authors': the N / N+P patch scores' border (the window's reach) is replaced by
+  the nearest interior value; P-only and PatchCore maps are untouched."""
+  m = _model_config()
+  arrays = _arrays(jax.random.key(2))
+  feats = jax.random.normal(jax.random.key(3), (2, 8, 8, 16))
+  hp = scoring.hparams_from_config(m)
+  for variant, cropped in ((infer.Variant(True, True), True), (infer.Variant(False, True), False),
+                           (infer.Variant(), False)):
+    plain = infer.patch_scores(arrays, feats, hp, infer.make_spec(m, variant, (32, 32)))[0]
+    m.scoring.border = 'authors'
+    spec = infer.make_spec(m, variant, (32, 32))
+    m.scoring.border = 'pad'
+    got = infer.patch_scores(arrays, feats, hp, spec)[0]
+    assert spec.border == (1 if cropped else 0)
+    want = scoring.edge_pad_border(plain, 1) if cropped else plain
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_runtime_scores_one_image_as_inside_a_batch():

@@ -35,6 +35,69 @@ def test_gather_matches_explicit_slicing(window):
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize('window,dilation', [(3, 2), (5, 3), (3, 4)])
+def test_dilated_gather_equals_brute_force(window, dilation):
+  """Dilation k: the same p * p - 1 cells every k cells, zeros outside the map."""
+  rng = np.random.default_rng(10 * window + dilation)
+  feats = rng.normal(size=(2, 7, 9, 3)).astype(np.float32)
+  rows, cols = np.meshgrid(np.arange(7), np.arange(9), indexing='ij')
+  img = np.repeat(np.arange(2), 63).astype(np.int32)
+  row, col = np.tile(rows.ravel(), 2).astype(np.int32), np.tile(cols.ravel(), 2).astype(np.int32)
+  got = np.asarray(nb.gather_neighbors(jnp.asarray(feats), img, row, col, window, dilation))
+  r = window // 2
+  want = np.zeros((len(img), window * window - 1, 3), np.float32)
+  for q, (i, y, x) in enumerate(zip(img, row, col)):
+    cell = 0
+    for a in range(-r, r + 1):
+      for b in range(-r, r + 1):
+        if a == 0 and b == 0:
+          continue
+        yy, xx = y + a * dilation, x + b * dilation
+        if 0 <= yy < 7 and 0 <= xx < 9:
+          want[q, cell] = feats[i, yy, xx]
+        cell += 1
+  np.testing.assert_array_equal(got, want.reshape(len(img), -1))
+  assert nb.window_reach(window, dilation) == r * dilation
+  np.testing.assert_array_equal(nb.neighbor_offsets(window, dilation),
+                                nb.neighbor_offsets(window) * dilation)
+  with pytest.raises(ValueError, match='dilation'):
+    nb.neighbor_offsets(window, 0)
+
+
+def test_dilated_logits_equal_direct_evaluation():
+  model = nb.MLP(num_layers=2, width=8, num_classes=6)
+  feats = jax.random.normal(jax.random.key(4), (2, 6, 7, 3))
+  variables = jax.jit(model.init, static_argnames='train')(jax.random.key(5), jnp.zeros((1, 24)),
+                                                          train=False)
+  got = nb.neighbor_logits(variables, feats, window=3, chunk=16, dilation=2)
+  b, h, w = np.meshgrid(np.arange(2), np.arange(6), np.arange(7), indexing='ij')
+  x = nb.gather_neighbors(feats, b.ravel(), h.ravel(), w.ravel(), 3, 2)
+  want = jax.jit(model.apply, static_argnames='train')(variables, x, train=False)
+  np.testing.assert_allclose(got, np.asarray(want).reshape(2, 6, 7, 6), rtol=1e-5, atol=1e-5)
+  plain = nb.neighbor_logits(variables, feats, window=3, chunk=16)
+  assert not np.allclose(got, plain)
+
+
+def test_training_uses_the_dilated_window():
+  """Target = bin of channel 0 two cells to the right, features i.i.d.: a 3 x 3 window sees it
+  only with dilation 2 (offset (0, 2)); with dilation 1 it is chance."""
+  rng = np.random.default_rng(3)
+  feats = rng.normal(size=(16, 12, 12, 2)).astype(np.float32)
+  shifted = np.roll(feats[..., 0], -2, axis=2)
+  targets = np.digitize(shifted, np.quantile(shifted, [0.25, 0.5, 0.75])).astype(np.int32)
+  acc = {}
+  for k in (1, 2):
+    cfg = small_config(4)
+    cfg.dilation, cfg.decay_every, cfg.learning_rate = k, 0, 1e-2
+    cfg.train_positions = 'interior'     # interior = the dilated window inside the map
+    _, history = nb.train_mlp(feats, targets, cfg, jax.random.key(0), log_fn=lambda _: None,
+                              num_classes=NUM_CLASSES)
+    acc[k] = max(history['val_accuracy'])
+    assert history['num_train'] + history['num_val'] == 16 * (12 - 2 * k) ** 2
+  # Measured: 0.81 with dilation 2, 0.24 with dilation 1 (chance 0.25).
+  assert acc[2] > 0.6 and acc[1] < 0.4, acc
+
+
 def test_gather_keeps_low_precision_dtype():
   feats = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
   out = nb.gather_neighbors(feats, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),

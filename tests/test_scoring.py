@@ -173,27 +173,31 @@ def test_traced_sigma_under_vmap_equals_scipy_per_value():
     jax.jit(lambda s: scoring.anomaly_maps(patch, (40, 44), s))(jnp.float32(2.0))
 
 
-@pytest.mark.parametrize('combine', ['mean_prob', 'product', 'max_prob', 'mean_score'])
+@pytest.mark.parametrize('combine', scoring.COMBINE_MODES)
 def test_sparse_and_group_searches_equal_the_dense_reference(combine):
   feats, c_emb, e2d, logits, pos = _random_case()
   f, c, e = jnp.asarray(feats), jnp.asarray(c_emb), jnp.asarray(e2d)
   hp = scoring.HParams(tau_scale=jnp.float32(1.0), temperature=jnp.float32(1.5),
-                       likelihood_lambda=jnp.float32(0.8), neighborhood_weight=jnp.float32(0.3))
+                       likelihood_lambda=jnp.float32(0.8), neighborhood_weight=jnp.float32(0.3),
+                       rho=jnp.float32(0.2))
   p_nb = scoring.neighbor_prior(jnp.asarray(logits), hp.temperature)
   tau = 1.0 / c_emb.shape[0]
   want, want_frac = scoring.pni_patch_scores(f, c, e, p_nb, jnp.asarray(pos), tau=tau, lam=0.8,
                                              combine=combine, query_tile=16, bank_tile=16,
-                                             neighborhood_weight=0.3)
+                                             neighborhood_weight=0.3, rho=0.2)
   sq, idx = knn.knn(f, c, 1, query_tile=16, bank_tile=16)
   counts = scoring.code_counts(e, logits.shape[1])
   sparse = lambda a: scoring.masked_sq_dist_sparse(f, c, e, a, sq[:, 0], idx[:, 0], chunk=7,
                                                    query_tile=16, bank_tile=16)
   groups = scoring.group_min_sq_dists(f, c, e, logits.shape[1], query_tile=16, bank_tile=16)
   grouped = lambda a: scoring.masked_sq_dist_from_groups(groups, a)
-  for oracle in (sparse, grouped):
+  dense_offset = lambda o: knn.min_dist_plus_offset(f, c, o, e, scoring.offset_by_code,
+                                                     query_tile=16, bank_tile=16)[0]
+  grouped_offset = lambda o: scoring.min_plus_offset_from_groups(groups, o)
+  for oracle, offsets in ((sparse, dense_offset), (grouped, grouped_offset)):
     got, frac = scoring.conditional_scores(oracle, sq[:, 0], p_nb, jnp.asarray(pos), hp,
                                            num_emb=c_emb.shape[0], code_count=counts,
-                                           combine=combine)
+                                           combine=combine, min_plus_offset=offsets)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(frac), np.asarray(want_frac), atol=1e-6)
 
@@ -280,3 +284,98 @@ def test_traced_top_percent_equals_the_static_one():
     np.testing.assert_allclose(np.asarray(got[i]),
                                np.asarray(scoring.image_scores(maps, patch, 'top_percent', t)),
                                rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- variants (issue 12)
+
+
+def _problem(seed, m=29, d=5, k_emb=40, k_dist=9):
+  rng = np.random.default_rng(seed)
+  feats = rng.normal(size=(m, d)).astype(np.float32)
+  c_emb = rng.normal(size=(k_emb, d)).astype(np.float32)
+  e2d = rng.integers(0, k_dist, size=k_emb).astype(np.int32)
+  p1 = rng.dirichlet(np.ones(k_dist) * 0.3, size=m).astype(np.float32)
+  p2 = rng.dirichlet(np.ones(k_dist) * 0.3, size=m).astype(np.float32)
+  return feats, c_emb, e2d, p1, p2
+
+
+def _scores(feats, c_emb, e2d, p1, p2, combine, **kw):
+  got, frac = scoring.pni_patch_scores(
+      jnp.asarray(feats), jnp.asarray(c_emb), jnp.asarray(e2d),
+      None if p1 is None else jnp.asarray(p1), None if p2 is None else jnp.asarray(p2),
+      combine=combine, query_tile=8, bank_tile=16, **kw)
+  return np.asarray(got), np.asarray(frac)
+
+
+@pytest.mark.parametrize('two_priors', [False, True])
+@pytest.mark.parametrize('combine', ['posterior', 'posterior_ratio'])
+def test_posterior_score_equals_brute_force_min_over_codes(two_priors, combine):
+  feats, c_emb, e2d, p1, p2 = _problem(6)
+  p1[:4, :3] = 0.0                                   # zero probabilities hit the floor
+  p2 = p2 if two_priors else None
+  lam = 0.6
+  prior = p1 if p2 is None else 0.5 * (p1 + p2)      # eq. 6
+  if combine == 'posterior_ratio':
+    prior = prior / prior.max(-1, keepdims=True)
+  dist = np.sqrt(((feats[:, None].astype(np.float64) - c_emb[None]) ** 2).sum(-1))
+  want = (lam * dist - np.log(np.maximum(prior[:, e2d], 1e-30))).min(-1)
+  got, frac = _scores(feats, c_emb, e2d, p1, p2, combine, tau=0.5, lam=lam)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(frac, 1.0)
+  # no threshold at all: tau plays no part
+  got2, _ = _scores(feats, c_emb, e2d, p1, p2, combine, tau=0.0, lam=lam)
+  np.testing.assert_array_equal(got, got2)
+
+
+@pytest.mark.parametrize('combine', ['relative', 'relative_score'])
+def test_relative_threshold_equals_brute_force(combine):
+  feats, c_emb, e2d, p1, p2 = _problem(7)
+  rho, lam = 0.2, 1.3
+  dist = np.sqrt(((feats[:, None].astype(np.float64) - c_emb[None]) ** 2).sum(-1))
+
+  def one(prior):
+    gate = prior[:, e2d] > rho * prior.max(-1, keepdims=True)       # [M, K_emb]
+    assert gate.any(-1).all()          # the most probable code always passes: no fallback
+    return np.where(gate, dist, np.inf).min(-1), gate.mean(-1)
+
+  if combine == 'relative':
+    want, want_frac = one(0.5 * (p1 + p2))
+  else:
+    (a, fa), (b, fb) = one(p1), one(p2)
+    want, want_frac = 0.5 * (a + b), 0.5 * (fa + fb)
+  got, frac = _scores(feats, c_emb, e2d, p1, p2, combine, tau=0.0, lam=lam, rho=rho)
+  np.testing.assert_allclose(got, lam * want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(frac, want_frac, atol=1e-6)
+  # a looser rho allows more and can only lower the scores
+  loose, _ = _scores(feats, c_emb, e2d, p1, p2, combine, tau=0.0, lam=lam, rho=0.01)
+  assert (loose <= got + 1e-6).all() and (loose < got - 1e-6).any()
+
+
+def test_mean_score_thresholds_each_prior_on_its_own_like_the_authors():
+  """The authors' N+P: S = (S_N + S_P) / 2 with S_N, S_P each from its own prior at tau (each
+  with its own fallback), not eq. 6's threshold of the averaged prior."""
+  feats, c_emb, e2d, p1, p2 = _problem(8)
+  p1[:5] = 0.0                                        # N allows nothing here: N falls back
+  tau, lam = 0.08, 1.0
+  dist = np.sqrt(((feats[:, None].astype(np.float64) - c_emb[None]) ** 2).sum(-1))
+
+  def one(prior):
+    gate = prior[:, e2d] > tau
+    best = np.where(gate, dist, np.inf).min(-1)
+    return np.where(gate.any(-1), best, dist.min(-1))
+
+  want = 0.5 * (one(p1) + one(p2))
+  got, _ = _scores(feats, c_emb, e2d, p1, p2, 'mean_score', tau=tau, lam=lam)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  eq6, _ = _scores(feats, c_emb, e2d, p1, p2, 'mean_prob', tau=tau, lam=lam)
+  assert np.abs(eq6 - got).max() > 1e-3             # a different rule, measurably
+
+
+def test_edge_pad_border_crops_and_pads_with_the_nearest_interior_value():
+  s = np.arange(2 * 6 * 7, dtype=np.float32).reshape(2, 6, 7)
+  got = np.asarray(scoring.edge_pad_border(jnp.asarray(s), 2))
+  want = np.pad(s[:, 2:4, 2:5], ((0, 0), (2, 2), (2, 2)), mode='edge')
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.asarray(scoring.edge_pad_border(jnp.asarray(s), 0)), s)
+  with pytest.raises(ValueError, match='border'):
+    scoring.edge_pad_border(jnp.asarray(s), 3)

@@ -1,11 +1,15 @@
 """Embedded generated dataset, written in MVTec AD layout (numpy + PIL only).
 
-Four categories (design notes in pni_jax/data/README.md):
+Five categories (design notes in pni_jax/data/README.md):
   weave, granite  textures: procedural patterns with scratches, stains, holes, foreign patches;
   tokens, cable   objects whose parts are individually normal but swapped, misplaced, missing or
                   duplicated. Those defects are locally invisible: every part is drawn by the same
                   renderer, on a uniform background, separated by gaps wider than a CNN patch's
                   receptive field, so only the position tells them apart.
+  lattice         a lattice of parts whose types follow a fixed order ((row + column) mod 3), laid
+                  at a random phase in every image, so any part can be anywhere: position tells
+                  nothing, every part is locally normal, only the neighbouring parts (one lattice
+                  pitch away) show that a part is swapped, replaced or missing.
 
 Every image is a pure function of (seed, category, split, index): it draws from its own
 `np.random.default_rng([seed, crc32(category), split_code, index])`, so files are byte-identical
@@ -37,13 +41,14 @@ from PIL import Image
 GENERATOR_VERSION = 1
 MARKER = 'generated.json'
 TEXTURES = ('weave', 'granite')
-OBJECTS = ('tokens', 'cable')
+OBJECTS = ('tokens', 'cable', 'lattice')
 CATEGORIES = TEXTURES + OBJECTS
 DEFECTS = {
     'weave': ('scratch', 'stain', 'hole', 'foreign'),
     'granite': ('scratch', 'stain', 'hole', 'foreign'),
     'tokens': ('swap', 'misplaced', 'missing', 'duplicate'),
     'cable': ('swap', 'rotate', 'duplicate'),
+    'lattice': ('swap', 'replace', 'missing'),
 }
 _SPLIT_CODES = {'train': 0, 'test_good': 1, 'test_defect': 2}
 
@@ -443,6 +448,87 @@ def _cable_sample(rng, size: int, defect: str | None) -> Sample:
   return Sample(render(order), mask, reference)
 
 
+# Lattice: parts of three types (the tokens' disc, square and triangle) on a square lattice of
+# integer pitch, type (i + j) mod 3 at site (i, j), the whole lattice translated by a random
+# integer offset in [0, 3 pitch) per image (so every type occurs at every position in training),
+# plus a small per-part jitter. Gaps between parts (~42 px at 256) exceed a 32 px window, so
+# every window of a defective image has a twin in normal images; the neighbours one pitch away
+# do not.
+LATTICE_TYPES = (0, 1, 2)   # indices into _token_parts()
+
+
+def _lattice_geometry(size: int):
+  f = size / 256.0
+  pitch = int(round(72.0 * f))
+  radius = 14.0 * f
+  jitter = max(int(round(2 * f)), 1)
+  return f, pitch, radius, jitter
+
+
+def _lattice_sample(rng, size: int, defect: str | None) -> Sample:
+  f, pitch, radius, jitter = _lattice_geometry(size)
+  parts = _token_parts()
+  # Normal draws first (identical for the reference), defect draws after.
+  origin = rng.integers(0, 3 * pitch, size=2)                      # lattice phase, integer px
+  n = -(-(size + 3 * pitch) // pitch) + 1                          # sites per axis
+  offsets = rng.integers(-jitter, jitter + 1, size=(n, n, 2))
+  gain = 1.0 + rng.uniform(-0.02, 0.02)
+  noise = rng.normal(0, 1.5, size=(size, size, 3)).astype(np.float32)
+  reach = 1.15 * radius + 3
+
+  def centre(i, j):
+    return (float(origin[0] - 3 * pitch + i * pitch + offsets[i, j, 0]),
+            float(origin[1] - 3 * pitch + j * pitch + offsets[i, j, 1]))
+
+  normal = {}
+  for i in range(n):
+    for j in range(n):
+      cy, cx = centre(i, j)
+      if -reach < cy < size + reach and -reach < cx < size + reach:
+        normal[(i, j)] = LATTICE_TYPES[(i + j) % 3]
+  scene = dict(normal)
+  if defect is not None:
+    lo, hi = 0.8 * pitch, size - 0.8 * pitch                       # neighbours in view
+    inner = sorted(s for s in normal if lo <= centre(*s)[0] <= hi and lo <= centre(*s)[1] <= hi)
+    a = inner[int(rng.integers(len(inner)))]
+    if defect == 'swap':
+      steps = [(0, 1), (1, 0), (0, -1), (-1, 0)]
+      cands = [(a[0] + dy, a[1] + dx) for dy, dx in steps]
+      cands = [b for b in cands if b in normal
+               and radius <= centre(*b)[0] <= size - radius
+               and radius <= centre(*b)[1] <= size - radius]
+      b = cands[int(rng.integers(len(cands)))]
+      scene[a], scene[b] = normal[b], normal[a]
+    elif defect == 'replace':
+      scene[a] = LATTICE_TYPES[(LATTICE_TYPES.index(normal[a]) + int(rng.integers(1, 3))) % 3]
+    elif defect == 'missing':
+      del scene[a]
+    else:
+      raise ValueError(f'unknown lattice defect {defect!r}')
+
+  def render(assignment):
+    img = np.empty((size, size, 3), np.float32)
+    img[...] = np.float32((206, 201, 190))
+    for site, t in sorted(assignment.items()):
+      cy, cx = centre(*site)
+      _draw_token(img, parts[t], cy, cx, radius, f)
+    return _to_uint8(img * gain + noise)
+
+  reference = render(normal)
+  if defect is None:
+    return Sample(reference, np.zeros((size, size), bool), reference)
+  mask = np.zeros((size, size), bool)
+  dilate = max(2.0 * f, 1.0)
+  for site, t in normal.items():
+    if scene.get(site) == t:
+      continue
+    cy, cx = centre(*site)
+    mask |= _token_footprint(size, parts[t], cy, cx, radius, dilate)       # what should be
+    if site in scene:                                                      # what is there
+      mask |= _token_footprint(size, parts[scene[site]], cy, cx, radius, dilate)
+  return Sample(render(scene), mask, reference)
+
+
 def render_sample(category: str, rng: np.random.Generator, image_size: int,
                   defect: str | None = None) -> Sample:
   """One image of `category` (normal when defect is None) drawn from `rng`."""
@@ -456,6 +542,8 @@ def render_sample(category: str, rng: np.random.Generator, image_size: int,
     return _texture_sample(category, rng, image_size, defect)
   if category == 'tokens':
     return _tokens_sample(rng, image_size, defect)
+  if category == 'lattice':
+    return _lattice_sample(rng, image_size, defect)
   return _cable_sample(rng, image_size, defect)
 
 

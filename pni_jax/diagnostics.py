@@ -1,0 +1,143 @@
+"""Does a prior bind? Diagnostics of the neighbourhood (N) and position (P) priors on a test set.
+
+A conditional prior can only change a patch's score when it excludes the C_emb code nearest to
+the patch (eq. 4-5 then fall back to a farther allowed code). `prior_diagnostics` measures, for
+normal and for defective patches separately, how often that nearest code is excluded by N, by P
+and by both, how much N changes the score, and how well the MLP's top code agrees with the
+patch's own nearest C_dist code (docs/n_study.md: what the numbers showed on the demo).
+
+Batches are summarised on their own (`prior_diagnostics`) and merged with `merge_diagnostics`,
+so memory is one batch whatever the test set.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pni_jax import scoring
+
+GROUPS = ('normal', 'defect')
+
+
+def patch_masks(pixel_masks, grid: tuple[int, int], min_fraction: float = 0.25) -> np.ndarray:
+  """Pixel ground truth [B, H, W] (bool / 0-1) -> defective patches [B, h, w] bool: a patch is
+  defective when at least `min_fraction` of its cell's pixels are (H, W multiples of h, w; else
+  the cell fraction comes from an antialiased resize)."""
+  m = np.asarray(pixel_masks, np.float32)
+  if m.ndim != 3:
+    raise ValueError(f'pixel_masks must be [B, H, W], got shape {m.shape}')
+  b, big_h, big_w = m.shape
+  h, w = int(grid[0]), int(grid[1])
+  if big_h % h == 0 and big_w % w == 0:
+    frac = m.reshape(b, h, big_h // h, w, big_w // w).mean((2, 4))
+  else:
+    frac = np.asarray(jax.image.resize(m, (b, h, w), 'linear', antialias=True))
+  return frac >= float(min_fraction)
+
+
+def _gather_code(prior, code):
+  # prior [M, K], code [M] -> [M]
+  return jnp.take_along_axis(prior, code[:, None], axis=1)[:, 0]
+
+
+def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau: float,
+                      lam: float = 1.0, rho: float | None = None, query_tile: int = 1024,
+                      bank_tile: int = 4096) -> dict[str, float]:
+  """Binding statistics of the priors on one batch of test patches.
+
+  Args:
+    feats: [B, h, w, d] patch features of test images.
+    masks: [B, h, w] bool, defective patches (`patch_masks`).
+    arrays: model arrays with 'c_emb' [K_emb, d] and 'emb_to_dist' [K_emb] int32.
+    p_nb: [B, h, w, K_dist] p(c_dist | neighbourhood) or None.
+    p_pos: [h, w, K_dist] or [B, h, w, K_dist] p(c_dist | position) or None.
+    tau: the threshold of eq. 5 (`infer.tau`).
+    lam: lambda of eq. 8 (scores are lam x distances).
+    rho: if given, also the relative threshold p > rho * max p ('rel_*' keys).
+
+  Returns:
+    dict of floats. 'n_normal', 'n_defect': patch counts; for g in ('normal', 'defect'):
+      '{g}/excluded_N', '{g}/excluded_P', '{g}/excluded_NP' (by both, each thresholded on its
+        own), '{g}/excluded_eq6' (by eq. 6's averaged prior): fraction of patches whose nearest
+        C_emb code is excluded (p <= tau);
+      '{g}/score_change_N': mean of S_N - S_baseline (eq. 4-5 with N alone, >= 0);
+      '{g}/changed_N': fraction of patches whose score N changes (by > 1e-6 relative);
+      '{g}/allowed_N': mean fraction of C_emb that N allows;
+      '{g}/top1_N': fraction where the MLP's most probable code is the patch's nearest C_dist
+        code (the code of its nearest C_emb vector);
+      '{g}/log10_p_N': mean log10 p_N of that code; '{g}/log10_pmax_N': mean log10 max_c p_N;
+      with rho: '{g}/rel_excluded_N', '{g}/rel_score_change_N' (and '_P' for P).
+    Means over an empty group are NaN. Keys for a missing prior are left out.
+  """
+  feats = jnp.asarray(feats)
+  if feats.ndim != 4:
+    raise ValueError(f'feats must be [B, h, w, d], got shape {feats.shape}')
+  b, h, w, d = feats.shape
+  masks = np.asarray(masks, bool)
+  if masks.shape != (b, h, w):
+    raise ValueError(f'masks must be [B, h, w] = {(b, h, w)} (patch resolution), got '
+                     f'{masks.shape}')
+  c_emb = jnp.asarray(arrays['c_emb'])
+  e2d = jnp.asarray(arrays['emb_to_dist'])
+  flat = feats.reshape(-1, d)
+  tiles = dict(query_tile=query_tile, bank_tile=bank_tile)
+  d0, idx = scoring.nearest_distance(flat, c_emb, **tiles)
+  code = e2d[idx]
+  base = lam * d0
+  per_patch = {}
+  priors = {}
+  if p_nb is not None:
+    priors['N'] = jnp.asarray(p_nb).reshape(b * h * w, -1)
+  if p_pos is not None:
+    p_pos = jnp.asarray(p_pos)
+    if p_pos.ndim == 3:
+      p_pos = jnp.broadcast_to(p_pos[None], (b,) + p_pos.shape)
+    priors['P'] = p_pos.reshape(b * h * w, -1)
+  for name, prior in priors.items():
+    p_code = _gather_code(prior, code)
+    per_patch[f'excluded_{name}'] = p_code <= tau
+    per_patch[f'log10_p_{name}'] = jnp.log10(jnp.maximum(p_code, 1e-30))
+    per_patch[f'log10_pmax_{name}'] = jnp.log10(jnp.maximum(prior.max(-1), 1e-30))
+    per_patch[f'top1_{name}'] = jnp.argmax(prior, -1) == code
+    if rho is not None:
+      per_patch[f'rel_excluded_{name}'] = p_code <= rho * prior.max(-1)
+  if 'N' in priors:
+    dist_n, frac_n = scoring.conditional_distance(flat, c_emb, e2d, priors['N'], tau, **tiles)
+    change = lam * dist_n - base
+    per_patch['score_change_N'] = change
+    per_patch['changed_N'] = change > 1e-6 * jnp.maximum(base, 1e-6)
+    per_patch['allowed_N'] = frac_n
+    if rho is not None:
+      dist_r, _ = scoring.allowed_distance(flat, c_emb, e2d,
+                                           scoring.relative_allowed(priors['N'], rho), **tiles)
+      per_patch['rel_score_change_N'] = lam * dist_r - base
+  if 'N' in priors and 'P' in priors:
+    per_patch['excluded_NP'] = per_patch['excluded_N'] & per_patch['excluded_P']
+    mean = 0.5 * (priors['N'] + priors['P'])
+    per_patch['excluded_eq6'] = _gather_code(mean, code) <= tau
+
+  defect = masks.reshape(-1)
+  out = {'n_normal': float((~defect).sum()), 'n_defect': float(defect.sum())}
+  for key, values in per_patch.items():
+    v = np.asarray(values, np.float64)
+    for group, sel in (('normal', ~defect), ('defect', defect)):
+      out[f'{group}/{key}'] = float(v[sel].mean()) if sel.any() else float('nan')
+  return out
+
+
+def merge_diagnostics(parts: list[dict[str, float]]) -> dict[str, float]:
+  """Merges per-batch `prior_diagnostics` results: group means weighted by the group counts
+  (batches where a group is empty do not count for it)."""
+  if not parts:
+    raise ValueError('merge_diagnostics needs at least one batch result')
+  out = {'n_normal': float(sum(p['n_normal'] for p in parts)),
+         'n_defect': float(sum(p['n_defect'] for p in parts))}
+  keys = [k for k in parts[0] if '/' in k]
+  for key in keys:
+    group = key.split('/')[0]
+    num = sum(p[key] * p[f'n_{group}'] for p in parts if p[f'n_{group}'] > 0)
+    den = sum(p[f'n_{group}'] for p in parts if p[f'n_{group}'] > 0)
+    out[key] = float(num / den) if den > 0 else float('nan')
+  return out
