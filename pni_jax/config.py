@@ -150,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.pixel_threshold_fpr = 0.001  # fit-time pixel threshold (defect masks in predict mode)
   e.calibration_pixels = 2 ** 22 # held-out pixels kept for the pixel threshold (strided)
   e.ablations = ()            # extra variants to evaluate, e.g. ('baseline', 'N', 'N+P', 'N+P+R')
+  e.diagnostics = True        # report how often N / P exclude the nearest code (diagnostics.md)
 
   # ---------------------------------------------------------------- hyper-parameter sweeps
   # `--mode=sweep`: one list per swept hyper-parameter (named as in model.scoring / model.refine:

@@ -9,17 +9,22 @@ import pathlib
 import tempfile
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
 from pni_jax import config as config_lib
 from pni_jax import data as data_lib
+from pni_jax import diagnostics
 from pni_jax import fileio
 from pni_jax import infer
 from pni_jax import metrics as metrics_lib
 from pni_jax import model as model_lib
 from pni_jax import report
+from pni_jax import scoring
 from pni_jax.progress import Progress
+
+DIAGNOSTICS = 'diagnostics.json'
 
 
 def variants_to_evaluate(cfg) -> list[infer.Variant]:
@@ -111,8 +116,17 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infe
         results[v.name] = saved['metrics']
         continue
     todo.append(v)
-  if not todo:
+  diag_path = eval_dir / DIAGNOSTICS
+  have_diag = (diag_path.exists()
+               and json.loads(diag_path.read_text()).get('fingerprint') == eval_fp)
+  if not todo and have_diag:
     logging.info('[%s] reusing evaluated variants: %s', category, ', '.join(results))
+    return results
+  if not have_diag:
+    diag = prior_diagnostics(cfg, category, extractor, fitted, test_split)
+    if diag is not None:
+      fileio.atomic_write_json(diag_path, dict(fingerprint=eval_fp, diagnostics=diag))
+  if not todo:
     return results
 
   crop = int(cfg.data.crop)
@@ -236,3 +250,64 @@ def _keep_ground_truth(batch, start: int, masks_out, labels, fig_index, fig_imag
   for j in range(b):
     if start + j in fig_index:
       fig_images[start + j] = np.asarray(batch['image'][j], np.float32)
+
+
+_priors = jax.jit(infer.priors, static_argnums=(3,))   # one compilation per spec, every category
+
+
+def prior_diagnostics(cfg, category: str, extractor: infer.Extractor,
+                      fitted: model_lib.PNIModel, split) -> dict | None:
+  """Does a prior bind on this test set? `diagnostics.prior_diagnostics` of the model's N and P
+  priors (config hyper-parameters) over the split, normal and defective patches apart: how often
+  the nearest C_emb code is excluded by N, by P, by both (at tau, and at rho * max p), and the
+  mean score change N causes. None when the model has neither prior (or eval.diagnostics off)."""
+  has_n, has_p = fitted.mlp is not None, fitted.position is not None
+  if not (has_n or has_p) or not cfg.eval.get('diagnostics', True):
+    return None
+  crop = int(cfg.data.crop)
+  arrays = model_lib.arrays(fitted)
+  hp = scoring.hparams_from_config(cfg.model)
+  spec = infer.make_spec(cfg.model, infer.Variant(has_n, has_p), (crop, crop))
+  sc = cfg.model.scoring
+  kw = dict(tau=float(hp.tau_scale) / int(arrays['c_emb'].shape[0]),
+            lam=float(hp.likelihood_lambda), rho=float(hp.rho),
+            query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
+  parts = []
+  for batch in data_lib.batches(split, cfg.data, with_masks=True):
+    b = batch['image'].shape[0]
+    _, feats = extractor.features(np.asarray(batch['image'], np.float32))
+    p_nb, p_pos = _priors(arrays, feats, hp, spec)
+    feats = feats[:b]
+    p_nb = None if p_nb is None else p_nb[:b]
+    p_pos = None if p_pos is None else p_pos[0]              # [h, w, K], the same for every image
+    masks = diagnostics.patch_masks(np.asarray(batch['mask']) > 0.5, feats.shape[1:3])
+    parts.append(diagnostics.prior_diagnostics(feats, masks, arrays, p_nb, p_pos, **kw))
+  out = diagnostics.merge_diagnostics(parts)
+  logging.info('[%s] priors exclude the nearest code (normal / defect patches): %s', category,
+               '; '.join(f'{k} {100 * out[f"normal/excluded_{k}"]:.1f}% / '
+                         f'{100 * out[f"defect/excluded_{k}"]:.1f}%'
+                         for k in ('N', 'P', 'NP') if f'normal/excluded_{k}' in out))
+  return out
+
+
+def read_diagnostics(cat_dir: pathlib.Path) -> dict | None:
+  """The saved `prior_diagnostics` of a category (None when it has none)."""
+  path = cat_dir / 'eval' / DIAGNOSTICS
+  return json.loads(path.read_text())['diagnostics'] if path.exists() else None
+
+
+DIAGNOSTIC_COLUMNS = tuple(f'{g}/{k}' for k in ('excluded_N', 'excluded_P', 'excluded_NP',
+                                                 'rel_excluded_N', 'score_change_N',
+                                                 'rel_score_change_N')
+                           for g in ('normal', 'defect'))
+
+
+def write_diagnostics_table(workdir: pathlib.Path, categories) -> None:
+  """`<workdir>/diagnostics.{csv,md}`: per category, how often N / P / both exclude the nearest
+  code of normal and defective patches (percent), and N's mean score change."""
+  rows = [(c, d) for c in categories if (d := read_diagnostics(workdir / c)) is not None]
+  if not rows:
+    return
+  percent = [c for c in DIAGNOSTIC_COLUMNS if 'excluded' in c]
+  report.write_table(workdir / 'diagnostics', rows, DIAGNOSTIC_COLUMNS, label='category',
+                     percent_columns=percent)

@@ -102,6 +102,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
   report.write_results_table(workdir, main_results, groups)
   if len(row_names) > 1:
     report.write_ablation_table(workdir, all_results, groups, row_names)
+  evaluate.write_diagnostics_table(workdir, categories)
   report.write_table(workdir / 'summary', [(r['category'], r) for r in summary],
                      [c for c in SUMMARY_COLUMNS if c != 'category'], label='category')
   fileio.atomic_write_json(workdir / 'summary.json', summary)

@@ -75,6 +75,13 @@ def test_outputs_follow_the_contract(run):
     variants = [r[0] for r in csv.reader(f)][1:]
   assert variants == ['+N+P', 'baseline', '+N', '+P', '+N+P@mean_prob', '+N+P@mean_score']
   assert (workdir / 'results.md').read_text().count('\n') >= 7
+  with open(workdir / 'diagnostics.csv') as f:
+    diag = {r['category']: r for r in csv.DictReader(f)}
+  assert sorted(diag) == sorted(CATS)
+  tokens = {k: float(v) for k, v in diag['tokens'].items() if k != 'category'}
+  # P binds on the swapped / misplaced parts of 'tokens', hardly on normal patches.
+  assert tokens['defect/excluded_P'] > tokens['normal/excluded_P'] + 0.05
+  assert all(0.0 <= tokens[k] <= 1.0 for k in tokens if 'excluded' in k)
   summary = json.loads((workdir / 'summary.json').read_text())
   assert [r['category'] for r in summary] == list(CATS)
   assert summary[0]['compiles'] > 0
