@@ -11,7 +11,7 @@ hlo: what the jitted training step computes, per precision, from its StableHLO a
   VJP (bfloat16 forward, autodiff's float32 backward products). Runs on any backend without
   running the step; `--paper` for the paper-size MLP (slow to compile on CPU).
 
-confidence: trains the MLP (`train_mlp`) on a synthetic demo-sized task (smooth feature fields,
+confidence: trains the MLP (`train_mlp`, `--bf16` for bfloat16) on a synthetic demo-sized task (smooth feature fields,
   targets = nearest of K greedy k-center codes) and reports validation accuracy, training time and
   how peaked the tempered softmax is on held-out maps: the fraction of the K classes with
   probability > tau = 1 / (2 K_emb), which decides whether PNI's threshold removes anything.
@@ -251,18 +251,19 @@ def run_confidence(args) -> None:
     targets = nearest(flat, codes).reshape(train.shape[:3])
     test_targets = nearest(test.reshape(-1, args.dim), codes).reshape(test.shape[:3])
     t = time.perf_counter()
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     variables, hist = nb.train_mlp(train, targets, cfg, jax.random.key(0),
-                                   num_classes=args.classes)
+                                   num_classes=args.classes, dtype=dtype)
     train_s = time.perf_counter() - t
-    logits = np.asarray(nb.neighbor_logits(variables, test, args.window, 4096))
+    logits = np.asarray(nb.neighbor_logits(variables, test, args.window, 4096, dtype))
     r = args.window // 2
     inner = (slice(None), slice(r, args.grid - r), slice(r, args.grid - r))
     test_acc = (logits.argmax(-1) == test_targets)[inner].mean()
     pos_prior = np.asarray(position.position_histogram(targets, args.classes, args.pos_window))
     print(f'{kind}: d={args.dim} K={args.classes} K_emb={num_emb} window={args.window} '
           f'{args.layers}x{args.width} dropout={args.dropout} epochs={args.epochs} '
-          f'lr={args.lr} batch={args.batch} positions={args.train_positions}  '
-          f'train {train_s:.1f}s ({hist["num_train"]} samples)')
+          f'lr={args.lr} batch={args.batch} positions={args.train_positions} '
+          f'{jnp.dtype(dtype).name}  train {train_s:.1f}s ({hist["num_train"]} samples)')
     print(f'   val acc per epoch {np.round(hist["val_accuracy"], 3).tolist()} (best epoch '
           f'{hist["best_epoch"] + 1}); held-out maps top-1 {test_acc:.3f} (interior)')
     for temperature in args.temperatures:

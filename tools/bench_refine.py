@@ -136,7 +136,7 @@ def bench_loop(args) -> dict:
   clock = _CompileClock()
   t, cpu = time.perf_counter(), time.process_time()
   try:
-    refine.train_refiner(images, amap_fn, r, jax.random.key(0), log_fn=log)
+    _, _, hist = refine.train_refiner(images, amap_fn, r, jax.random.key(0), log_fn=log)
   finally:
     clock.close()
   total, total_cpu = time.perf_counter() - t, time.process_time() - cpu
@@ -144,8 +144,10 @@ def bench_loop(args) -> dict:
   if len(points) >= 2:
     (i0, w0, c0), (i1, w1, c1) = points[0], points[-1]
     steady, steady_cpu = (w1 - w0) / (i1 - i0), (c1 - c0) / (i1 - i0)
+  half = max(1, len(hist['loss']) // 2)    # the loss over the second half of the run
   return dict(total=total, total_cpu=total_cpu, compile=clock.total, steady=steady,
-              steady_cpu=steady_cpu)
+              steady_cpu=steady_cpu, loss=float(np.mean(hist['loss'][-half:])),
+              input_loss=float(np.mean(hist['input_loss'][-half:])))
 
 
 def run_loop(args) -> None:
@@ -156,11 +158,12 @@ def run_loop(args) -> None:
   print('compile: tracing + lowering + XLA compile (wall); steady: per iteration after the first '
         'log point; CPU: process CPU seconds (less sensitive to a shared machine)')
   print(f'{"run":>4} {"compile s":>10} {"steady s/it":>12} {"steady CPU s/it":>16} '
-        f'{"total s":>8} {"total CPU s":>12}')
+        f'{"total s":>8} {"total CPU s":>12} {"loss (input map), 2nd half":>27}')
   for i in range(args.repeats):
     r = bench_loop(args)
     print(f'{i:>4} {r["compile"]:>10.1f} {r["steady"]:>12.3f} {r["steady_cpu"]:>16.3f} '
-          f'{r["total"]:>8.1f} {r["total_cpu"]:>12.1f}', flush=True)
+          f'{r["total"]:>8.1f} {r["total_cpu"]:>12.1f} {r["loss"]:>14.5f} ({r["input_loss"]:.5f})',
+          flush=True)
 
 
 # ----------------------------------------------------------------------------- step
