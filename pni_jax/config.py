@@ -140,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   r.calibration_samples = 64  # synthetic samples for the normalisation statistics
   r.augment = True            # online flip / rotation / colour augmentation
   r.log_every = 100
+  r.arch = 'paper'            # 'paper' (map fused into the pretrained first conv, no skips) | 'skips'
+  r.decoder_width = 768       # 'paper' decoder: channels after its first 1x1 conv (authors: 768)
+  r.precision = 'float32'     # 'float32' | 'bfloat16' (compute; float32 master weights)
+  r.device_images_mb = 1024.0 # normal images on the device up to this size, else streamed (0 = no cap)
 
   # ---------------------------------------------------------------- evaluation / outputs
   c.eval = e = ml_collections.ConfigDict()

@@ -13,8 +13,12 @@ positions at a time inside `lax.map`.
 
 Training (`train_mlp`) follows flax examples/imagenet: `create_train_state`, a pure jitted
 `train_step`, `eval_step`, a Python loop over epochs with clu metrics, absl progress logging and an
-orbax checkpoint after every epoch. All randomness is derived from (key, epoch, step), so a run that
-is killed and restarted from its checkpoint directory ends with bit-identical weights.
+orbax checkpoint after every epoch (the shared `train_loop` helper: state, resume, fingerprint,
+best weights, progress lines). Batches are built on the device: each (group of an) epoch uploads
+its shuffled sample ids once, and every step slices its batch from them and gathers targets and
+MLP inputs from the device-resident maps, so a step is one dispatch with no host work. All
+randomness is derived from (key, epoch, step), so a run that is killed and restarted from its
+checkpoint directory ends with bit-identical weights.
 
 Devices: training is data parallel over a `sharding.make_mesh()` mesh: each batch of positions is
 split over the devices, parameters, optimiser state and feature maps are replicated, and GSPMD
@@ -39,6 +43,9 @@ paper-size maps (60 x 60 x 1024 float32; ~2,200 in bfloat16).
 Precision: with `dtype=bfloat16` the MLP's matmuls take bfloat16 inputs and accumulate in float32
 (`preferred_element_type`), BatchNorm statistics are float32 (flax), logits are float32; the
 feature maps are kept on the device in bfloat16 (the MLP rounds its input to bfloat16 anyway).
+The backward products run in bfloat16 too (`_mixed_matmul`: the float32 cotangent is rounded to
+bfloat16 before them; autodiff alone would promote both to float32 and run two thirds of the
+training FLOPs at float32 speed). Parameters and Adam moments stay float32.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ import optax
 
 from pni_jax import checkpoints
 from pni_jax import sharding
+from pni_jax import train_loop
 
 TRAIN_POSITIONS = ('interior', 'all')
 
@@ -133,7 +141,43 @@ def gather_neighbors(feats: jax.Array, img: jax.Array, row: jax.Array, col: jax.
 # ----------------------------------------------------------------------------- model
 
 
-_dot_general_f32 = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+@jax.custom_vjp
+def _mixed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [M, K] @ w [K, N] for low-precision x, w: float32 result (float32 accumulation)."""
+  return jax.lax.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(x, w):
+  return _mixed_matmul(x, w), (x, w)
+
+
+def _mixed_matmul_bwd(res, g):
+  # The cotangent g is float32 (the forward's output type). Left to autodiff, both backward
+  # products would take it as it is and promote the other operand: float32 x float32 matmuls,
+  # i.e. two thirds of the training FLOPs at float32 speed. Rounded to the operands' dtype
+  # first, they run at the low-precision rate and still accumulate in float32.
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = jax.lax.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = jax.lax.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, dw
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def _dot_general_mixed(lhs, rhs, dimension_numbers, precision=None,
+                       preferred_element_type=None):
+  """`nn.Dense`'s dot_general for low-precision compute: inputs x [..., K] and kernel [K, N] in
+  the compute dtype, float32 accumulation and result, and a backward pass in the compute dtype
+  (`_mixed_matmul_bwd`)."""
+  del precision, preferred_element_type
+  (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
+  if tuple(contract_l) != (lhs.ndim - 1,) or tuple(contract_r) != (0,) or batch_l or batch_r:
+    raise ValueError(f'_dot_general_mixed supports x [..., K] @ kernel [K, N] only, got '
+                     f'dimension numbers {dimension_numbers}')
+  out = _mixed_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+  return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
 class MLP(nn.Module):
@@ -161,7 +205,7 @@ class MLP(nn.Module):
     x = x.astype(self.dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     if jnp.dtype(self.dtype) != jnp.float32:  # low-precision inputs, float32 accumulation
-      dense = functools.partial(dense, dot_general=_dot_general_f32)
+      dense = functools.partial(dense, dot_general=_dot_general_mixed)
     for _ in range(self.num_layers - 1):
       x = dense(self.width, use_bias=self.hidden_bias)(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -252,31 +296,11 @@ def neighbor_probs(variables, feats: jax.Array, window: int, chunk: int,
 
 
 @flax.struct.dataclass
-class TrainState:
-  """Training state: a pytree of arrays plus the static (hashable) model and optimiser settings.
-
-  Like flax's `TrainState`, but the optimiser is rebuilt from hashable hyper-parameters instead of
-  being stored as closures, so that `train_step` compiles once per model shape, not once per run.
-  """
-  step: jax.Array                    # [] int32, optimiser steps taken
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  model: MLP = flax.struct.field(pytree_node=False)
-  window: int = flax.struct.field(pytree_node=False)
-  dilation: int = flax.struct.field(pytree_node=False)
-  learning_rate: float = flax.struct.field(pytree_node=False)
-  decay_steps: int = flax.struct.field(pytree_node=False)      # 0 = constant learning rate
-  decay_factor: float = flax.struct.field(pytree_node=False)
-
-  @property
-  def tx(self) -> optax.GradientTransformation:
-    return optax.adam(_schedule(self.learning_rate, self.decay_steps, self.decay_factor))
-
-  def apply_gradients(self, grads, batch_stats) -> 'TrainState':
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        batch_stats=batch_stats, opt_state=opt_state)
+class TrainState(train_loop.TrainState):
+  """`train_loop.TrainState` plus the window p and its dilation k (static): Adam with the
+  step-decay schedule."""
+  window: int = flax.struct.field(pytree_node=False, default=9)
+  dilation: int = flax.struct.field(pytree_node=False, default=1)
 
 
 # Mean cross-entropy and top-1 accuracy (built with `create`: postponed annotations in this module).
@@ -318,21 +342,15 @@ def check_config(cfg_nb: ml_collections.ConfigDict) -> None:
     bad('infer_chunk', 'must be >= 1')
 
 
-def _schedule(learning_rate: float, decay_steps: int, decay_factor: float) -> optax.Schedule:
-  if decay_steps == 0:
-    return optax.constant_schedule(learning_rate)
-  return optax.exponential_decay(learning_rate, transition_steps=decay_steps,
-                                 decay_rate=decay_factor, staircase=True)
-
-
 def learning_rate_schedule(cfg_nb: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> optax.Schedule:
   """Staircase step decay per optimiser step: lr * decay_factor ** floor(epoch / decay_every).
 
   The same as torch's StepLR stepped once per epoch; `decay_every = 0` keeps lr constant.
   """
-  return _schedule(float(cfg_nb.learning_rate), int(cfg_nb.decay_every) * int(steps_per_epoch),
-                   float(cfg_nb.decay_factor))
+  return train_loop.schedule(float(cfg_nb.learning_rate),
+                             int(cfg_nb.decay_every) * int(steps_per_epoch),
+                             float(cfg_nb.decay_factor))
 
 
 def _epoch_learning_rate(cfg_nb: ml_collections.ConfigDict, epoch: int) -> float:
@@ -354,55 +372,73 @@ def create_train_state(key: jax.Array, cfg_nb: ml_collections.ConfigDict, in_dim
   check_config(cfg_nb)
   model = MLP(num_layers=int(cfg_nb.num_layers), width=int(cfg_nb.width),
               num_classes=int(num_classes), dropout=float(cfg_nb.dropout), dtype=dtype)
-  variables = _init_variables(model, key, int(in_dim))
-  state = TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}), opt_state=None, model=model,
-      window=int(cfg_nb.window), dilation=int(cfg_nb.get('dilation', 1)),
-      learning_rate=float(cfg_nb.learning_rate),
+  return TrainState.create(
+      model, _init_variables(model, key, int(in_dim)), float(cfg_nb.learning_rate),
       decay_steps=int(cfg_nb.decay_every) * int(steps_per_epoch),
-      decay_factor=float(cfg_nb.decay_factor))
-  return state.replace(opt_state=state.tx.init(state.params))
+      decay_factor=float(cfg_nb.decay_factor), window=int(cfg_nb.window),
+      dilation=int(cfg_nb.get('dilation', 1)))
 
 
-@jax.jit
-def train_step(state: TrainState, feats: jax.Array, batch: dict[str, jax.Array],
-               key: jax.Array) -> tuple[TrainState, Metrics]:
-  """One Adam step on a batch of positions; the MLP inputs are gathered here from `feats`.
+def _batch(maps: dict, order: jax.Array, index, grid: '_Grid', batch_size: int, window: int,
+           dilation: int, batch_sharding):
+  """Batch `index` of the device-resident sample order `order` [M] (ids < 0: padding): the MLP
+  inputs [B, (p*p - 1) * d] gathered from the group's feature maps, targets [B], mask [B]."""
+  ids = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
+  if batch_sharding is not None:
+    ids = jax.lax.with_sharding_constraint(ids, batch_sharding)
+  mask = ids >= 0
+  img, rest = jnp.divmod(jnp.maximum(ids, 0), grid.rows * grid.cols)
+  row, col = rest // grid.cols + grid.offset, rest % grid.cols + grid.offset
+  slot = maps['slot'][img]
+  x = gather_neighbors(maps['feats'], slot, row, col, window, dilation)
+  return x, maps['targets'][slot, row, col], mask
+
+
+@functools.partial(jax.jit, static_argnames=('grid', 'batch_size', 'batch_sharding'))
+def train_step(state: TrainState, maps: dict, order: jax.Array, index, epoch_key: jax.Array,
+               step, *, grid: '_Grid', batch_size: int, batch_sharding=None
+               ) -> tuple[TrainState, Metrics]:
+  """One Adam step on batch `index` of the epoch's (group's) sample order; the batch is built
+  and the MLP inputs gathered here, on the device.
 
   Args:
     state: the TrainState.
-    feats: `[N_img, H, W, d]` device-resident feature maps.
-    batch: `img, row, col, target`: `[B]` int32 each.
-    key: dropout key of this step.
+    maps: the device buffer of the group's images (`_DeviceMaps`): 'feats' `[G, H, W, d]`,
+      'targets' `[G, H, W]` int32, 'slot' `[N_img]` int32 (image -> buffer row).
+    order: `[M]` int32 sample ids (image-major over the training grid), this group's share of
+      the epoch's permutation.
+    index: the batch number; the batch is order[index * B:(index + 1) * B].
+    epoch_key, step: the epoch's dropout key and the step within the epoch (over all groups);
+      the step's dropout key is fold_in(epoch_key, step).
+    grid, batch_size: static; batch_sharding: static, how the batch splits over the mesh.
 
   Returns:
     (new state, `Metrics` of the batch: mean cross-entropy and top-1 accuracy, train mode).
   """
-  x = gather_neighbors(feats, batch['img'], batch['row'], batch['col'], state.window,
-                       state.dilation)
+  x, target, _ = _batch(maps, order, index, grid, batch_size, state.window, state.dilation,
+                        batch_sharding)
+  key = jax.random.fold_in(epoch_key, step)
 
   def loss_fn(params):
     logits, updates = state.model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
-                                     train=True, rngs={'dropout': key}, mutable=['batch_stats'])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['target'])
+                                        train=True, rngs={'dropout': key}, mutable=['batch_stats'])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, target)
     return loss.mean(), (loss, logits, updates)
 
   grads, (loss, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
-  return state, Metrics.single_from_model_output(loss=loss, logits=logits, labels=batch['target'])
+  return state, Metrics.single_from_model_output(loss=loss, logits=logits, labels=target)
 
 
-@jax.jit
-def eval_step(state: TrainState, feats: jax.Array, batch: dict[str, jax.Array]) -> Metrics:
-  """Metrics of a batch in inference mode; `batch['mask']` `[B]` bool marks the real entries."""
-  x = gather_neighbors(feats, batch['img'], batch['row'], batch['col'], state.window,
-                       state.dilation)
-  logits = state.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                          train=False)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['target'])
-  return Metrics.single_from_model_output(loss=loss, logits=logits, labels=batch['target'],
-                                          mask=batch['mask'])
+@functools.partial(jax.jit, static_argnames=('grid', 'batch_size', 'batch_sharding'))
+def eval_step(state: TrainState, maps: dict, order: jax.Array, index, *, grid: '_Grid',
+              batch_size: int, batch_sharding=None) -> Metrics:
+  """Metrics of batch `index` of `order` in inference mode; ids < 0 are padding (masked)."""
+  x, target, mask = _batch(maps, order, index, grid, batch_size, state.window, state.dilation,
+                           batch_sharding)
+  logits = state.model.apply(state.variables, x, train=False)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+  return Metrics.single_from_model_output(loss=loss, logits=logits, labels=target, mask=mask)
 
 
 # ----------------------------------------------------------------------------- samples
@@ -431,21 +467,6 @@ def _sample_grid(shape, window: int, train_positions: str, dilation: int = 1) ->
                      f'{height} x {width} map has no full {window} x {window} window (dilation '
                      f"{dilation}); use 'all' or a smaller window")
   return _Grid(num_images, height - 2 * r, width - 2 * r, r)
-
-
-def _host_batch(ids: np.ndarray, targets: np.ndarray, grid: _Grid, slot: np.ndarray,
-                with_mask: bool = False) -> dict[str, np.ndarray]:
-  """Sample ids `[B]` (< 0: padding) -> `img` (slot in the device buffer), `row`, `col`, `target`
-  (and `mask`) `[B]` int32 / bool host arrays."""
-  mask = ids >= 0
-  ids = np.maximum(ids, 0)
-  img, rest = np.divmod(ids, grid.rows * grid.cols)
-  row, col = rest // grid.cols + grid.offset, rest % grid.cols + grid.offset
-  batch = {'img': slot[img].astype(np.int32), 'row': row.astype(np.int32),
-           'col': col.astype(np.int32), 'target': targets[img, row, col].astype(np.int32)}
-  if with_mask:
-    batch['mask'] = mask
-  return batch
 
 
 def images_per_group(feats_shape, itemsize: int, cap_bytes: int | None) -> int:
@@ -478,24 +499,26 @@ def _epoch_groups(key: jax.Array, epoch: int, num_images: int, per_group: int) -
 
 
 class _DeviceMaps:
-  """The device-resident feature maps of one group of images, replicated over the mesh.
+  """The device-resident feature maps and targets of one group of images, replicated over the mesh.
 
-  `load(imgs)` replaces the buffer (the old one is freed first, so device memory holds one group);
-  `slot[i]` is the buffer row of image i. The buffer always has `per_group` rows (zeros past the
-  group's images), so the jitted steps compile once.
+  `load(imgs)` replaces the buffers (the old ones are freed first, so device memory holds one
+  group) and returns {'feats' [G, H, W, d], 'targets' [G, H, W] int32, 'slot' [N_img] int32}:
+  image i is buffer row slot[i]. The buffers always have `per_group` rows (zeros past the group's
+  images), so the jitted steps compile once.
   """
 
-  def __init__(self, feats, per_group: int, dtype, mesh):
-    self.feats, self.per_group, self.dtype, self.mesh = feats, per_group, np.dtype(dtype), mesh
-    self.array, self.images = None, None
-    self.slot = np.zeros(feats.shape[0], np.int32)
+  def __init__(self, feats, targets: np.ndarray, per_group: int, dtype, mesh):
+    self.feats, self.targets, self.per_group = feats, targets, per_group
+    self.dtype, self.mesh = np.dtype(dtype), mesh
+    self.arrays, self.images = None, None
 
-  def load(self, imgs: np.ndarray) -> jax.Array:
+  def load(self, imgs: np.ndarray) -> dict:
     if self.images is not None and np.array_equal(self.images, imgs):
-      return self.array
-    if self.array is not None:
-      self.array.delete()
-      self.array = None
+      return self.arrays
+    if self.arrays is not None:
+      for a in self.arrays.values():
+        a.delete()
+      self.arrays = None
     n = self.feats.shape[0]
     if len(imgs) == n:
       host = self.feats                       # all images, in order: no host copy when possible
@@ -504,13 +527,18 @@ class _DeviceMaps:
     if isinstance(host, jax.Array):
       host = np.asarray(host)
     host = np.asarray(host, self.dtype)
-    if host.shape[0] < self.per_group:
-      host = np.concatenate([host, np.zeros((self.per_group - host.shape[0],) + host.shape[1:],
-                                            self.dtype)])
-    self.array = sharding.replicate_host(host, self.mesh)
+    targets = self.targets[imgs]
+    pad = self.per_group - host.shape[0]
+    if pad > 0:
+      host = np.concatenate([host, np.zeros((pad,) + host.shape[1:], self.dtype)])
+      targets = np.concatenate([targets, np.zeros((pad,) + targets.shape[1:], targets.dtype)])
+    slot = np.zeros(n, np.int32)
+    slot[imgs] = np.arange(len(imgs), dtype=np.int32)
+    self.arrays = {'feats': sharding.replicate_host(host, self.mesh),
+                   'targets': sharding.replicate_host(np.ascontiguousarray(targets), self.mesh),
+                   'slot': sharding.replicate_host(slot, self.mesh)}
     self.images = imgs
-    self.slot[imgs] = np.arange(len(imgs), dtype=np.int32)
-    return self.array
+    return self.arrays
 
 
 @functools.partial(jax.jit, static_argnames=('grid_size', 'num_samples'))
@@ -523,18 +551,11 @@ def _epoch_order(key: jax.Array, epoch: int, ids: jax.Array) -> jax.Array:
   return jax.random.permutation(jax.random.fold_in(key, epoch), ids)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-
-
-def _state_arrays(state: TrainState, best) -> dict:
-  return {'state': {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
-                    'opt_state': state.opt_state},
-          'best': best}
-
-
 # ----------------------------------------------------------------------------- training loop
+
+
+def _merge(total, m):
+  return m if total is None else total.merge(m)
 
 
 def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
@@ -567,7 +588,7 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
     validation top-1 accuracy (the last epoch without a validation split); `history` a dict of
     per-epoch lists `loss, train_accuracy` (train mode, dropout on), `val_loss, val_accuracy`,
     `learning_rate, seconds`, plus `best_epoch, num_train, num_val, steps_per_epoch, batch_size,
-    images_per_group`.
+    images_per_group, compile_seconds`.
   """
   check_config(cfg_nb)
   log = log_fn or logging.info
@@ -592,7 +613,7 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
                else np.dtype(feats.dtype))
   per_group = images_per_group(feats.shape, dev_dtype.itemsize, device_cap_bytes)
   streamed = per_group < feats.shape[0]
-  maps = _DeviceMaps(feats, per_group, dev_dtype, mesh)
+  maps = _DeviceMaps(feats, targets, per_group, dev_dtype, mesh)
   dilation = int(cfg_nb.get('dilation', 1))
   grid = _sample_grid(feats.shape, window, cfg_nb.train_positions, dilation)
   num_samples = grid.size
@@ -610,16 +631,23 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
   steps_per_epoch = num_train // batch_size                   # the last partial batch is dropped
   in_dim = (window * window - 1) * feats.shape[-1]
   positions_per_image = grid.rows * grid.cols
+  eval_size = min(max(batch_size, 1), max(num_val, 1))
+  d = sharding.num_shards(mesh)
+  step_args = dict(grid=grid, batch_size=batch_size,
+                   batch_sharding=sharding.data_sharding(mesh) if batch_size % d == 0 else None)
+  eval_args = dict(grid=grid, batch_size=eval_size,
+                   batch_sharding=sharding.data_sharding(mesh) if eval_size % d == 0 else None)
 
   state = create_train_state(jax.random.fold_in(key, _SALT_INIT), cfg_nb, in_dim, num_classes,
                              steps_per_epoch, dtype)
   # Parameters and optimiser state live replicated on the mesh, as restored checkpoints do
   # (same compiled steps before and after a restart).
   state = sharding.replicate(state, mesh)
-  best = {'params': state.params, 'batch_stats': state.batch_stats}
+  best = train_loop.Best(state)
   fingerprint = {
-      'feats_shape': list(feats.shape), 'num_classes': num_classes, 'key': checkpoints.key_words(key),
-      'num_train': num_train, 'num_val': num_val, 'batch_size': batch_size,
+      'feats_shape': list(feats.shape), 'num_classes': num_classes,
+      'key': checkpoints.key_words(key), 'num_train': num_train, 'num_val': num_val,
+      'batch_size': batch_size,
       **{k: cfg_nb[k] for k in ('window', 'num_layers', 'width', 'dropout', 'learning_rate',
                                 'decay_every', 'decay_factor', 'val_fraction', 'max_train_samples',
                                 'train_positions')}}
@@ -627,124 +655,99 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
     fingerprint['dilation'] = dilation
   if streamed:
     fingerprint['images_per_group'] = per_group
-  fingerprint = checkpoints.json_ready(fingerprint)
   history = {k: [] for k in ('loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate',
                              'seconds')}
-  best_epoch, best_acc, start_epoch = -1, -math.inf, 0
-
-  ckpts = checkpoints.TrainCheckpoints(ckpt_dir) if ckpt_dir else None
-  if ckpts is not None and ckpts.latest() is not None:
-    start_epoch = int(ckpts.latest())
-    record = ckpts.restore_record(start_epoch)
-    for field in sorted(set(fingerprint) | set(record['fingerprint'])):
-      value = fingerprint.get(field)
-      if record['fingerprint'].get(field) != value:
-        raise ValueError(f'checkpoint in {ckpt_dir} was written by a different run: {field} = '
-                         f"{record['fingerprint'].get(field)!r} there, {value!r} now; use a fresh "
-                         f'ckpt_dir or the original settings')
-    arrays = sharding.replicate(ckpts.restore_arrays(start_epoch, _state_arrays(state, best)),
-                                mesh)
-    s = arrays['state']
-    state = state.replace(step=s['step'], params=s['params'], batch_stats=s['batch_stats'],
-                          opt_state=s['opt_state'])
-    best = arrays['best']
-    history = record['history']
-    best_epoch, best_acc = record['best_epoch'], record['best_accuracy']
-    log(f'neighbourhood MLP: resumed from {ckpt_dir} after epoch {start_epoch}')
-
   epochs = int(cfg_nb.epochs)
-  log(f'neighbourhood MLP: {num_train} train / {num_val} val positions, {steps_per_epoch} steps '
-      f'x {batch_size} per epoch, inputs {in_dim} -> {cfg_nb.num_layers} layers x {cfg_nb.width} '
-      f'-> K {num_classes}, {sharding.num_shards(mesh)} device(s)')
-  if streamed:
-    map_mb = dev_dtype.itemsize * np.prod(feats.shape[1:]) / 2 ** 20
-    log(f'neighbourhood MLP: feature maps ({feats.shape[0]} x {map_mb:.1f} MB) exceed the device '
-        f'cap of {device_cap_bytes / 2 ** 20:g} MB: streaming {per_group} images per group, {-(-feats.shape[0] // per_group)} groups per epoch')
+  total_samples = epochs * steps_per_epoch * batch_size
   shuffle_key = jax.random.fold_in(key, _SALT_SHUFFLE)
   dropout_key = jax.random.fold_in(key, _SALT_DROPOUT)
   group_key = jax.random.fold_in(key, _SALT_GROUPS)
-  eval_size = min(max(batch_size, 1), max(num_val, 1))
-  t_start = t_line = time.time()
+  clock = train_loop.CompileClock()
   try:
-    for epoch in range(start_epoch, epochs):
-      t_epoch = time.time()
-      order = np.asarray(_epoch_order(shuffle_key, epoch, train_ids))
-      groups = _epoch_groups(group_key, epoch, feats.shape[0], per_group)
-      group_of = np.zeros(feats.shape[0], np.int32)
-      for g, imgs in enumerate(groups):
-        group_of[imgs] = g
-      sample_group = group_of[order // positions_per_image]
-      epoch_key = jax.random.fold_in(dropout_key, epoch)
-      train_metrics = None
-      step = 0
-      for g, imgs in enumerate(groups):
-        dev_feats = maps.load(imgs)
-        group_order = order[sample_group == g] if streamed else order
-        for i in range(len(group_order) // batch_size):
-          batch = _host_batch(group_order[i * batch_size:(i + 1) * batch_size], targets, grid,
-                              maps.slot)
-          state, m = train_step(state, dev_feats, sharding.shard_batch(batch, mesh),
-                                jax.random.fold_in(epoch_key, step))
-          step += 1
-          train_metrics = m if train_metrics is None else train_metrics.merge(m)
-          if time.time() - t_line > _PROGRESS_EVERY_S:
-            t_line = time.time()
-            log(f'neighbourhood MLP epoch {epoch + 1}/{epochs}  step {step}/{steps_per_epoch}  '
-                f'samples {(epoch * steps_per_epoch + step) * batch_size}/'
-                f'{epochs * steps_per_epoch * batch_size}  elapsed {t_line - t_start:.1f}s')
-      if train_metrics is None:
-        raise ValueError(f'no full batch of {batch_size} positions in any group of {per_group} '
-                         'images: raise memory.device_feature_cap_mb or lower '
-                         'model.neighborhood.batch_size')
-      summary = {k: float(v) for k, v in train_metrics.compute().items()}
-      entry = {'loss': summary['loss'], 'train_accuracy': summary['accuracy'],
-               'val_loss': math.nan, 'val_accuracy': math.nan,
-               'learning_rate': _epoch_learning_rate(cfg_nb, epoch)}
-      if num_val:
-        val_metrics = None
-        val_group = group_of[val_ids_host // positions_per_image]
-        for g in reversed(range(len(groups))):  # the last training group is still loaded
-          group_val = val_ids_host[val_group == g] if streamed else val_ids_host
-          if not len(group_val):
+    with train_loop.Run('neighbourhood MLP', ckpt_dir, fingerprint, log, total=epochs,
+                        unit='epoch') as run:
+      start_epoch, arrays, record = run.resume(
+          {'state': state.arrays(), 'best': best.variables},
+          lambda a: sharding.replicate(a, mesh))
+      if arrays is not None:
+        state = state.with_arrays(arrays['state'])
+        best.restore(arrays['best'], record)
+        history = record['history']
+      log(f'neighbourhood MLP: {num_train} train / {num_val} val positions, {steps_per_epoch} '
+          f'steps x {batch_size} per epoch, inputs {in_dim} -> {cfg_nb.num_layers} layers x '
+          f'{cfg_nb.width} -> K {num_classes}, {jnp.dtype(dtype).name}, {d} device(s)')
+      if streamed:
+        map_mb = dev_dtype.itemsize * np.prod(feats.shape[1:]) / 2 ** 20
+        log(f'neighbourhood MLP: feature maps ({feats.shape[0]} x {map_mb:.1f} MB) exceed the '
+            f'device cap of {device_cap_bytes / 2 ** 20:g} MB: streaming {per_group} images per '
+            f'group, {-(-feats.shape[0] // per_group)} groups per epoch')
+      t_line = time.time()
+      for epoch in range(start_epoch, epochs):
+        t_epoch = time.time()
+        order = np.asarray(_epoch_order(shuffle_key, epoch, train_ids))
+        groups = _epoch_groups(group_key, epoch, feats.shape[0], per_group)
+        group_of = np.zeros(feats.shape[0], np.int32)
+        for g, imgs in enumerate(groups):
+          group_of[imgs] = g
+        sample_group = group_of[order // positions_per_image]
+        epoch_key = jax.random.fold_in(dropout_key, epoch)
+        train_metrics, step = None, 0
+        for g, imgs in enumerate(groups):
+          dev_maps = maps.load(imgs)
+          group_order = order[sample_group == g] if streamed else order
+          num_batches = len(group_order) // batch_size
+          if not num_batches:
             continue
-          group_val = np.concatenate([group_val, np.full((-len(group_val) % eval_size,), -1,
-                                                         group_val.dtype)])
-          dev_feats = maps.load(groups[g])
-          for start in range(0, len(group_val), eval_size):
-            batch = _host_batch(group_val[start:start + eval_size], targets, grid, maps.slot,
-                                with_mask=True)
-            m = eval_step(state, dev_feats, sharding.shard_batch(batch, mesh))
-            val_metrics = m if val_metrics is None else val_metrics.merge(m)
-        v = {k: float(x) for k, x in val_metrics.compute().items()}
-        entry.update(val_loss=v['loss'], val_accuracy=v['accuracy'])
-      score = entry['val_accuracy'] if num_val else float(epoch)
-      if score > best_acc:
-        best_acc, best_epoch = score, epoch
-        best = {'params': state.params, 'batch_stats': state.batch_stats}
-      entry['seconds'] = time.time() - t_epoch
-      for k, v in entry.items():
-        history[k].append(v)
-      if ckpts is not None:
-        ckpts.save(epoch + 1, _state_arrays(state, best),
-                   checkpoints.json_ready({'fingerprint': fingerprint, 'history': history,
-                                'best_epoch': best_epoch, 'best_accuracy': best_acc}))
-      done_epochs = epoch + 1 - start_epoch
-      elapsed = time.time() - t_start
-      eta = elapsed / done_epochs * (epochs - epoch - 1)
-      streamed_note = f'  ({step} steps over {len(groups)} groups)' if streamed else ''
-      log(f'neighbourhood MLP epoch {epoch + 1}/{epochs}  samples '
-          f'{(epoch + 1) * steps_per_epoch * batch_size}/{epochs * steps_per_epoch * batch_size}  '
-          f"loss {entry['loss']:.4f}  train acc {entry['train_accuracy']:.4f}  "
-          f"val loss {entry['val_loss']:.4f}  val acc {entry['val_accuracy']:.4f}  "
-          f"lr {entry['learning_rate']:.2e}  elapsed {elapsed:.1f}s  eta {eta:.1f}s"
-          + streamed_note)
+          dev_order = sharding.replicate_host(group_order.astype(np.int32), mesh)
+          for i in range(num_batches):
+            state, m = train_step(state, dev_maps, dev_order, i, epoch_key, step, **step_args)
+            step += 1
+            train_metrics = _merge(train_metrics, m)
+            if time.time() - t_line > _PROGRESS_EVERY_S:
+              t_line = time.time()
+              log(f'neighbourhood MLP epoch {epoch + 1}/{epochs}  step {step}/{steps_per_epoch}'
+                  f'  samples {(epoch * steps_per_epoch + step) * batch_size}/{total_samples}  '
+                  f'elapsed {t_line - run.t_start:.1f}s')
+        if train_metrics is None:
+          raise ValueError(f'no full batch of {batch_size} positions in any group of {per_group} '
+                           'images: raise memory.device_feature_cap_mb or lower '
+                           'model.neighborhood.batch_size')
+        summary = train_loop.summarize(train_metrics)
+        entry = {'loss': summary['loss'], 'train_accuracy': summary['accuracy'],
+                 'val_loss': math.nan, 'val_accuracy': math.nan,
+                 'learning_rate': _epoch_learning_rate(cfg_nb, epoch)}
+        if num_val:
+          val_metrics = None
+          val_group = group_of[val_ids_host // positions_per_image]
+          for g in reversed(range(len(groups))):  # the last training group is still loaded
+            group_val = val_ids_host[val_group == g] if streamed else val_ids_host
+            if not len(group_val):
+              continue
+            group_val = np.concatenate([group_val, np.full((-len(group_val) % eval_size,), -1,
+                                                           group_val.dtype)]).astype(np.int32)
+            dev_maps = maps.load(groups[g])
+            dev_val = sharding.replicate_host(group_val, mesh)
+            for i in range(len(group_val) // eval_size):
+              val_metrics = _merge(val_metrics, eval_step(state, dev_maps, dev_val, i,
+                                                          **eval_args))
+          v = train_loop.summarize(val_metrics)
+          entry.update(val_loss=v['loss'], val_accuracy=v['accuracy'])
+        best.offer(entry['val_accuracy'] if num_val else float(epoch), epoch, state)
+        entry['seconds'] = time.time() - t_epoch
+        for k, v in entry.items():
+          history[k].append(v)
+        run.save(epoch + 1, {'state': state.arrays(), 'best': best.variables}, history=history,
+                 **best.record())
+        streamed_note = f'  ({step} steps over {len(groups)} groups)' if streamed else ''
+        run.progress(epoch + 1,
+                     f'samples {(epoch + 1) * steps_per_epoch * batch_size}/{total_samples}  '
+                     f"loss {entry['loss']:.4f}  train acc {entry['train_accuracy']:.4f}  "
+                     f"val loss {entry['val_loss']:.4f}  val acc {entry['val_accuracy']:.4f}  "
+                     f"lr {entry['learning_rate']:.2e}" + streamed_note)
   finally:
-    if ckpts is not None:
-      ckpts.close()
+    clock.close()
 
-  history.update(best_epoch=best_epoch, num_train=num_train, num_val=num_val,
+  history.update(best_epoch=best.index, num_train=num_train, num_val=num_val,
                  steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                 images_per_group=per_group)
-  return {'params': best['params'], 'batch_stats': best['batch_stats']}, history
-
-
+                 images_per_group=per_group, compile_seconds=clock.total)
+  return dict(best.variables), history

@@ -1,19 +1,27 @@
 """Pixelwise refinement (paper section 3.3, eq. 9-11, Figure 4): network, losses, training, fusion.
 
 Network `RefineNet` f(I, A_hat): an ImageNet encoder (DenseNet-161 in the paper, EfficientNet-Lite0
-for CPU runs) with EARLY FUSION after its first convolution: the preprocessed image goes through the
-encoder's own first conv, the map (scaled to [-1, 1]) through a conv of the same kernel, stride,
-padding and channel count, and the two are SUMMED (FuseNet-style element-wise sum; keeps the
-pretrained statistics the encoder's first BatchNorm expects, and adds no extra layer). The rest of
-the encoder runs from that sum (`from_first_conv`) and returns the taps stem, layer1..layer4
-(strides 2..32). Decoder (after Lee & Kim's depth network, which the paper builds on): 5 blocks of
-  bilinear x2 upsampling -> concat skip -> 1x1 conv + ReLU -> 3x3 conv + ReLU,
-with C4 / 2, C4 / 4, ..., C4 / 32 channels (C4 = channels of layer4; DenseNet-161: 1104 .. 69,
-Lite0: 160 .. 10). Skips are concatenated at matching resolutions: layer3, layer2, layer1 and stem
-for blocks 1-4, and the 4-channel network input (preprocessed image + scaled map) at full
-resolution for block 5, so the last block sees the image edges the refinement is meant to follow.
-A final 1x1 conv to one channel gives the residual r, zero-initialised (the untrained network
-returns its input map), and the output is `A_hat + r` ("output added to the input map").
+for CPU runs) into which the map is fused EARLY, after the encoder's first convolution, and a
+decoder of 5 blocks `bilinear x2 -> 1x1 conv + ReLU -> 3x3 conv + ReLU` that ends in a 1x1 conv
+to one channel: the residual r, zero-initialised (the untrained network returns its input map),
+and the output is `A_hat + r` ("output added to the input map"). Two architectures
+(`model.refine.arch`):
+
+  'paper'  the paper's Figure 4 as the authors coded it: the map enters the pretrained encoder as
+           a grey image (A_hat repeated to RGB and preprocessed like one) through a copy of the
+           encoder's pretrained first conv ('map_conv', initialised from those weights), the two
+           first-conv outputs are averaged ((image + map) / 2, which is one convolution over the
+           stacked image and map channels) and the rest of the encoder runs from there; the
+           decoder has NO skips: a 1x1 conv from layer4 to `decoder_width` channels (authors:
+           768 for DenseNet-161's 2208), then 5 blocks halving it (768 -> 384 .. 24).
+  'skips'  our earlier variant: the map (scaled to [-1, 1]) through a randomly initialised conv
+           of the first conv's geometry, SUMMED with the image's first conv; the decoder blocks
+           have C4 / 2 .. C4 / 32 channels (C4 = layer4 channels; DenseNet-161: 1104 .. 69, Lite0:
+           160 .. 10) and concatenate U-Net skips at matching resolutions: layer3, layer2,
+           layer1 and stem for blocks 1-4, the 4-channel network input (preprocessed image +
+           scaled map) at full resolution for block 5.
+Upsampling uses half-pixel centres (the authors' code: align_corners=True). A saved network's
+architecture is read from its variables (`arch_of`), so inference needs no setting.
 
 Heads. For the paper's loss ('reg_grad') the refined map is `A_hat + r`. For the Table 4
 alternatives ('ce', 'focal') the residual is added in logit space: logits = logit(clip(A_hat,
@@ -34,9 +42,9 @@ the synthetic defect masks. A low normal quantile keeps almost the whole normal 
 network can still see how normal a pixel is), a high defect quantile maps clearly detected defects
 to ~1 like the target. Per-image min-max would stretch a normal image's noise to [0, 1].
 
-Training (`train_refiner`, flax examples/imagenet style): `TrainState`, a pure jitted
-`train_step(state, batch, key)` (online flip / 90-degree rotation / colour augmentation inside the
-step, forward, loss, Adam), and a Python loop with clu metrics, progress lines, orbax checkpoints
+Training (`train_refiner`, flax examples/imagenet style, the loop helper `train_loop`): a
+`TrainState`, pure jitted steps (online flip / 90-degree rotation / colour augmentation inside the
+step, forward, loss, Adam) and a Python loop with clu metrics, progress lines and orbax checkpoints
 every `checkpoint_every` iterations. Each sample: normal training images (picked from the run key
 and the step number), a synthetic defect (`synth.synthesize_balanced`: the four kinds in equal
 ratio), A_hat from the caller's `amap_fn` on the synthetic image at full size, then image, map and
@@ -47,6 +55,18 @@ once and trains with online augmentation drawn from it (amap_fn dominates on CPU
 synthesises every batch afresh, as the paper. All randomness derives from (key, step): a run killed
 and resumed from its checkpoint directory ends with bit-identical weights.
 
+On the device: the normal images live on the device (uint8 as given; beyond
+`device_images_mb` a buffer of them is reloaded every few steps, with the same picks), and a step
+is a few dispatches with no host round trip: the jitted synthesis (`_sample`), the caller's
+jitted `amap_fn`, the jitted batch preparation (`_online_batch`: resize, normalisation;
+`_pool_batch` draws from the device-resident pool instead) and the jitted `train_step`
+(augmentation, forward, backward, Adam). They compile separately, `train_step` (the big one)
+once for both modes; metrics stay on the device until a log point. Data parallel over a
+`sharding.make_mesh()` mesh: the batch is split over the devices (when it divides), the state
+replicated, and GSPMD reduces BatchNorm statistics and gradients over the global batch.
+`model.refine.precision = 'bfloat16'` computes in bfloat16 with float32 master weights, Adam
+state, loss and outputs.
+
 Fusion at inference (`fuse`): final = (1 - w) * normalize(A_hat) + w * refined (paper: w = 0.1),
 the network running at `input_size` (image and map resized there, the refined map resized back).
 
@@ -56,6 +76,7 @@ Shapes: images [B, S, S, 3] float32 in [0, 1] (NHWC); maps and masks [B, S, S] f
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -74,8 +95,9 @@ from pni_jax import backbones
 from pni_jax import checkpoints
 from pni_jax.backbones import convert
 from pni_jax import fileio
+from pni_jax import sharding
 from pni_jax import synth
-from pni_jax.progress import format_seconds
+from pni_jax import train_loop
 
 LOSSES = ('reg_grad', 'ce', 'focal')
 HEADS = ('residual', 'logit')
@@ -94,10 +116,14 @@ _FIRST_CONV = {
 # Salts for `jax.random.fold_in`: one independent stream per use of the run key.
 _SALT_INIT, _SALT_POOL, _SALT_CALIB, _SALT_STEP = 0, 1, 2, 3
 
-# Defaults of the fields proposed for cfg.model.refine (read with .get until they exist).
+ARCHS = ('paper', 'skips')
+PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# Defaults of the optional cfg.model.refine fields (configs written before a field existed).
 DEFAULTS = dict(pool_size=0, allow_random_init=False, texture_source='procedural',
                 norm_quantiles=(0.01, 0.99), calibration_samples=64, augment=True,
-                log_every=100)
+                log_every=100, arch='skips', decoder_width=0, precision='float32',
+                device_images_mb=1024.0)
 
 
 def head_for_loss(loss: str) -> str:
@@ -140,32 +166,47 @@ class UpBlock(nn.Module):
     return nn.relu(conv((3, 3), padding='SAME', name='conv3x3')(x))
 
 
-def decoder_features(encoder: str) -> tuple[int, ...]:
-  """Channels of the 5 decoder blocks: C4 / 2 .. C4 / 32 (C4 = layer4 channels), at least 8."""
+def decoder_features(encoder: str, arch: str = 'skips', width: int = 0) -> tuple[int, ...]:
+  """Channels of the 5 decoder blocks. 'skips': C4 / 2 .. C4 / 32 (C4 = layer4 channels);
+  'paper': width / 2 .. width / 32 (width 0: C4 / 2); at least 8 each."""
+  if arch not in ARCHS:
+    raise ValueError(f'model.refine.arch must be one of {ARCHS}, got {arch!r}')
   c4 = backbones.spec(encoder).channels['layer4']
-  return tuple(max(c4 // 2 ** k, 8) for k in range(1, 6))
+  top = c4 if arch == 'skips' else (int(width) or c4 // 2)
+  return tuple(max(top // 2 ** k, 8) for k in range(1, 6))
+
+
+def _out_conv(dtype) -> nn.Conv:
+  """The last 1x1 conv to the one-channel residual, zero-initialised."""
+  return nn.Conv(1, (1, 1), dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                 name='out_conv')
 
 
 class Decoder(nn.Module):
-  """5 `UpBlock`s from the deepest tap through the skips, then the zero-initialised 1x1 conv to
-  one channel. deepest: [B, h, w, C4]; skips: 5 arrays [B, h_i, w_i, c_i], coarse to fine ->
-  r [B, h_5, w_5] float32."""
+  """5 `UpBlock`s to the given sizes, with a skip each ('skips') or none (`skips` is None:
+  'paper', then a 1x1 conv to `width` channels comes first), then the zero-initialised 1x1 conv
+  to one channel. deepest: [B, h, w, C4] -> r [B, sizes[-1][0], sizes[-1][1]] float32."""
   features: Sequence[int]
+  width: int = 0                      # 'paper': channels of the first 1x1 conv (0: none)
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, deepest: jnp.ndarray, skips: Sequence[jnp.ndarray]) -> jnp.ndarray:
+  def __call__(self, deepest: jnp.ndarray, sizes: Sequence[tuple[int, int]],
+               skips: Sequence[jnp.ndarray] | None = None) -> jnp.ndarray:
     h = deepest
-    for i, (features, skip) in enumerate(zip(self.features, skips)):
-      h = UpBlock(features, dtype=self.dtype, name=f'up{i + 1}')(h, skip, tuple(skip.shape[1:3]))
-    r = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                name='out_conv')(h)
-    return jnp.asarray(r[..., 0], jnp.float32)
+    if self.width:
+      h = nn.Conv(self.width, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                  kernel_init=backbones.layers.conv_init, name='conv0')(h)
+    for i, (features, size) in enumerate(zip(self.features, sizes)):
+      skip = None if skips is None else skips[i]
+      h = UpBlock(features, dtype=self.dtype, name=f'up{i + 1}')(h, skip, tuple(size))
+    return jnp.asarray(_out_conv(self.dtype)(h)[..., 0], jnp.float32)
 
 
 def _map_conv(encoder: str, dtype, name: str | None = None) -> nn.Conv:
-  """The map's first conv: kernel, stride, padding and channels of the encoder's first conv."""
+  """The map's first conv: kernel, stride, padding and channels of the encoder's first conv
+  (input channels from its input: 3 for 'paper', 1 for 'skips')."""
   spec = backbones.spec(encoder)
   kernel, padding = _FIRST_CONV[spec.family]
   return nn.Conv(spec.channels['stem'], (kernel, kernel), strides=(2, 2), padding=padding,
@@ -181,10 +222,14 @@ class RefineNet(nn.Module):
       variables live under the submodule 'encoder' (then 'map_conv' and 'decoder').
     head: 'residual' (refined = A_hat + r) or 'logit' (refined = sigmoid(logit(A_hat) + r)).
     dtype: compute dtype (params stay float32; outputs are float32).
+    arch: 'paper' | 'skips' (module docstring).
+    decoder_width: 'paper': channels of the decoder's first 1x1 conv (0: C4 / 2).
   """
   encoder: str = 'densenet161'
   head: str = 'residual'
   dtype: Any = jnp.float32
+  arch: str = 'paper'
+  decoder_width: int = 0
 
   @nn.compact
   def residual(self, images01: jnp.ndarray, amap: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -194,15 +239,26 @@ class RefineNet(nn.Module):
     if tuple(amap.shape) != tuple(images01.shape[:3]):
       raise ValueError(f'amap must be [B, S, S] = {tuple(images01.shape[:3])}, got shape '
                        f'{tuple(amap.shape)}')
+    features = decoder_features(self.encoder, self.arch, self.decoder_width)
     x = backbones.preprocess(self.encoder, jnp.asarray(images01, jnp.float32))
-    m = (2.0 * jnp.asarray(amap, jnp.float32) - 1.0)[..., None]        # [0, 1] -> [-1, 1]
+    a = jnp.asarray(amap, jnp.float32)
     enc = backbones.build(self.encoder, self.dtype).clone(name='encoder', parent=self)
-    fused = enc.first_conv(x) + _map_conv(self.encoder, self.dtype, name='map_conv')(m)
+    size = images01.shape[1:3]
+    # Decoder output sizes: the encoder's grids at strides 16, 8, 4, 2, then the input size.
+    sizes = [tuple(-(-s // 2 ** k) for s in size) for k in (4, 3, 2, 1, 0)]
+    if self.arch == 'paper':
+      grey = backbones.preprocess(self.encoder, jnp.repeat(a[..., None], 3, axis=-1))
+      fused = 0.5 * (enc.first_conv(x) + _map_conv(self.encoder, self.dtype, 'map_conv')(grey))
+      taps = enc.from_first_conv(fused, taps=('layer4',), train=train)
+      width = int(self.decoder_width) or 2 * features[0]
+      return Decoder(features, width, self.dtype, name='decoder')(taps['layer4'], sizes)
+    m = (2.0 * a - 1.0)[..., None]                                     # [0, 1] -> [-1, 1]
+    fused = enc.first_conv(x) + _map_conv(self.encoder, self.dtype, 'map_conv')(m)
     taps = enc.from_first_conv(fused, taps=ENCODER_TAPS, train=train)
     skips = (taps['layer3'], taps['layer2'], taps['layer1'], taps['stem'],
              jnp.concatenate([x, m], axis=-1))
-    return Decoder(decoder_features(self.encoder), self.dtype, name='decoder')(taps['layer4'],
-                                                                               skips)
+    return Decoder(features, 0, self.dtype, name='decoder')(
+        taps['layer4'], [tuple(s.shape[1:3]) for s in skips], skips)
 
   def logits(self, images01: jnp.ndarray, amap: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """'logit' head: logit(clip(A_hat, eps, 1 - eps)) + r, [B, S, S] float32."""
@@ -218,6 +274,21 @@ class RefineNet(nn.Module):
     if self.head == 'logit':
       return jax.nn.sigmoid(self.logits(images01, amap, train))
     raise ValueError(f'RefineNet.head must be one of {HEADS}, got {self.head!r}')
+
+
+def arch_of(variables: Mapping) -> tuple[str, int]:
+  """(arch, decoder_width) of a network's variables: 'paper' has the decoder's first 1x1 conv."""
+  decoder = variables['params']['decoder']
+  if 'conv0' in decoder:
+    return 'paper', int(decoder['conv0']['kernel'].shape[-1])
+  return 'skips', 0
+
+
+def network(variables: Mapping, encoder: str, loss: str = 'reg_grad', dtype=jnp.float32,
+            ) -> RefineNet:
+  """The `RefineNet` that owns `variables` (architecture read from them)."""
+  arch, width = arch_of(variables)
+  return RefineNet(encoder, head_for_loss(loss), dtype, arch, width)
 
 
 def _merge_pretrained(init: Mapping, pretrained: Mapping, path: str = '') -> dict:
@@ -254,18 +325,32 @@ def _random_head(expected: Mapping, seed: int) -> dict:
   return convert.to_jax(params)
 
 
+def _first_conv_kernel(encoder: str, encoder_params: Mapping) -> jnp.ndarray:
+  """The encoder's first-conv kernel [k, k, 3, C0] from its (pretrained) params."""
+  model = backbones.build(encoder)
+  used = jax.eval_shape(functools.partial(model.init, method='first_conv'), jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))['params']
+  (path, _), = jax.tree_util.tree_flatten_with_path(flax.core.unfreeze(used))[0]
+  node = encoder_params
+  for entry in path:
+    node = node[entry.key]
+  return node
+
+
 def init_variables(encoder: str, key: jax.Array, *, weights: str = '', pretrained: bool = True,
-                   allow_random_init: bool = False, dtype=jnp.float32) -> dict:
+                   allow_random_init: bool = False, dtype=jnp.float32, arch: str = 'paper',
+                   decoder_width: int = 0) -> dict:
   """Variables {'params', 'batch_stats'} of a fresh RefineNet (either head: same variables).
 
   The encoder's subtree holds its ImageNet variables (`backbones.load_variables(encoder,
   weights)`) when `pretrained`; with no weights available for `encoder` (e.g. densenet161 without
   converted weights) that raises FileNotFoundError unless `allow_random_init`, which uses random
   encoder variables and warns. `pretrained=False` (tests) takes torchvision-like random encoder
-  variables silently. The map conv and the decoder are random from `key`; the last conv is zero.
+  variables silently. The decoder is random from `key`, its last conv zero; the map conv is
+  random ('skips') or the encoder's first conv ('paper').
   (Built part by part: jitting `RefineNet.init` as a whole takes ~20 s of XLA compile on CPU.)
   """
-  model = RefineNet(encoder, 'residual', dtype)
+  model = RefineNet(encoder, 'residual', dtype, arch, int(decoder_width))
   k_enc, k_head = jax.random.split(key)
   if pretrained:
     try:
@@ -285,6 +370,9 @@ def init_variables(encoder: str, key: jax.Array, *, weights: str = '', pretraine
   params = {'encoder': _merge_pretrained(expected['params']['encoder'], loaded['params'],
                                          'params/encoder'),
             **_random_head(expected['params'], _seed(k_head))}
+  if arch == 'paper':
+    params['map_conv']['kernel'] = jnp.asarray(_first_conv_kernel(encoder, loaded['params']),
+                                               jnp.float32)
   stats = {'encoder': _merge_pretrained(expected['batch_stats']['encoder'],
                                         loaded['batch_stats'], 'batch_stats/encoder')}
   variables = {'params': params, 'batch_stats': stats}
@@ -394,7 +482,7 @@ def refine_maps(variables, images01: jnp.ndarray, amap_norm: jnp.ndarray, input_
   """
   size = tuple(amap_norm.shape[1:3])
   s = (int(input_size), int(input_size))
-  model = RefineNet(encoder, head_for_loss(loss), dtype)
+  model = network(variables, encoder, loss, dtype)
   img = _resize(jnp.asarray(images01, jnp.float32), s)
   a = _resize(jnp.asarray(amap_norm, jnp.float32), s)
   refined = model.apply(variables, img, a, train=False)
@@ -425,41 +513,20 @@ def fuse(variables, images01: jnp.ndarray, amap_raw: jnp.ndarray, lo, hi, weight
 
 
 @flax.struct.dataclass
-class TrainState:
-  """Parameters, batch statistics and Adam state; the model and hyper-parameters are static
-  (hashable), so `train_step` compiles once per network shape."""
-  step: jax.Array                    # [] int32, optimiser steps taken
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  model: RefineNet = flax.struct.field(pytree_node=False)
-  loss: str = flax.struct.field(pytree_node=False)
-  learning_rate: float = flax.struct.field(pytree_node=False)
-  augment: bool = flax.struct.field(pytree_node=False)
-
-  @property
-  def tx(self) -> optax.GradientTransformation:
-    return optax.adam(self.learning_rate)
-
-  def apply_gradients(self, grads, batch_stats) -> 'TrainState':
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        batch_stats=batch_stats, opt_state=opt_state)
-
-  @property
-  def variables(self) -> dict:
-    return {'params': self.params, 'batch_stats': self.batch_stats}
+class TrainState(train_loop.TrainState):
+  """`train_loop.TrainState` plus the loss and whether the steps augment (static, hashable), so
+  the steps compile once per network shape."""
+  loss: str = flax.struct.field(pytree_node=False, default='reg_grad')
+  augment: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 def create_train_state(variables: Mapping, encoder: str, loss: str = 'reg_grad',
                        learning_rate: float = 1e-4, augment: bool = True,
                        dtype=jnp.float32) -> TrainState:
-  """A TrainState around `variables` (`init_variables`) with a fresh Adam state."""
-  model = RefineNet(encoder, head_for_loss(loss), dtype)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                     batch_stats=variables['batch_stats'], opt_state=None, model=model,
-                     loss=loss, learning_rate=float(learning_rate), augment=bool(augment))
-  return state.replace(opt_state=state.tx.init(state.params))
+  """A TrainState around `variables` (`init_variables`; the architecture is read from them) with
+  a fresh Adam state (constant learning rate)."""
+  return TrainState.create(network(variables, encoder, loss, dtype), variables,
+                           float(learning_rate), loss=loss, augment=bool(augment))
 
 
 Metrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output('loss'),
@@ -505,20 +572,8 @@ def _input_predictions(head: str, amaps: jnp.ndarray) -> jnp.ndarray:
   return amaps
 
 
-@jax.jit
-def train_step(state: TrainState, batch: Mapping[str, jax.Array],
-               key: jax.Array) -> tuple[TrainState, Metrics]:
-  """One Adam step.
-
-  Args:
-    state: the TrainState.
-    batch: 'image' [B, s, s, 3] float32 in [0, 1], 'amap' [B, s, s] normalised A_hat, 'mask'
-      [B, s, s] target in [0, 1].
-    key: augmentation key of this step (unused when state.augment is False).
-  Returns:
-    (new state, Metrics: the batch loss and the loss of the unrefined input map).
-  """
-  images, amaps, masks = batch['image'], batch['amap'], batch['mask']
+def _update(state: TrainState, images, amaps, masks, key) -> tuple[TrainState, Metrics]:
+  """One Adam step on a batch at the network's size (augmented first when `state.augment`)."""
   if state.augment:
     images, amaps, masks = augment_batch(key, images, amaps, masks)
   criterion = loss_fn(state.loss)
@@ -535,10 +590,62 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
 
 
 @jax.jit
+def train_step(state: TrainState, batch: Mapping[str, jax.Array],
+               key: jax.Array) -> tuple[TrainState, Metrics]:
+  """One Adam step.
+
+  Args:
+    state: the TrainState.
+    batch: 'image' [B, s, s, 3] float32 in [0, 1], 'amap' [B, s, s] normalised A_hat, 'mask'
+      [B, s, s] target in [0, 1].
+    key: augmentation key of this step (unused when state.augment is False).
+  Returns:
+    (new state, Metrics: the batch loss and the loss of the unrefined input map).
+  """
+  return _update(state, batch['image'], batch['amap'], batch['mask'], key)
+
+
+@jax.jit
 def eval_loss(state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
   """The loss of `batch` in inference mode (running BN statistics, no augmentation) -> []."""
   pred, _ = _predictions(state.model, state.variables, batch['image'], batch['amap'], train=False)
   return loss_fn(state.loss)(pred, batch['mask'])
+
+
+def _keys(base: jax.Array, i) -> tuple[jax.Array, jax.Array]:
+  """(data key, augmentation key) of sample batch / step `i` of the stream `base`."""
+  k_data, k_aug = jax.random.split(jax.random.fold_in(base, i))
+  return k_data, k_aug
+
+
+def _constrain(tree, out_sharding):
+  return tree if out_sharding is None else jax.lax.with_sharding_constraint(tree, out_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=('size', 'out_sharding'))
+def _online_batch(images, raw, masks, lo, hi, step_key: jax.Array, step, size: int,
+                  out_sharding=None):
+  """Online training: the full-size synthetic batch (images [B, S, S, 3], raw A_hat [B, S, S],
+  masks [B, S, S]) resized to `size`, A_hat normalised -> (`train_step` batch, its augmentation
+  key for `step`)."""
+  s = (size, size)
+  batch = {'image': _resize(images, s),
+           'amap': normalize_map(_resize(jnp.asarray(raw, jnp.float32), s), lo, hi),
+           'mask': _resize(masks, s)}
+  return _constrain(batch, out_sharding), _keys(step_key, step)[1]
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size', 'out_sharding'))
+def _pool_batch(pool: Mapping[str, jax.Array], lo, hi, step_key: jax.Array, step,
+                batch_size: int, out_sharding=None):
+  """Pool training: `batch_size` samples of the device-resident pool ('image' [P, s, s, 3], raw
+  'amap' [P, s, s], 'mask' [P, s, s]) drawn with the data key of `step`, A_hat normalised ->
+  (`train_step` batch, its augmentation key)."""
+  k_data, k_aug = _keys(step_key, step)
+  idx = jax.random.randint(k_data, (batch_size,), 0, pool['image'].shape[0])
+  batch = {'image': pool['image'][idx], 'amap': normalize_map(pool['amap'][idx], lo, hi),
+           'mask': pool['mask'][idx]}
+  return _constrain(batch, out_sharding), k_aug
 
 
 # ----------------------------------------------------------------------------- samples
@@ -563,59 +670,152 @@ def _to_input(images: jnp.ndarray, amaps: jnp.ndarray, masks: jnp.ndarray, size:
   return (_resize(images, s), _resize(jnp.asarray(amaps, jnp.float32), s), _resize(masks, s))
 
 
-class SampleSource:
-  """Synthetic training samples (image, raw A_hat, mask) drawn from normal images by key.
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
-  Host arrays are indexed per batch, so memory is bounded by the batch, not the dataset.
+
+def _unit(x: jnp.ndarray) -> jnp.ndarray:
+  """uint8 (0-255) or float images -> float32 in [0, 1], the values of `synth.to_unit_float`
+  (a table lookup: XLA may turn x / 255 into x * (1 / 255), which rounds differently)."""
+  if x.dtype == jnp.uint8:
+    return jnp.asarray(_UINT8_TO_UNIT)[x.astype(jnp.int32)]
+  return jnp.clip(x.astype(jnp.float32), 0.0, 1.0)
+
+
+def _indices(key: jax.Array, num_images: int, num_textures: int, batch_size: int, mode: str):
+  """(synthesis key, image indices [B], texture indices [B]) of a sample batch: textures are
+  drawn from the given ones ('given'), are other training images ('images') or unused."""
+  k_pick, k_tex, k_syn = jax.random.split(key, 3)
+  idx = jax.random.randint(k_pick, (batch_size,), 0, num_images)
+  if mode == 'given':
+    tex = jax.random.randint(k_tex, (batch_size,), 0, num_textures)
+  elif mode == 'images':
+    tex = (idx + jax.random.randint(k_tex, (batch_size,), 1, num_images)) % num_images
+  else:
+    tex = idx
+  return k_syn, idx, tex
+
+
+@functools.partial(jax.jit, static_argnames=('num_images', 'num_textures', 'batch_size', 'mode'))
+def _host_indices(base: jax.Array, steps: jax.Array, num_images: int, num_textures: int,
+                  batch_size: int, mode: str):
+  """The image / texture indices [M, B] of sample batches `steps` [M] of `base` (for loading)."""
+  def one(i):
+    return _indices(_keys(base, i)[0], num_images, num_textures, batch_size, mode)[1:]
+  return jax.vmap(one)(steps)
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size', 'mode', 'out_sharding'))
+def _sample(base: jax.Array, i, images: jax.Array, slot: jax.Array, textures,
+            batch_size: int, mode: str, out_sharding=None):
+  """Sample batch `i` of the stream `base` at full size: (images01 [B, S, S, 3] float32, masks
+  [B, S, S] float32), from the device buffer `images` [R, S, S, 3] (uint8 or float) where image
+  n of the training set is row `slot[n]`, and `textures` [T, S, S, 3] or None."""
+  k_syn, idx, tex = _indices(_keys(base, i)[0], slot.shape[0],
+                             0 if textures is None else textures.shape[0], batch_size, mode)
+  picked = _unit(images[slot[idx]])
+  if mode == 'given':
+    tex_images = _unit(textures[tex])
+  elif mode == 'images':
+    tex_images = _unit(images[slot[tex]])
+  else:
+    tex_images = None
+  out, masks = _synthesize(k_syn, picked, tex_images, mode == 'procedural')
+  return _constrain((out, masks), out_sharding)
+
+
+class ImageSource:
+  """The normal images (and textures) the synthetic samples come from, on the device.
+
+  All images are put on the device once (replicated over the mesh, in their dtype: uint8 as the
+  pipeline gives them) when they fit under `cap_bytes` (None: no cap). Otherwise a buffer of
+  `rows` images is reloaded before every `steps_per_load` batches (`prepare`) with the images
+  those batches pick (the picks are the same functions of the keys either way, so the samples do
+  not depend on the cap). `sample(base, i)` is batch i of the stream `base`.
   """
 
-  def __init__(self, normal_images, amap_fn: Callable, batch_size: int,
-               textures: np.ndarray | None, texture_source: str):
-    images = np.asarray(normal_images)
+  def __init__(self, normal_images, textures, texture_source: str, batch_size: int,
+               cap_bytes: int | None, mesh, out_sharding=None):
+    images = normal_images if isinstance(normal_images, np.ndarray) else np.asarray(normal_images)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'normal_images must be [N, S, S, 3], got shape {images.shape}')
     if images.shape[1] != images.shape[2]:
       raise ValueError(f'normal_images must be square, got {images.shape[1:3]}')
     if images.shape[0] < 1:
       raise ValueError('normal_images is empty')
-    self.images = images
-    self.amap_fn = amap_fn
-    self.batch_size = int(batch_size)
-    self.size = int(images.shape[1])
     if textures is not None:
       textures = np.asarray(textures)
       if textures.ndim != 4 or tuple(textures.shape[1:]) != tuple(images.shape[1:]):
-        raise ValueError(f'textures must be [T, {self.size}, {self.size}, 3] like the images, '
-                         f'got shape {textures.shape}')
+        raise ValueError(f'textures must be [T, {images.shape[1]}, {images.shape[2]}, 3] like the '
+                         f'images, got shape {textures.shape}')
+      self.mode = 'given'
     elif texture_source not in TEXTURE_SOURCES:
       raise ValueError(f'model.refine.texture_source must be one of {TEXTURE_SOURCES}, got '
                        f'{texture_source!r}')
-    self.textures = textures
-    self.texture_source = texture_source
-
-  def draw(self, key: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One batch at full size: (images [B, S, S, 3], raw A_hat [B, S, S], masks [B, S, S])."""
-    b, n = self.batch_size, self.images.shape[0]
-    k_pick, k_tex, k_syn = jax.random.split(key, 3)
-    idx = np.asarray(jax.random.randint(k_pick, (b,), 0, n))
-    images = synth.to_unit_float(self.images[idx])
-    textures, procedural = None, False
-    if self.textures is not None:
-      t_idx = np.asarray(jax.random.randint(k_tex, (b,), 0, self.textures.shape[0]))
-      textures = synth.to_unit_float(self.textures[t_idx])
-    elif self.texture_source == 'images' and n > 1:
-      shift = np.asarray(jax.random.randint(k_tex, (b,), 1, n))   # another training image
-      textures = synth.to_unit_float(self.images[(idx + shift) % n])
     else:
-      procedural = True
-    out, masks = _synthesize(k_syn, jnp.asarray(images), None if procedural else
-                             jnp.asarray(textures), procedural)
-    raw = self.amap_fn(out)
-    raw = jnp.asarray(raw, jnp.float32)
-    if tuple(raw.shape) != tuple(out.shape[:3]):
-      raise ValueError(f'amap_fn must return [B, S, S] = {tuple(out.shape[:3])}, got '
-                       f'{tuple(raw.shape)}')
-    return np.asarray(out), np.asarray(raw), np.asarray(masks)
+      self.mode = 'images' if texture_source == 'images' and images.shape[0] > 1 else 'procedural'
+    self.host, self.batch_size, self.mesh = images, int(batch_size), mesh
+    self.out_sharding = out_sharding
+    self.textures = None if textures is None else sharding.replicate_host(textures, mesh)
+    self.num = int(images.shape[0])
+    per_image = int(np.prod(images.shape[1:])) * images.dtype.itemsize
+    per_batch = self.batch_size * (2 if self.mode == 'images' else 1)
+    self.resident = not cap_bytes or self.num * per_image <= cap_bytes
+    if self.resident:
+      self.rows, self.steps_per_load = self.num, 0
+      self.buffer = sharding.replicate_host(np.ascontiguousarray(images), mesh)
+      self.slot = sharding.replicate_host(np.arange(self.num, dtype=np.int32), mesh)
+    else:
+      self.rows = min(self.num, max(per_batch, int(cap_bytes) // per_image))
+      self.steps_per_load = max(1, self.rows // per_batch)
+      self.buffer = self.slot = None
+    self.loaded = None                              # (base key words, first, last) loaded
+
+  def prepare(self, base: jax.Array, first: int, count: int) -> None:
+    """Makes sure batches first .. first + count - 1 of `base` can be drawn (streaming: loads the
+    images they pick, at most `steps_per_load` batches at a time; resident: nothing)."""
+    if self.resident:
+      return
+    tag = tuple(np.asarray(jax.random.key_data(base)).ravel().tolist())
+    if self.loaded is not None and self.loaded[0] == tag and (
+        self.loaded[1] <= first and first + count <= self.loaded[2]):
+      return
+    count = min(count, self.steps_per_load)
+    idx, tex = _host_indices(base, jnp.arange(first, first + count), self.num,
+                             0 if self.textures is None else self.textures.shape[0],
+                             self.batch_size, self.mode)
+    needed = np.asarray(idx).ravel()
+    if self.mode == 'images':
+      needed = np.concatenate([needed, np.asarray(tex).ravel()])
+    needed = np.unique(needed)
+    host = np.zeros((self.rows,) + self.host.shape[1:], self.host.dtype)
+    host[:len(needed)] = self.host[needed]
+    slot = np.zeros(self.num, np.int32)
+    slot[needed] = np.arange(len(needed), dtype=np.int32)
+    if self.buffer is not None:
+      self.buffer.delete()
+    self.buffer = sharding.replicate_host(host, self.mesh)
+    self.slot = sharding.replicate_host(slot, self.mesh)
+    self.loaded = (tag, first, first + count)
+
+  def sample(self, base: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
+    """Batch `i` of `base` at full size: (images01 [B, S, S, 3], masks [B, S, S]) on the device."""
+    self.prepare(base, i, 1)
+    return _sample(base, i, self.buffer, self.slot, self.textures, self.batch_size, self.mode,
+                   self.out_sharding)
+
+  def close(self) -> None:
+    for a in (self.buffer, self.slot, self.textures):
+      if a is not None:
+        a.delete()
+
+
+def _amap(amap_fn: Callable, images: jax.Array) -> jax.Array:
+  """amap_fn on a synthetic batch, checked: raw A_hat [B, S, S] float32 (a device array)."""
+  raw = jnp.asarray(amap_fn(images), jnp.float32)
+  if tuple(raw.shape) != tuple(images.shape[:3]):
+    raise ValueError(f'amap_fn must return [B, S, S] = {tuple(images.shape[:3])}, got '
+                     f'{tuple(raw.shape)}')
+  return raw
 
 
 def synthetic_samples(key: jax.Array, normal_images, amap_fn: Callable, batch_size: int = 8,
@@ -623,23 +823,14 @@ def synthetic_samples(key: jax.Array, normal_images, amap_fn: Callable, batch_si
                       texture_source: str = 'procedural') -> dict[str, np.ndarray]:
   """A batch of synthetic training samples (e.g. for `save_refine_samples`): {'image' [B, S, S, 3],
   'amap' raw A_hat [B, S, S], 'mask' [B, S, S]} numpy float32; batch_size divisible by 4."""
-  src = SampleSource(normal_images, amap_fn, batch_size, textures, texture_source)
-  image, amap, mask = src.draw(key)
-  return {'image': image, 'amap': amap, 'mask': mask}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-
-
-def _state_arrays(state: TrainState) -> dict:
-  return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
-          'opt_state': state.opt_state}
-
-
-
-
+  src = ImageSource(normal_images, textures, texture_source, batch_size, 1,
+                    sharding.make_mesh(jax.devices()[:1]))
+  try:
+    image, mask = src.sample(key, 0)
+    raw = _amap(amap_fn, image)
+    return {'image': np.asarray(image), 'amap': np.asarray(raw), 'mask': np.asarray(mask)}
+  finally:
+    src.close()
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -674,44 +865,45 @@ def check_config(cfg_refine) -> None:
     bad('calibration_samples', _get(cfg_refine, 'calibration_samples'), 'must be >= 1')
   if int(_get(cfg_refine, 'log_every')) < 1:
     bad('log_every', _get(cfg_refine, 'log_every'), 'must be >= 1')
+  if _get(cfg_refine, 'arch') not in ARCHS:
+    bad('arch', _get(cfg_refine, 'arch'), f'must be one of {ARCHS}')
+  if int(_get(cfg_refine, 'decoder_width')) < 0:
+    bad('decoder_width', _get(cfg_refine, 'decoder_width'), 'must be >= 0 (0 = C4 / 2)')
+  if _get(cfg_refine, 'precision') not in PRECISIONS:
+    bad('precision', _get(cfg_refine, 'precision'), f'must be one of {tuple(PRECISIONS)}')
+  if float(_get(cfg_refine, 'device_images_mb')) < 0:
+    bad('device_images_mb', _get(cfg_refine, 'device_images_mb'), 'must be >= 0 (0 = no cap)')
 
 
-def _draw_many(src: SampleSource, key: jax.Array, num_batches: int, size: int):
-  """num_batches batches from fold_in(key, j): the net-size samples and the full-size raw maps and
-  masks (for the statistics). Returns (images [M, s, s, 3], raw maps [M, s, s], masks [M, s, s],
-  raw maps [M, S, S], masks [M, S, S]) numpy."""
+def _draw_many(src: ImageSource, amap_fn: Callable, base: jax.Array, num_batches: int,
+               size: int):
+  """num_batches sample batches of `base` with their A_hat: the net-size samples on the device
+  (images [M, s, s, 3], raw maps [M, s, s], masks [M, s, s]) and the full-size raw maps and
+  masks on the host (numpy, for the normalisation statistics)."""
   parts = [[], [], [], [], []]
+  src.prepare(base, 0, num_batches)
   for j in range(num_batches):
-    image, raw, mask = src.draw(jax.random.fold_in(key, j))
-    small = _to_input(jnp.asarray(image), jnp.asarray(raw), jnp.asarray(mask), size)
-    for p, v in zip(parts, (*small, raw, mask)):
-      p.append(np.asarray(v))
-  return tuple(np.concatenate(p) for p in parts)
-
-
-@functools.partial(jax.jit, static_argnames=('batch_size',))
-def _pool_batch(key: jax.Array, pool: Mapping[str, jax.Array], lo, hi, batch_size: int) -> dict:
-  idx = jax.random.randint(key, (batch_size,), 0, pool['image'].shape[0])
-  return {'image': pool['image'][idx], 'amap': normalize_map(pool['amap'][idx], lo, hi),
-          'mask': pool['mask'][idx]}
-
-
-@jax.jit
-def _online_batch(images, amaps, masks, lo, hi) -> dict:
-  return {'image': images, 'amap': normalize_map(amaps, lo, hi), 'mask': masks}
+    image, mask = src.sample(base, j)
+    raw = _amap(amap_fn, image)
+    for p, v in zip(parts, (*_to_input(image, raw, mask, size), raw, mask)):
+      p.append(v)
+  small = tuple(jnp.concatenate(p) for p in parts[:3])
+  return small + tuple(np.concatenate([np.asarray(v) for v in p]) for p in parts[3:])
 
 
 def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
                   cfg_refine: ml_collections.ConfigDict, key: jax.Array,
                   ckpt_dir: str | None = None, log_fn: Callable[[str], None] | None = None,
-                  textures: np.ndarray | None = None, *, dtype=jnp.float32):
+                  textures: np.ndarray | None = None, *, dtype=None, mesh=None):
   """Trains the refinement network on synthetic defects of `normal_images`.
 
   Args:
-    normal_images: [N, S, S, 3] float32 in [0, 1] or uint8 host array (kept on the host; each
-      step reads only its batch).
-    amap_fn: `amap_fn(images01 [B, S, S, 3] float32) -> [B, S, S]` raw A_hat of the fitted model,
-      B = cfg_refine.batch_size (treated as opaque and expensive).
+    normal_images: [N, S, S, 3] uint8 (0-255) or float32 in [0, 1] host array (np.memmap ok).
+      Put on the device once when under `device_images_mb`, else streamed (`ImageSource`).
+    amap_fn: `amap_fn(images01 [B, S, S, 3] float32 device array) -> [B, S, S]` raw A_hat of the
+      fitted model, B = cfg_refine.batch_size: a jitted function of device arrays (it is called
+      every step between the jitted synthesis and the jitted update, and compiled on its own).
+      Its input is split over the mesh's devices when the batch divides.
     cfg_refine: cfg.model.refine (encoder, encoder_weights, input_size, iterations, batch_size,
       learning_rate, loss, texture_dir, checkpoint_every; optional fields in `DEFAULTS`).
     key: PRNG key of the run; initialisation, pool, statistics, image picks, synthesis and
@@ -723,13 +915,16 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
     textures: optional [T, S, S, 3] texture images for the DRAEM-style defects; else
       cfg.texture_dir (`synth.load_textures`), else `texture_source` ('procedural' textures or
       other training 'images').
-    dtype: compute dtype of the network.
+    dtype: compute dtype of the network (default: `model.refine.precision`).
+    mesh: `sharding.make_mesh()` (default: all devices).
 
   Returns:
     (variables {'params', 'batch_stats'}, stats {'lo': float, 'hi': float}, history) where
     history holds lists step, loss, input_loss (the loss of the unrefined map on the same
     batches), interval_seconds (one entry per log / checkpoint point), and pool_size, num_images,
-    total_seconds (this call).
+    total_seconds, compile_seconds (tracing + compiling in this call, jax.monitoring),
+    steady_step_seconds (mean iteration time after the first log point of this call; NaN with
+    fewer than two log points).
   """
   check_config(cfg_refine)
   log = log_fn or logging.info
@@ -743,104 +938,106 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
   pool_size = int(_get(cfg_refine, 'pool_size'))
   pool_batches = -(-pool_size // batch_size)
   calib_batches = pool_batches or -(-int(_get(cfg_refine, 'calibration_samples')) // batch_size)
+  arch, width = str(_get(cfg_refine, 'arch')), int(_get(cfg_refine, 'decoder_width'))
+  dtype = PRECISIONS[_get(cfg_refine, 'precision')] if dtype is None else dtype
   texture_dir = str(cfg_refine.get('texture_dir', '') or '')
-  images = np.asarray(normal_images)
+  images = normal_images if isinstance(normal_images, np.ndarray) else np.asarray(normal_images)
   if textures is None and texture_dir:
     if images.ndim != 4:
       raise ValueError(f'normal_images must be [N, S, S, 3], got shape {images.shape}')
     textures = synth.load_textures(texture_dir, tuple(images.shape[1:3]))
-  src = SampleSource(images, amap_fn, batch_size, textures, _get(cfg_refine, 'texture_source'))
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  batch_sharding = (sharding.data_sharding(mesh) if batch_size % sharding.num_shards(mesh) == 0
+                    else sharding.replicated(mesh))
+  cap = float(_get(cfg_refine, 'device_images_mb')) * 2 ** 20
+  src = ImageSource(images, textures, _get(cfg_refine, 'texture_source'), batch_size,
+                    int(cap) or None, mesh, batch_sharding)
 
-  fingerprint = checkpoints.json_ready({
+  fingerprint = {
       'images_shape': list(images.shape), 'key': checkpoints.key_words(key),
       'textures_shape': None if textures is None else list(np.shape(textures)),
+      'precision': jnp.dtype(dtype).name,
       **{k: cfg_refine.get(k) for k in ('encoder', 'encoder_weights', 'input_size', 'batch_size',
                                         'learning_rate', 'loss', 'texture_dir')},
       **{k: _get(cfg_refine, k) for k in ('pool_size', 'texture_source', 'norm_quantiles',
                                           'calibration_samples', 'augment',
-                                          'allow_random_init')}})
-  device = jax.devices()[0]
+                                          'allow_random_init', 'arch', 'decoder_width')}}
   variables = init_variables(encoder, jax.random.fold_in(key, _SALT_INIT),
                              weights=str(cfg_refine.get('encoder_weights', '') or ''),
                              allow_random_init=bool(_get(cfg_refine, 'allow_random_init')),
-                             dtype=dtype)
-  state = jax.device_put(create_train_state(
+                             dtype=dtype, arch=arch, decoder_width=width)
+  state = sharding.replicate(create_train_state(
       variables, encoder, cfg_refine.loss, float(cfg_refine.learning_rate),
-      bool(_get(cfg_refine, 'augment')), dtype), device)
+      bool(_get(cfg_refine, 'augment')), dtype), mesh)
   history = {k: [] for k in ('step', 'loss', 'input_loss', 'interval_seconds')}
-  start, stats = 0, None
-  ckpts = checkpoints.TrainCheckpoints(ckpt_dir) if ckpt_dir else None
-  if ckpts is not None and ckpts.latest() is not None:
-    start = int(ckpts.latest())
-    record = ckpts.restore_record(start)
-    for field, value in fingerprint.items():
-      if record['fingerprint'].get(field) != value:
-        raise ValueError(f'checkpoint in {ckpt_dir} was written by a different run: {field} = '
-                         f"{record['fingerprint'].get(field)!r} there, {value!r} now; use a fresh "
-                         'ckpt_dir or the original settings')
-    s = jax.device_put(ckpts.restore_arrays(start, _state_arrays(state)), device)
-    state = state.replace(step=s['step'], params=s['params'], batch_stats=s['batch_stats'],
-                          opt_state=s['opt_state'])
-    stats, history = record['stats'], record['history']
-    log(f'refinement: resumed from {ckpt_dir} at iteration {start}')
-
+  stats, lo, hi = None, None, None
+  clock = train_loop.CompileClock()
   try:
-    t = time.time()
-    pool = None
-    if pool_batches and start < iterations:
-      img, raw, mask, raw_full, mask_full = _draw_many(src, jax.random.fold_in(key, _SALT_POOL),
-                                                       pool_batches, size)
-      pool = jax.device_put({'image': img, 'amap': raw, 'mask': mask}, device)
-      if stats is None:
+    with train_loop.Run('refinement', ckpt_dir, fingerprint, log, total=iterations,
+                        unit='iteration') as run:
+      start, arrays, record = run.resume(state.arrays(),
+                                         lambda a: sharding.replicate(a, mesh))
+      if arrays is not None:
+        state = state.with_arrays(arrays)
+        stats, history = record['stats'], record['history']
+      t = time.time()
+      pool = None
+      if pool_batches and start < iterations:
+        img, raw, mask, raw_full, mask_full = _draw_many(
+            src, amap_fn, jax.random.fold_in(key, _SALT_POOL), pool_batches, size)
+        pool = sharding.replicate({'image': img, 'amap': raw, 'mask': mask}, mesh)
+        if stats is None:
+          stats = map_stats(raw_full, mask_full, _get(cfg_refine, 'norm_quantiles'))
+        log(f'refinement: pool of {img.shape[0]} synthetic samples in {time.time() - t:.1f}s')
+      elif stats is None:
+        *_, raw_full, mask_full = _draw_many(src, amap_fn, jax.random.fold_in(key, _SALT_CALIB),
+                                             calib_batches, size)
         stats = map_stats(raw_full, mask_full, _get(cfg_refine, 'norm_quantiles'))
-      log(f'refinement: pool of {img.shape[0]} synthetic samples in {time.time() - t:.1f}s')
-    elif stats is None:
-      _, _, _, raw_full, mask_full = _draw_many(src, jax.random.fold_in(key, _SALT_CALIB),
-                                                calib_batches, size)
-      stats = map_stats(raw_full, mask_full, _get(cfg_refine, 'norm_quantiles'))
-      log(f'refinement: statistics from {calib_batches * batch_size} synthetic samples in '
-          f'{time.time() - t:.1f}s')
-    lo, hi = float(stats['lo']), float(stats['hi'])
-    log(f'refinement: {encoder} encoder at {size} px, {iterations} iterations x {batch_size}, '
-        f'loss {cfg_refine.loss}, {"pool of " + str(pool_batches * batch_size) if pool else "online"}'
-        f' samples, A_hat normalised with lo {lo:.4g}, hi {hi:.4g}')
+        log(f'refinement: statistics from {calib_batches * batch_size} synthetic samples in '
+            f'{time.time() - t:.1f}s')
+      lo, hi = float(stats['lo']), float(stats['hi'])
+      log(f'refinement: {encoder} encoder ({arch}) at {size} px, {iterations} iterations x '
+          f'{batch_size}, loss {cfg_refine.loss}, {jnp.dtype(dtype).name}, '
+          f'{"pool of " + str(pool_batches * batch_size) if pool else "online"} samples, '
+          f'{sharding.num_shards(mesh)} device(s), A_hat normalised with lo {lo:.4g}, hi {hi:.4g}')
 
-    step_key = jax.random.fold_in(key, _SALT_STEP)
-    metrics, t_loop, t_point = None, time.time(), time.time()
-    for step in range(start, iterations):
-      k_data, k_aug = jax.random.split(jax.random.fold_in(step_key, step))
-      if pool is not None:
-        batch = _pool_batch(k_data, pool, lo, hi, batch_size)
-      else:
-        image, raw, mask = src.draw(k_data)
-        batch = _online_batch(*_to_input(jnp.asarray(image), jnp.asarray(raw), jnp.asarray(mask),
-                                         size), lo, hi)
-      # Committed to one device like the restored state: one compiled step for every run.
-      state, m = train_step(state, jax.device_put(batch, device), jax.device_put(k_aug, device))
-      metrics = m if metrics is None else metrics.merge(m)
-      done = step + 1
-      save = ckpts is not None and (done % every == 0 or done == iterations)
-      if done % log_every == 0 or done == iterations or save:
-        summary = {k: float(v) for k, v in metrics.compute().items()}
-        metrics = None
-        now = time.time()
-        history['step'].append(done)
-        history['loss'].append(summary['loss'])
-        history['input_loss'].append(summary['input_loss'])
-        history['interval_seconds'].append(now - t_point)
-        t_point = now
-        elapsed = now - t_loop
-        eta = elapsed / (done - start) * (iterations - done)
-        log(f'refinement iteration {done}/{iterations}  loss {summary["loss"]:.5f}  (input map '
-            f'{summary["input_loss"]:.5f})  elapsed {format_seconds(elapsed)}  ETA {format_seconds(eta)}')
-      if save:
-        ckpts.save(done, _state_arrays(state),
-                   checkpoints.json_ready({'fingerprint': fingerprint, 'stats': stats, 'history': history}))
+      step_key = jax.random.fold_in(key, _SALT_STEP)
+      metrics, t_point, points = None, time.time(), []
+      for step in range(start, iterations):
+        if pool is not None:
+          batch, k_aug = _pool_batch(pool, lo, hi, step_key, step, batch_size, batch_sharding)
+        else:
+          src.prepare(step_key, step, iterations - step)
+          image, mask = src.sample(step_key, step)
+          batch, k_aug = _online_batch(image, _amap(amap_fn, image), mask, lo, hi, step_key,
+                                       step, size, batch_sharding)
+        state, m = train_step(state, batch, k_aug)
+        metrics = m if metrics is None else metrics.merge(m)
+        done = step + 1
+        save = ckpt_dir is not None and (done % every == 0 or done == iterations)
+        if done % log_every == 0 or done == iterations or save:
+          summary = train_loop.summarize(metrics)
+          metrics = None
+          now = time.time()
+          points.append((done, now - t_point))
+          history['step'].append(done)
+          history['loss'].append(summary['loss'])
+          history['input_loss'].append(summary['input_loss'])
+          history['interval_seconds'].append(now - t_point)
+          t_point = now
+          run.progress(done, f'loss {summary["loss"]:.5f}  (input map '
+                             f'{summary["input_loss"]:.5f})')
+        if save:
+          run.save(done, state.arrays(), stats=stats, history=history)
   finally:
-    if ckpts is not None:
-      ckpts.close()
+    clock.close()
+    src.close()
+  steady = math.nan
+  if len(points) >= 2:
+    steady = sum(s for _, s in points[1:]) / (points[-1][0] - points[0][0])
   history.update(pool_size=pool_batches * batch_size, num_images=int(images.shape[0]),
-                 total_seconds=time.time() - t_start)
+                 total_seconds=time.time() - t_start, compile_seconds=clock.total,
+                 steady_step_seconds=steady)
   return state.variables, {'lo': lo, 'hi': hi}, history
 
 

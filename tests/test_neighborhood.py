@@ -204,7 +204,7 @@ def test_training_beats_chance(straight_run):
   assert [line.split(' epoch ')[1].split()[0] for line in epoch_lines] == ['1/3', '2/3', '3/3']
   assert f"val acc {history['val_accuracy'][-1]:.4f}" in epoch_lines[-1]
   done = 3 * (1200 // 32) * 32                      # 3 epochs of full batches of 32
-  assert f'samples {done}/{done}' in epoch_lines[-1] and 'eta' in epoch_lines[-1]
+  assert f'samples {done}/{done}' in epoch_lines[-1] and 'ETA' in epoch_lines[-1]
   # Interior positions of 16 maps 12 x 12 with p = 3: 16 * 10 * 10, a quarter held out.
   assert (history['num_train'], history['num_val']) == (1200, 400)
   assert history['steps_per_epoch'] == 1200 // 32
@@ -282,9 +282,9 @@ def _recording_train_step(monkeypatch):
   seen = []
   real = nb.train_step
 
-  def step(state, feats, batch, key):
-    seen.append((tuple(feats.shape), feats.nbytes))
-    return real(state, feats, batch, key)
+  def step(state, maps, *args, **kwargs):
+    seen.append((tuple(maps['feats'].shape), maps['feats'].nbytes))
+    return real(state, maps, *args, **kwargs)
 
   monkeypatch.setattr(nb, 'train_step', step)
   return seen

@@ -9,6 +9,8 @@ Bounds are the measured changes (2 CPU cores) with a margin; see the asserts.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +147,57 @@ def test_bfloat16_mlp_accumulates_in_float32():
   got = model16.apply(params, x, train=False)
   assert got.dtype == jnp.float32
   assert float(got[0, 0]) == 4095 * (1 + 2.0 ** -7) == 4126.9921875
+
+
+def _matmul_dtypes(dtype) -> set[tuple[str, str, str]]:
+  """(lhs, rhs, result) element types of every matmul in the lowered MLP training step."""
+  import re
+  from pni_jax.config import base_config
+  cfg = base_config().model.neighborhood
+  cfg.window, cfg.num_layers, cfg.width, cfg.batch_size = 3, 3, 32, 16
+  state = nb.create_train_state(jax.random.key(0), cfg, 8 * 4, 8, 10, dtype)
+  maps = {'feats': jnp.zeros((2, 5, 5, 4), dtype), 'targets': jnp.zeros((2, 5, 5), jnp.int32),
+          'slot': jnp.arange(2, dtype=jnp.int32)}
+  order = jnp.zeros((32,), jnp.int32)
+  text = nb.train_step.lower(state, maps, order, 0, jax.random.key(1), 0,
+                             grid=nb._Grid(2, 5, 5, 0), batch_size=16).as_text()
+  found = re.findall(r'stablehlo\.dot_general .*: \(tensor<[\dx]+x(\w+)>, tensor<[\dx]+x(\w+)>\) '
+                     r'-> tensor<[\dx]+x(\w+)>', text)
+  assert len(found) == 3 + 2 * 3 - 1      # 3 forward, 3 weight and 2 input gradients
+  return set(found)
+
+
+def test_bfloat16_training_multiplies_in_bfloat16_forward_and_backward():
+  # Before the custom VJP the backward products took the float32 cotangent as it was and ran
+  # float32 x float32 (two thirds of the training FLOPs): bfloat16 trained no faster on a GPU.
+  assert _matmul_dtypes(jnp.bfloat16) == {('bf16', 'bf16', 'f32')}
+  assert _matmul_dtypes(jnp.float32) == {('f32', 'f32', 'f32')}
+
+
+def test_bfloat16_backward_adds_no_error(monkeypatch):
+  """The bfloat16 step's gradients (backward products in bfloat16) are as close to the float32
+  gradients as those of autodiff's float32 backward products: the bfloat16 forward dominates."""
+  x = jax.random.normal(jax.random.key(0), (64, 48), jnp.float32)
+  labels = jax.random.randint(jax.random.key(1), (64,), 0, 6)
+
+  def grads(dtype):
+    model = nb.MLP(num_layers=3, width=32, num_classes=6, dtype=dtype)
+    variables = model.init(jax.random.key(2), x, train=False)
+
+    def loss(params):
+      logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                              train=True, mutable=['batch_stats'])
+      return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(64), labels])
+
+    return jax.tree.leaves(jax.grad(loss)(variables['params']))
+
+  g32, g16 = grads(jnp.float32), grads(jnp.bfloat16)
+  monkeypatch.setattr(nb, '_dot_general_mixed', functools.partial(
+      jax.lax.dot_general, preferred_element_type=jnp.float32))
+  g_autodiff = grads(jnp.bfloat16)
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  for a, b, c in zip(g16, g_autodiff, g32):
+    assert a.dtype == jnp.float32
+    # Measured: 0.2-9% from float32 either way (width 32: BatchNorm of rounded activations),
+    # the two bfloat16 variants within 0.1 percentage point of each other.
+    assert rel(a, c) <= 1.25 * rel(b, c) + 0.01, (rel(a, c), rel(b, c))

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from pni_jax import refine
+from pni_jax import sharding
+from pni_jax import synth
 from pni_jax.config import base_config
 
 S = 64          # image size of every test
@@ -47,6 +49,11 @@ def variables():
 
 
 @pytest.fixture(scope='module')
+def variables_skips():
+  return refine.init_variables(ENCODER, jax.random.key(0), arch='skips')
+
+
+@pytest.fixture(scope='module')
 def batch():
   """A fixed batch: squares of defect with a blurred, offset input map."""
   images = _images(B, 1)
@@ -73,6 +80,7 @@ def _cfg(**kw) -> ml_collections.ConfigDict:
     cfg.augment = False
     cfg.texture_source = 'images'
     cfg.log_every = 1
+  cfg.decoder_width = 0          # 'paper' network with C4 / 2 = 160 decoder channels (Lite0)
   for k, v in kw.items():
     cfg[k] = v
   return cfg
@@ -179,22 +187,40 @@ def test_logit_head_starts_at_the_input_map(variables, batch):
   np.testing.assert_allclose(got, np.clip(a, refine.LOGIT_EPS, 1 - refine.LOGIT_EPS), atol=1e-6)
 
 
-def test_init_variables_structure(variables):
-  params = variables['params']
-  assert set(params) == {'encoder', 'map_conv', 'decoder'}
-  assert set(params['decoder']) == {'up1', 'up2', 'up3', 'up4', 'up5', 'out_conv'}
-  # Channel halving: Lite0's layer4 has 320 channels -> 160, 80, 40, 20, 10.
-  assert [params['decoder'][f'up{i}']['conv3x3']['kernel'].shape[-1] for i in range(1, 6)] == [
-      160, 80, 40, 20, 10]
-  # Early fusion: the map conv has the encoder stem's kernel and channels, one input channel.
-  assert params['map_conv']['kernel'].shape == (3, 3, 1, 32)
-  assert params['encoder']['conv_stem']['kernel'].shape == (3, 3, 3, 32)
-  # The encoder holds the embedded ImageNet weights, not a random draw.
+def test_init_variables_structure(variables, variables_skips):
   from pni_jax import backbones
   pretrained = backbones.load_variables(ENCODER)
-  np.testing.assert_array_equal(params['encoder']['conv_stem']['kernel'],
-                                pretrained['params']['conv_stem']['kernel'])
-  assert 'fc' not in params['encoder']          # the classifier is never built
+  stem = pretrained['params']['conv_stem']['kernel']                   # [3, 3, 3, 32]
+  for v in (variables, variables_skips):
+    params = v['params']
+    assert set(params) == {'encoder', 'map_conv', 'decoder'}
+    # The encoder holds the embedded ImageNet weights, not a random draw.
+    np.testing.assert_array_equal(params['encoder']['conv_stem']['kernel'], stem)
+    assert 'fc' not in params['encoder']          # the classifier is never built
+  # 'paper': the map enters through a copy of the pretrained first conv (as a grey image), the
+  # decoder starts with a 1x1 conv to decoder_width (0: C4 / 2 = 160 for Lite0's 320) and halves
+  # it five times; no skips, so every block's 1x1 conv takes the previous block's channels.
+  paper = variables['params']
+  np.testing.assert_array_equal(paper['map_conv']['kernel'], stem)
+  assert set(paper['decoder']) == {'conv0', 'up1', 'up2', 'up3', 'up4', 'up5', 'out_conv'}
+  assert paper['decoder']['conv0']['kernel'].shape == (1, 1, 320, 160)
+  assert [paper['decoder'][f'up{i}']['conv1x1']['kernel'].shape[2:] for i in range(1, 6)] == [
+      (160, 80), (80, 40), (40, 20), (20, 10), (10, 8)]
+  assert refine.arch_of(variables) == ('paper', 160)
+  # 'skips': a random 1-channel map conv, channel halving from C4 = 320 (160 .. 10) and the skips
+  # concatenated (block 1 takes 320 + layer3's 112 channels).
+  skips = variables_skips['params']
+  assert skips['map_conv']['kernel'].shape == (3, 3, 1, 32)
+  assert set(skips['decoder']) == {'up1', 'up2', 'up3', 'up4', 'up5', 'out_conv'}
+  assert [skips['decoder'][f'up{i}']['conv3x3']['kernel'].shape[-1] for i in range(1, 6)] == [
+      160, 80, 40, 20, 10]
+  assert skips['decoder']['up1']['conv1x1']['kernel'].shape[2] == 320 + 112
+  assert refine.arch_of(variables_skips) == ('skips', 0)
+  # An explicit width (the paper config: 768 for DenseNet-161).
+  wide = refine.init_variables(ENCODER, jax.random.key(0), decoder_width=96)
+  assert refine.arch_of(wide) == ('paper', 96)
+  with pytest.raises(ValueError, match='model.refine.arch'):
+    refine.init_variables(ENCODER, jax.random.key(0), arch='unet')
 
 
 def test_missing_encoder_weights_name_the_refine_settings():
@@ -216,10 +242,10 @@ def test_augment_batch_moves_map_with_mask():
 # ----------------------------------------------------------------------------- training
 
 
-def test_train_steps_lower_the_loss(variables, batch):
+def test_train_steps_lower_the_loss(variables_skips, batch):
   # Everything committed to the device, as train_refiner does: the compiled step is shared.
   device = jax.devices()[0]
-  state = jax.device_put(refine.create_train_state(variables, ENCODER, 'reg_grad', LR,
+  state = jax.device_put(refine.create_train_state(variables_skips, ENCODER, "reg_grad", LR,
                                                    augment=False), device)
   batch = jax.device_put(batch, device)
   losses = []
@@ -233,18 +259,51 @@ def test_train_steps_lower_the_loss(variables, batch):
   assert losses[-1] < 0.9 * losses[0], losses
 
 
+# ----------------------------------------------------------------------------- samples on the device
+
+
+@pytest.mark.parametrize('texture_source', ['images', 'procedural'])
+def test_device_samples_mask_is_the_changed_pixels(texture_source):
+  """The on-device sampler: every mask is exactly the pixels changed from the picked normal
+  image (uint8 images as the pipeline gives them), and a streamed source (images reloaded
+  under a device cap) draws bit-identical batches."""
+  images = np.round(_images(12, 8) * 255).astype(np.uint8)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  base = jax.random.key(3)
+  resident = refine.ImageSource(images, None, texture_source, B, None, mesh)
+  streamed = refine.ImageSource(images, None, texture_source, B, 3 * images[0].nbytes, mesh)
+  mode = resident.mode
+  # The buffer holds what one batch may pick: B images (+ B texture images), not all 12.
+  assert resident.resident and not streamed.resident
+  assert streamed.rows == (2 * B if mode == 'images' else B) and streamed.steps_per_load == 1
+  for i in range(3):
+    out, mask = (np.asarray(x) for x in resident.sample(base, i))
+    idx, _ = refine._host_indices(base, jnp.arange(i, i + 1), 12, 0, B, mode)
+    picked = synth.to_unit_float(images[np.asarray(idx)[0]])
+    assert out.shape == (B, S, S, 3) and mask.shape == (B, S, S)
+    np.testing.assert_array_equal(mask, np.any(out != picked, axis=-1).astype(np.float32))
+    assert np.all(mask.reshape(B, -1).sum(1) > 0)          # every sample has a defect
+    out2, mask2 = streamed.sample(base, i)
+    np.testing.assert_array_equal(np.asarray(out2), out)
+    np.testing.assert_array_equal(np.asarray(mask2), mask)
+  resident.close()
+  streamed.close()
+
+
 class _Killed(Exception):
   pass
 
 
-def test_killed_and_resumed_training_equals_uninterrupted(tmp_path):
+def test_killed_and_resumed_online_training_equals_uninterrupted(tmp_path):
+  # Online synthesis (the paper's mode), images streamed under a device cap of 3 images.
   images = _images(6, 4)
-  cfg = _cfg()
+  cfg = _cfg(pool_size=0, calibration_samples=8, device_images_mb=3 * images[0].nbytes / 2 ** 20)
   key = jax.random.key(7)
   ref_vars, ref_stats, ref_hist = refine.train_refiner(images, _amap_fn, cfg, key,
                                                        log_fn=lambda msg: None)
-  assert ref_hist['step'] == [1, 2, 3, 4] and ref_hist['pool_size'] == 8
+  assert ref_hist['step'] == [1, 2, 3, 4] and ref_hist['pool_size'] == 0
   assert ref_stats['hi'] > ref_stats['lo']
+  assert ref_hist['compile_seconds'] > 0 and ref_hist['steady_step_seconds'] > 0
 
   lines = []
 
@@ -272,6 +331,22 @@ def test_killed_and_resumed_training_equals_uninterrupted(tmp_path):
   with pytest.raises(ValueError, match='different run'):
     refine.train_refiner(images, _amap_fn, _cfg(input_size=32), key, ckpt_dir=ckpt,
                          log_fn=lambda msg: None)
+
+
+def test_pool_training_ignores_the_device_cap():
+  # The pool (8 samples) on the device; a cap of 2 images streams the normal images while the
+  # pool is drawn and must not change a bit.
+  images = _images(6, 9)
+  key = jax.random.key(11)
+  vars1, stats1, hist1 = refine.train_refiner(images, _amap_fn, _cfg(iterations=3), key,
+                                              log_fn=lambda m: None)
+  assert hist1['pool_size'] == 8 and len(hist1['loss']) == 3
+  assert all(np.isfinite(hist1['loss'])) and stats1['hi'] > stats1['lo']
+  capped = _cfg(iterations=3, device_images_mb=2 * images[0].nbytes / 2 ** 20)
+  vars2, stats2, _ = refine.train_refiner(images, _amap_fn, capped, key, log_fn=lambda m: None)
+  assert stats2 == stats1
+  assert jax.tree.all(jax.tree.map(np.array_equal, vars1, vars2))
+  assert np.abs(np.asarray(vars1['params']['decoder']['out_conv']['kernel'])).max() > 0
 
 
 def test_config_errors_name_the_field():

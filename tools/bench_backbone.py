@@ -1,7 +1,7 @@
 """Backbone feature-extraction throughput: images/s and achieved GFLOP/s.
 
   python tools/benchmark.py backbone [--archs resnet18 efficientnet_lite0] [--sizes 224 480]
-      [--batches 1 8] [--taps layer2 layer3] [--dtype float32|bfloat16] [--repeats 3]
+      [--batches 1 8] [--taps layer2 layer3] [--dtype float32|bfloat16|both] [--repeats 3]
 
 Times the jitted pure extractor (preprocess + backbone up to the deepest tap, the PNI default
 taps layer2 + layer3) on random weights (speed does not depend on the values). FLOPs come from
@@ -63,12 +63,14 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--sizes', nargs='+', type=int, default=[224, 480])
   parser.add_argument('--batches', nargs='+', type=int, default=[1, 8])
   parser.add_argument('--taps', nargs='+', default=list(backbones.DEFAULT_TAPS))
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'both'],
+                      help="'both': each configuration in float32 and bfloat16, and the speed-up")
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--max-gflop', type=float, default=0.0,
                       help='skip configurations above this many GFLOP per call (0 = none)')
   args = parser.parse_args(argv)
-  dtype = jnp.dtype(args.dtype)
+  dtypes = ([jnp.float32, jnp.bfloat16] if args.dtype == 'both'
+            else [jnp.dtype(args.dtype)])
   print(f'backend {jax.default_backend()} ({jax.devices()[0].device_kind}), dtype {args.dtype}, '
         f'taps {",".join(args.taps)}; FLOPs from XLA cost_analysis; random weights')
   print(f'{"arch":<18} {"size":>4} {"batch":>5} {"GFLOP":>8} {"compile s":>9} '
@@ -79,14 +81,21 @@ def main(argv: list[str]) -> int:
       variables = backbones.load_variables(name, allow_random_init=True)
     for size in args.sizes:
       for batch in args.batches:
-        r = bench_one(name, variables, size, batch, tuple(args.taps), dtype, args.repeats,
-                      args.max_gflop)
-        head = f'{name:<18} {size:>4} {batch:>5} {r["gflop"]:>8.1f} {r["compile_s"]:>9.1f}'
-        if 'skipped' in r:
-          print(f'{head}   skipped ({r["skipped"]})', flush=True)
-        else:
+        seconds = {}
+        for dt in dtypes:
+          r = bench_one(name, variables, size, batch, tuple(args.taps), dt, args.repeats,
+                        args.max_gflop)
+          head = (f'{name:<18} {size:>4} {batch:>5} {r["gflop"]:>8.1f} {r["compile_s"]:>9.1f}'
+                  + (f' {jnp.dtype(dt).name:>9}' if len(dtypes) > 1 else ''))
+          if 'skipped' in r:
+            print(f'{head}   skipped ({r["skipped"]})', flush=True)
+            continue
+          seconds[jnp.dtype(dt).name] = r['seconds']
           print(f'{head} {r["seconds"]:>8.3f} {r["images_per_s"]:>8.2f} '
                 f'{r["gflop_per_s"]:>8.1f}', flush=True)
+        if len(seconds) == 2:
+          print(f'{"":<18} bfloat16 speed-up x{seconds["float32"] / seconds["bfloat16"]:.2f}',
+                flush=True)
   return 0
 
 

@@ -5,7 +5,13 @@ throughput (default): training samples/s (one `train_step`: gather + forward + b
   MLP and the paper-faithful one (d = 1024, p = 9 -> 81,920 inputs, 10 x 2048, K = 2048). On CPU
   the paper size runs only a couple of steps at a smaller batch (printed).
 
-confidence: trains the MLP (`train_mlp`) on a synthetic demo-sized task (smooth feature fields,
+hlo: what the jitted training step computes, per precision, from its StableHLO and XLA's cost
+  analysis: every matmul (dot_general) by operand / result dtype with its FLOPs, the converts, and
+  FLOPs / bytes accessed per step. `--autodiff-dot` shows the step as it was before the custom
+  VJP (bfloat16 forward, autodiff's float32 backward products). Runs on any backend without
+  running the step; `--paper` for the paper-size MLP (slow to compile on CPU).
+
+confidence: trains the MLP (`train_mlp`, `--bf16` for bfloat16) on a synthetic demo-sized task (smooth feature fields,
   targets = nearest of K greedy k-center codes) and reports validation accuracy, training time and
   how peaked the tempered softmax is on held-out maps: the fraction of the K classes with
   probability > tau = 1 / (2 K_emb), which decides whether PNI's threshold removes anything.
@@ -14,6 +20,7 @@ confidence: trains the MLP (`train_mlp`) on a synthetic demo-sized task (smooth 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import jax
@@ -38,37 +45,43 @@ def _nb_config(layers: int, width: int, window: int, batch: int):
   return cfg
 
 
+def _train_inputs(cfg, dim: int, classes: int, images: int, grid: int, batch: int, steps: int,
+                  dtype):
+  """(state, device maps, sample order for `steps` batches, grid) for `nb.train_step`."""
+  key = jax.random.key(0)
+  in_dim = (int(cfg.window) ** 2 - 1) * dim
+  rng = np.random.default_rng(0)
+  maps = {'feats': jax.random.normal(key, (images, grid, grid, dim), jnp.float32).astype(dtype),
+          'targets': jnp.asarray(rng.integers(0, classes, (images, grid, grid)), jnp.int32),
+          'slot': jnp.arange(images, dtype=jnp.int32)}
+  order = jnp.asarray(rng.integers(0, images * grid * grid, steps * batch), jnp.int32)
+  state = nb.create_train_state(key, cfg, in_dim, classes, steps_per_epoch=1000, dtype=dtype)
+  return state, maps, order, nb._Grid(images, grid, grid, 0)
+
+
 def throughput(name: str, *, dim: int, layers: int, width: int, classes: int, window: int,
                batch: int, steps: int, grid: int, images: int, infer_images: int, chunk: int,
                dtype) -> dict:
   cfg = _nb_config(layers, width, window, batch)
   in_dim = (window * window - 1) * dim
   key = jax.random.key(0)
-  feats = jax.random.normal(key, (images, grid, grid, dim), jnp.float32).astype(dtype)
-  state = nb.create_train_state(key, cfg, in_dim, classes, steps_per_epoch=1000, dtype=dtype)
-  rng = np.random.default_rng(0)
-
-  def batch_at(i):
-    return {'img': jnp.asarray(rng.integers(0, images, batch), jnp.int32),
-            'row': jnp.asarray(rng.integers(0, grid, batch), jnp.int32),
-            'col': jnp.asarray(rng.integers(0, grid, batch), jnp.int32),
-            'target': jnp.asarray(rng.integers(0, classes, batch), jnp.int32)}
-
+  state, maps, order, grid_spec = _train_inputs(cfg, dim, classes, images, grid, batch, steps + 1,
+                                                 dtype)
+  step_args = dict(grid=grid_spec, batch_size=batch)
   t = time.perf_counter()
-  state, m = nb.train_step(state, feats, batch_at(0), jax.random.key(1))   # compile + 1 step
+  state, m = nb.train_step(state, maps, order, 0, key, 0, **step_args)   # compile + 1 step
   jax.block_until_ready(state.params)
   compile_s = time.perf_counter() - t
-  batches = [batch_at(i) for i in range(steps)]
   t = time.perf_counter()
-  for i, b in enumerate(batches):
-    state, m = nb.train_step(state, feats, b, jax.random.key(i))
+  for i in range(1, steps + 1):   # one dispatch per step: the batch is built on the device
+    state, m = nb.train_step(state, maps, order, i, key, i, **step_args)
   jax.block_until_ready(state.params)
   train_s = (time.perf_counter() - t) / steps
   macs, first = _matmul_macs(in_dim, layers, width, classes)
   train_flops = 2 * macs + 2 * macs + 2 * (macs - first)   # forward, weight grads, input grads
 
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  infer_feats = feats[:infer_images]
+  infer_feats = maps['feats'][:infer_images]
   jax.block_until_ready(nb.neighbor_logits(variables, infer_feats, window, chunk, dtype))
   t = time.perf_counter()
   jax.block_until_ready(nb.neighbor_logits(variables, infer_feats, window, chunk, dtype))
@@ -114,6 +127,56 @@ def _fmt(r: dict) -> str:
           f"   train {r['train_samples_s']:>10.0f} samples/s  {r['train_gflops']:>8.1f} GFLOP/s"
           f"   |   infer {r['infer_patches_s']:>10.0f} patches/s  {r['infer_gflops']:>8.1f} GFLOP/s"
           f" ({r['infer_patches']} patches)")
+
+
+# ----------------------------------------------------------------------------- hlo
+
+
+_DOT = re.compile(r'stablehlo\.dot_general .*: \(tensor<([\dx]+)x(\w+)>, tensor<([\dx]+)x(\w+)>\) '
+                  r'-> tensor<([\dx]+)x(\w+)>')
+
+
+def step_hlo(dim: int, layers: int, width: int, classes: int, window: int, batch: int,
+             dtype) -> dict:
+  """Matmuls of the jitted training step by dtype (from StableHLO) and XLA's cost analysis."""
+  cfg = _nb_config(layers, width, window, batch)
+  state, maps, order, grid_spec = _train_inputs(cfg, dim, classes, 1, window + 1, batch, 1, dtype)
+  lowered = nb.train_step.lower(state, maps, order, 0, jax.random.key(0), 0, grid=grid_spec,
+                                batch_size=batch)
+  text = lowered.as_text()
+  dots = {}
+  for m in _DOT.finditer(text):
+    a, ta, b, tb, o, to = m.groups()
+    ka = [int(v) for v in a.split('x')]
+    ko = [int(v) for v in o.split('x')]
+    flops = 2 * np.prod(ko) * (np.prod(ka) * np.prod([int(v) for v in b.split('x')]) /
+                               np.prod(ko)) ** 0.5
+    key = f'{ta} x {tb} -> {to}'
+    n, f = dots.get(key, (0, 0.0))
+    dots[key] = (n + 1, f + flops)
+  cost = lowered.compile().cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return dict(dtype=jnp.dtype(dtype).name, dots=dots, converts=text.count('stablehlo.convert'),
+              flops=float(cost.get('flops', np.nan)),
+              bytes=float(cost.get('bytes accessed', np.nan)))
+
+
+def run_hlo(args) -> None:
+  import functools  # pylint: disable=g-import-not-at-top
+  if args.autodiff_dot:   # the step before the custom VJP: autodiff's backward products
+    nb._dot_general_mixed = functools.partial(jax.lax.dot_general,
+                                              preferred_element_type=jnp.float32)
+  shape = (dict(dim=1024, layers=10, width=2048, classes=2048, window=9, batch=2048) if args.paper
+           else dict(dim=args.dim, layers=args.layers, width=args.width, classes=args.classes,
+                     window=args.window, batch=args.batch))
+  print(f'train_step HLO, {shape}{"  (autodiff backward dots)" if args.autodiff_dot else ""}')
+  for dtype in (jnp.float32, jnp.bfloat16):
+    r = step_hlo(**shape, dtype=dtype)
+    total = sum(f for _, f in r['dots'].values())
+    print(f"{r['dtype']:>9}: {r['flops'] / 1e9:8.2f} GFLOP, {r['bytes'] / 1e9:7.3f} GB accessed "
+          f'per step (XLA), {r["converts"]} converts; matmuls:')
+    for k, (n, f) in sorted(r['dots'].items(), key=lambda kv: -kv[1][1]):
+      print(f'           {n:3d} x {k:<32} {f / 1e9:8.2f} GFLOP ({100 * f / total:.0f}%)')
 
 
 # ----------------------------------------------------------------------------- confidence
@@ -188,18 +251,19 @@ def run_confidence(args) -> None:
     targets = nearest(flat, codes).reshape(train.shape[:3])
     test_targets = nearest(test.reshape(-1, args.dim), codes).reshape(test.shape[:3])
     t = time.perf_counter()
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     variables, hist = nb.train_mlp(train, targets, cfg, jax.random.key(0),
-                                   num_classes=args.classes)
+                                   num_classes=args.classes, dtype=dtype)
     train_s = time.perf_counter() - t
-    logits = np.asarray(nb.neighbor_logits(variables, test, args.window, 4096))
+    logits = np.asarray(nb.neighbor_logits(variables, test, args.window, 4096, dtype))
     r = args.window // 2
     inner = (slice(None), slice(r, args.grid - r), slice(r, args.grid - r))
     test_acc = (logits.argmax(-1) == test_targets)[inner].mean()
     pos_prior = np.asarray(position.position_histogram(targets, args.classes, args.pos_window))
     print(f'{kind}: d={args.dim} K={args.classes} K_emb={num_emb} window={args.window} '
           f'{args.layers}x{args.width} dropout={args.dropout} epochs={args.epochs} '
-          f'lr={args.lr} batch={args.batch} positions={args.train_positions}  '
-          f'train {train_s:.1f}s ({hist["num_train"]} samples)')
+          f'lr={args.lr} batch={args.batch} positions={args.train_positions} '
+          f'{jnp.dtype(dtype).name}  train {train_s:.1f}s ({hist["num_train"]} samples)')
     print(f'   val acc per epoch {np.round(hist["val_accuracy"], 3).tolist()} (best epoch '
           f'{hist["best_epoch"] + 1}); held-out maps top-1 {test_acc:.3f} (interior)')
     for temperature in args.temperatures:
@@ -219,7 +283,8 @@ def run_confidence(args) -> None:
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog='benchmark.py mlp', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('mode', nargs='?', default='throughput', choices=('throughput', 'confidence'))
+  parser.add_argument('mode', nargs='?', default='throughput',
+                      choices=('throughput', 'hlo', 'confidence'))
   parser.add_argument('--steps', type=int, default=10, help='timed demo training steps')
   parser.add_argument('--demo-dims', type=int, nargs='+', default=[128, 256])
   parser.add_argument('--demo-layers', type=int, default=3)
@@ -231,6 +296,10 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--paper-steps', type=int, default=0, help='0: 20 (GPU) / 2 (CPU)')
   parser.add_argument('--skip-paper', action='store_true')
   parser.add_argument('--bf16', action='store_true', help='bfloat16 features and MLP compute')
+  # hlo
+  parser.add_argument('--paper', action='store_true', help='hlo: the paper-size MLP')
+  parser.add_argument('--autodiff-dot', action='store_true',
+                      help='hlo: without the custom VJP (as before: float32 backward products)')
   # confidence
   parser.add_argument('--kinds', nargs='+', default=['object', 'texture'])
   parser.add_argument('--images', type=int, default=60)
@@ -255,6 +324,8 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   if args.mode == 'throughput':
     run_throughput(args)
+  elif args.mode == 'hlo':
+    run_hlo(args)
   else:
     run_confidence(args)
   return 0
