@@ -156,21 +156,23 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infe
     prog.close()
 
     curves = {}
+    t = time.perf_counter()
     for v in todo:
-      t = time.perf_counter()
       m, curve = metrics_lib.evaluate_with_curves(image_scores[v.name], labels, maps[v.name],
                                                   masks, max_fpr=float(cfg.eval.max_fpr))
       m = {k: float(val) for k, val in m.items()}
       m['allowed_fraction'] = allowed[v.name] / max(n, 1)
       results[v.name] = m
       curves[v.name] = curve
-      logging.info('[%s] %-10s I-AUROC %.4f  P-AUROC %.4f  AUPRO %.4f  P-F1 %.4f  allowed %.3f '
-                   '(metrics %.1fs)', category, v.name, m['image_auroc'], m['pixel_auroc'],
-                   m['aupro'], m['pixel_f1_max'], m['allowed_fraction'], time.perf_counter() - t)
       fileio.atomic_write_json(eval_dir / f'{v.name}.json', dict(fingerprint=eval_fp, metrics=m))
       if v == variants[0]:
         write_main_outputs(cfg, cat_dir, test_split, maps[v.name], masks, labels,
                             image_scores[v.name], fig_images, m, curve)
+    logging.info('[%s] I-AUROC / P-AUROC / AUPRO / P-F1 (allowed C_emb) in %.1fs: %s', category,
+                 time.perf_counter() - t, ';  '.join(
+                     f'{name} {m["image_auroc"]:.4f} / {m["pixel_auroc"]:.4f} / {m["aupro"]:.4f} / '
+                     f'{m["pixel_f1_max"]:.4f} ({m["allowed_fraction"]:.3f})'
+                     for name, m in results.items() if name in curves))
     if len(curves) > 1:
       report.save_pr_curve(cat_dir / 'figures' / 'pr_curve_variants.png',
                            {k: (c['pr']['precision'], c['pr']['recall']) for k, c in curves.items()},

@@ -665,7 +665,7 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
   clock = train_loop.CompileClock()
   try:
     with train_loop.Run('neighbourhood MLP', ckpt_dir, fingerprint, log, total=epochs,
-                        unit='epoch') as run:
+                        unit='epoch', every=_PROGRESS_EVERY_S / 2) as run:
       start_epoch, arrays, record = run.resume(
           {'state': state.arrays(), 'best': best.variables},
           lambda a: sharding.replicate(a, mesh))

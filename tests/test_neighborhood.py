@@ -201,7 +201,9 @@ def test_training_beats_chance(straight_run):
   assert history['val_accuracy'][history['best_epoch']] == max(history['val_accuracy'])
   assert history['loss'][-1] < history['loss'][0]
   epoch_lines = [line for line in logged if ' epoch ' in line]
-  assert [line.split(' epoch ')[1].split()[0] for line in epoch_lines] == ['1/3', '2/3', '3/3']
+  # Progress lines: the first and the last epoch always, others at most one per 15 s.
+  done = [line.split(' epoch ')[1].split()[0] for line in epoch_lines]
+  assert done[0] == '1/3' and done[-1] == '3/3' and done == sorted(set(done))
   assert f"val acc {history['val_accuracy'][-1]:.4f}" in epoch_lines[-1]
   done = 3 * (1200 // 32) * 32                      # 3 epochs of full batches of 32
   assert f'samples {done}/{done}' in epoch_lines[-1] and 'ETA' in epoch_lines[-1]
@@ -304,7 +306,8 @@ def test_device_cap_streams_image_groups(task, monkeypatch, tmp_path):
   assert max(nbytes for _, nbytes in seen) <= cap
   # Every group drops its last partial batch: at most 4 x 31 of the 1200 positions per epoch.
   steps = [int(line.split('(')[1].split()[0]) for line in logged if 'steps over 4 groups' in line]
-  assert len(steps) == 3 and all((1200 - 4 * 31) // 32 <= s <= 1200 // 32 for s in steps)
+  # (a progress line for the first and last epoch at least: lines are throttled in time)
+  assert 2 <= len(steps) <= 3 and all((1200 - 4 * 31) // 32 <= s <= 1200 // 32 for s in steps)
   # It still learns (measured best val acc: 0.78 here, 0.79 uncapped; chance 0.25).
   assert max(history['val_accuracy']) > 0.55
   # Killed after one epoch and resumed: bit-identical to the straight streamed run.
