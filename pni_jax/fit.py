@@ -260,8 +260,9 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Ext
       timings['refine_s'] = time.perf_counter() - t
   model = model.replace(meta=dict(model.meta, timings=timings))
   model_lib.save(model, model_dir)
-  logging.info('[%s] fitted in %.1fs (%s)', category, time.perf_counter() - t0,
-               ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
+  logging.info('[%s] fitted in %.1fs (%s; |C_emb| %d, |C_dist| %d)', category,
+               time.perf_counter() - t0, ', '.join(f'{k} {v:.1f}' for k, v in timings.items()),
+               model.c_emb.shape[0], model.num_dist)
   return model_lib.load(model_dir)
 
 
@@ -310,8 +311,6 @@ def _fit_priors(cfg, category: str, fit_dir: pathlib.Path, extractor: infer.Extr
       with fileio.atomic_open(core_path, 'wb') as f:
         np.savez(f, fingerprint=fps['base'], **core)
     del projected
-    logging.info('[%s] |C_emb| = %d, |C_dist| = %d from %d patches', category,
-                 core['c_emb'].shape[0], core['num_dist'], n * h * w)
 
     sc = cfg.model.scoring
     if fit_nb or fit_pos:
