@@ -67,18 +67,8 @@ def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extrac
                     cfg.data.holdout_fraction)
     return fitted
   n = len(holdout_split.paths)
-  stride = max(1, (n * int(cfg.data.crop) ** 2) // int(cfg.eval.calibration_pixels))
-  image_scores, pixels = [], []
-  prog = Progress(f'[{category}] held-out images', n, unit='img')
-  batches = data_lib.batches(holdout_split, cfg.data, with_masks=False)
-  for batch, outs in infer.score_batches(cfg, extractor, fitted, [variant], batches):
-    out = outs[variant.name]
-    image_scores.append(out['image'])
-    pixels.append(out['maps'].reshape(-1)[::stride])
-    prog.update(out['image'].shape[0])
-  prog.close()
-  image_scores = np.concatenate(image_scores).astype(np.float64)
-  pixels = np.concatenate(pixels).astype(np.float64)
+  image_scores, pixels = split_statistics(cfg, extractor, fitted, variant, holdout_split,
+                                          what=f'[{category}] held-out images')
   stats = dict(fitted.stats)
   stats.update(
       image_threshold=np.float32(np.quantile(image_scores, 1 - float(cfg.eval.threshold_fpr),
@@ -96,6 +86,24 @@ def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extrac
                category, n, stats['image_threshold'], stats['pixel_threshold'])
   return fitted
 
+
+def split_statistics(cfg, extractor: infer.Extractor, fitted: model_lib.PNIModel,
+                     variant: infer.Variant, split, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """The scores of a split of normal images: (image scores [N] float64, a strided sample of
+  their map pixels [P] float64, P ~ eval.calibration_pixels)."""
+  n = len(split.paths)
+  stride = max(1, (n * int(cfg.data.crop) ** 2) // int(cfg.eval.calibration_pixels))
+  image_scores, pixels = [], []
+  prog = Progress(what, n, unit='img')
+  batches = data_lib.batches(split, cfg.data, with_masks=False)
+  for batch, outs in infer.score_batches(cfg, extractor, fitted, [variant], batches):
+    out = outs[variant.name]
+    image_scores.append(out['image'])
+    pixels.append(out['maps'].reshape(-1)[::stride])
+    prog.update(out['image'].shape[0])
+  prog.close()
+  return (np.concatenate(image_scores).astype(np.float64),
+          np.concatenate(pixels).astype(np.float64))
 
 
 def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor,
