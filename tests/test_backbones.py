@@ -149,6 +149,29 @@ def test_depthwise_shifted_matches_grouped_convolution(size, kernel, stride):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('size,kernel,stride', [(9, 3, 2), (10, 3, 2), (10, 5, 2), (7, 5, 1),
+                                                (8, 3, 1)])
+def test_depthwise_shifted_gradients_match_grouped_convolution(size, kernel, stride):
+  # The hand-written VJP (input and kernel gradients) against autodiff of the grouped conv,
+  # on odd and even sizes (asymmetric 'SAME' padding), strides 1 and 2.
+  rng = np.random.default_rng(100 + size * kernel + stride)
+  x = jnp.asarray(rng.standard_normal((2, size, size + 1, 6)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)), jnp.float32)
+  shifted = layers.DepthwiseConv(kernel, stride, impl='shifted')
+  grouped = layers.DepthwiseConv(kernel, stride, impl='conv')
+  out_shape = (2, -(-size // stride), -(-(size + 1) // stride), 6)
+  cot = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+  def loss(module):
+    return lambda x, w: jnp.sum(module.apply({'params': {'kernel': w}}, x) * cot)
+
+  got = jax.jit(jax.grad(loss(shifted), argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.grad(loss(grouped), argnums=(0, 1)))(x, w)
+  for g, r, name in zip(got, want, ('input', 'kernel')):
+    assert g.shape == r.shape, name
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 def test_extractor_is_pure_and_second_call_does_not_recompile(resnet18_random):
   traces = []
   extract = backbones.extractor('resnet18', resnet18_random, taps=('layer2', 'layer3'))
