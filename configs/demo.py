@@ -27,6 +27,9 @@ def get_config():
   m.coreset.ratio = 0.05
   m.coreset.dist_size = 512
   m.position.window = 3
+  # 54 training images give a texture's histograms few samples per code: the pseudo-counts of
+  # p(c | x) are chosen per category by leave-one-image-out likelihood (position.choose_smoothing).
+  m.position.smoothing = -1.0
   m.neighborhood.window = 5
   # The demo objects' parts are 9 feature cells (72 px) apart, wider than a CNN patch sees: a
   # 5 x 5 window every 5 cells (reach 10 cells) sees the neighbouring parts, not only the part
@@ -41,16 +44,17 @@ def get_config():
   m.neighborhood.decay_every = 4
   m.neighborhood.train_positions = 'all'
   # Eq. 6 averages the priors, so a broad MLP prior re-allows what the position prior rules out
-  # (cable: eq. 6 80.2 vs P alone 100). 'relative_score' thresholds each prior relative to its
-  # most probable code and averages the two scores (the authors' N+P rule with a relative
-  # threshold): it keeps P's gain on cable / tokens and N's on lattice, where P alone loses
-  # (docs/n_study.md, table 2).
-  m.scoring.combine = 'relative_score'
+  # (cable: eq. 6 80.2 vs P alone 100). 'relative_lift_score' thresholds N relative to its most
+  # probable code, P relative to each code's base rate over all positions, and averages the two
+  # scores (the authors' N+P rule): it keeps P's gain on cable / tokens and N's on lattice, and
+  # P no longer excludes a texture's rare codes (docs/n_study.md, tables 2 and 3).
+  m.scoring.combine = 'relative_lift_score'
   m.scoring.sigma = 4.0
   # The demo's figures were measured with the max of the blurred map; the paper configs take the
   # authors' max of the unblurred, border-cropped patch map ('patch_max_cropped').
   m.scoring.image_score = 'max'
-  # Relative threshold of the 'relative*' rules: a code is allowed when p > rho * max p (T = 2).
+  # Threshold of the 'relative*' rules: a code is allowed when p > rho * max p (N, T = 2) or
+  # p > rho * its base rate (P, 'relative_lift_score').
   m.scoring.rho = 0.1
   m.scoring.border = 'pad'           # the MLP trains on every position ('all')
   # Refinement (R) is off by default to keep the demo within minutes; turn it on with

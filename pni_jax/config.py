@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Position model (Algorithm 1).
   m.position = pos = ml_collections.ConfigDict()
   pos.window = 9              # histogram accumulation window p
+  pos.smoothing = 0.0         # pseudo-counts per code added as the codes' overall shares
+                              # (position.position_prior); 0: the paper's raw histograms;
+                              # < 0: chosen by leave-one-image-out likelihood
 
   # Neighbourhood MLP.
   m.neighborhood = nb = ml_collections.ConfigDict()
@@ -102,8 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   sc.likelihood_lambda = 1.0
   sc.combine = 'mean_prob'    # 'mean_prob' (eq. 6) | 'product' | 'mean_score' | 'max_prob'
                               # | 'posterior' | 'posterior_ratio' | 'relative' | 'relative_score'
+                              # | 'relative_lift_score'
                               # (pni_jax/scoring.py; README 'The neighbourhood prior')
   sc.rho = 0.01               # 'relative*': a code is allowed when p > rho * max_c p
+                              # ('relative_lift_score': P's when p > rho * its base rate)
   sc.border = 'authors'       # 'authors': the N / N+P maps' border (the window's reach, where
                               # the MLP never trained: train_positions='interior') is cropped and
                               # edge-padded back | 'pad': N scored everywhere (zero-padded windows)
@@ -243,7 +248,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
           ('interior', 'all'))
   _choice(m.scoring.combine, 'model.scoring.combine',
           ('mean_prob', 'product', 'mean_score', 'max_prob', 'posterior', 'posterior_ratio',
-           'relative', 'relative_score'))
+           'relative', 'relative_score', 'relative_lift_score'))
   if not 0 < m.scoring.get('rho', 0.01) <= 1:
     raise ValueError(f'config.model.scoring.rho must be in (0, 1], got {m.scoring.rho}')
   _choice(m.scoring.get('border', 'pad'), 'model.scoring.border', ('pad', 'authors'))

@@ -52,7 +52,8 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
     masks: [B, h, w] bool, defective patches (`patch_masks`).
     arrays: model arrays with 'c_emb' [K_emb, d] and 'emb_to_dist' [K_emb] int32.
     p_nb: [B, h, w, K_dist] p(c_dist | neighbourhood) or None.
-    p_pos: [h, w, K_dist] or [B, h, w, K_dist] p(c_dist | position) or None.
+    p_pos: [h, w, K_dist] or [B, h, w, K_dist] (the same for every image) p(c_dist | position)
+      or None.
     tau: the threshold of eq. 5 (`infer.tau`).
     lam: lambda of eq. 8 (scores are lam x distances).
     rho: if given, also the relative threshold p > rho * max p ('rel_*' keys).
@@ -68,7 +69,8 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
       '{g}/top1_N': fraction where the MLP's most probable code is the patch's nearest C_dist
         code (the code of its nearest C_emb vector);
       '{g}/log10_p_N': mean log10 p_N of that code; '{g}/log10_pmax_N': mean log10 max_c p_N;
-      with rho: '{g}/rel_excluded_N', '{g}/rel_score_change_N' (and '_P' for P).
+      with rho: '{g}/rel_excluded_N', '{g}/rel_score_change_N' (and '_P' for P), and
+        '{g}/lift_excluded_P' (p_P <= rho x the code's base rate over positions).
     Means over an empty group are NaN. Keys for a missing prior are left out.
   """
   feats = jnp.asarray(feats)
@@ -92,6 +94,7 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
     priors['N'] = jnp.asarray(p_nb).reshape(b * h * w, -1)
   if p_pos is not None:
     p_pos = jnp.asarray(p_pos)
+    pos_base = scoring.position_base_rate(p_pos if p_pos.ndim == 3 else p_pos[0])
     if p_pos.ndim == 3:
       p_pos = jnp.broadcast_to(p_pos[None], (b,) + p_pos.shape)
     priors['P'] = p_pos.reshape(b * h * w, -1)
@@ -103,6 +106,8 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
     per_patch[f'top1_{name}'] = jnp.argmax(prior, -1) == code
     if rho is not None:
       per_patch[f'rel_excluded_{name}'] = p_code <= rho * prior.max(-1)
+  if rho is not None and 'P' in priors:   # 'relative_lift_score': P against its base rate
+    per_patch['lift_excluded_P'] = _gather_code(priors['P'], code) <= rho * pos_base[code]
   if 'N' in priors:
     dist_n, frac_n = scoring.conditional_distance(flat, c_emb, e2d, priors['N'], tau, **tiles)
     change = lam * dist_n - base

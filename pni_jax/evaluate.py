@@ -307,7 +307,8 @@ def read_diagnostics(cat_dir: pathlib.Path) -> dict | None:
 
 
 DIAGNOSTIC_COLUMNS = tuple(f'{g}/{k}' for k in ('excluded_N', 'excluded_P', 'excluded_NP',
-                                                 'rel_excluded_N', 'score_change_N',
+                                                 'rel_excluded_N', 'rel_excluded_P',
+                                                 'lift_excluded_P', 'score_change_N',
                                                  'rel_score_change_N')
                            for g in ('normal', 'defect'))
 

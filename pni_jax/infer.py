@@ -304,7 +304,8 @@ def patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: Scor
   scores, frac = scoring.conditional_scores(
       nearest_allowed_sq, sq, p_nb, p_pos, hp, num_emb=c_emb.shape[0],
       code_count=scoring.code_counts(e2d, k), combine=spec.combine,
-      min_plus_offset=min_plus_offset)
+      min_plus_offset=min_plus_offset,
+      pos_base=None if p_pos is None else scoring.position_base_rate(arrays['position']))
   scores = scoring.edge_pad_border(scores.reshape(b, h, w), spec.border)
   return scores, frac.reshape(b, h, w)
 

@@ -77,20 +77,38 @@ def _box_sum(x: jax.Array, window: int, axis: int) -> jax.Array:
                                (1,) * x.ndim, tuple(pads))
 
 
+def _window_hist(counts: jax.Array, window: int) -> jax.Array:
+  return _box_sum(_box_sum(counts.astype(jnp.float32), window, 0), window, 1)
+
+
+def _code_rate(hist: jax.Array) -> jax.Array:
+  """pi [K]: each code's share of all (window-spread) counts."""
+  total = hist.sum(axis=(0, 1))
+  return total / jnp.maximum(total.sum(), 1.0)
+
+
 @functools.partial(jax.jit, static_argnames=('window',))
-def _position_prior(counts: jax.Array, window: int) -> jax.Array:
-  hist = _box_sum(_box_sum(counts.astype(jnp.float32), window, 0), window, 1)
+def _position_prior(counts: jax.Array, window: int, smoothing) -> jax.Array:
+  hist = _window_hist(counts, window)
+  k = hist.shape[-1]
+  hist = hist + jnp.asarray(smoothing, jnp.float32) * k * _code_rate(hist)
   total = hist.sum(axis=-1, keepdims=True)
-  uniform = jnp.full_like(hist, 1.0 / hist.shape[-1])
-  return jnp.where(total > 0, hist / jnp.maximum(total, 1.0), uniform)
+  uniform = jnp.full_like(hist, 1.0 / k)
+  return jnp.where(total > 0, hist / jnp.where(total > 0, total, 1.0), uniform)
 
 
-def position_prior(counts: jax.Array, window: int) -> jax.Array:
+def position_prior(counts: jax.Array, window: int, smoothing: float = 0.0) -> jax.Array:
   """p(c_dist | x): spreads the counts over the p x p window and normalises per position.
 
   Args:
     counts: `[H, W, K]` float, from `accumulate_counts`.
     window: p, a positive odd integer (paper: 9). The window may be larger than the map.
+    smoothing: s >= 0 pseudo-counts per code (paper: 0, the raw histogram). s * K * pi(c) is
+      added to every position's window counts before normalising, pi(c) the code's share of
+      all counts: the posterior mean under a Dirichlet prior centred on pi. A code never seen
+      in a position's window becomes "rare here" rather than impossible; it matters where a
+      position has few samples per code (a texture's sparse histograms) and hardly where its
+      samples concentrate on a few codes (an object's parts). `choose_smoothing` fits s.
 
   Returns:
     `[H, W, K]` float32 whose rows sum to 1. A position without any count (only when no image was
@@ -99,11 +117,91 @@ def position_prior(counts: jax.Array, window: int) -> jax.Array:
   window = _check_window(window)
   if counts.ndim != 3:
     raise ValueError(f'counts must be [H, W, K], got shape {counts.shape}')
-  return _position_prior(jnp.asarray(counts), window)
+  if not float(smoothing) >= 0.0:
+    raise ValueError(f'position smoothing must be >= 0, got {smoothing}')
+  return _position_prior(jnp.asarray(counts), window, jnp.float32(smoothing))
 
 
-def position_histogram(index_maps, num_classes: int, window: int, batch: int = 64) -> jax.Array:
-  """Convenience: Algorithm 1 over `index_maps` `[N, H, W]` int (numpy or jax), in batches.
+# Candidate pseudo-counts per code for `choose_smoothing` (0 is tried too).
+SMOOTHING_GRID = tuple(float(v) for v in np.round(10.0 ** np.linspace(-3, 1, 17), 6))
+
+
+def _own_window_counts(codes: jax.Array, window: int) -> jax.Array:
+  """own[b, y, x] = #{x' in the window of (y, x), inside the map : codes[b, x'] == codes[b, y, x]}
+  for codes [B, H, W] int (an image's own contribution to its histogram at its own code)."""
+  r = window // 2
+  _, h, w = codes.shape
+  padded = jnp.pad(codes, ((0, 0), (r, r), (r, r)), constant_values=-1)
+  own = jnp.zeros(codes.shape, jnp.float32)
+  for dy in range(window):            # the window's offsets (static), not pixels
+    for dx in range(window):
+      own = own + (padded[:, dy:dy + h, dx:dx + w] == codes).astype(jnp.float32)
+  return own
+
+
+@functools.partial(jax.jit, static_argnames=('window',))
+def _loo_log_likelihood(hist: jax.Array, cells: jax.Array, num_images, codes: jax.Array,
+                        grid: jax.Array, window: int) -> jax.Array:
+  """Sum over the batch's valid patches of log p_s^{-i}(code | x) for every s of `grid` [S]:
+  [S] float32 (-inf where a code is unseen without its own image and s = 0)."""
+  k = hist.shape[-1]
+  valid = codes >= 0
+  c = jnp.where(valid, codes, 0)
+  own = _own_window_counts(codes, window)                                    # [B, H, W]
+  at = jnp.take_along_axis(hist[None], c[..., None], axis=-1)[..., 0]        # [B, H, W]
+  rate = _code_rate(hist)[c]                                                 # [B, H, W]
+  num = (at - own)[None] + grid[:, None, None, None] * k * rate[None]
+  den = (num_images - 1.0) * cells[None, None] + grid[:, None, None, None] * k
+  logp = jnp.log(jnp.maximum(num, 0.0)) - jnp.log(jnp.maximum(den, 1e-30))
+  return jnp.where(valid[None], logp, 0.0).sum(axis=(1, 2, 3))
+
+
+def choose_smoothing(index_maps, num_classes: int, window: int, batch: int = 64,
+                     grid: tuple[float, ...] = SMOOTHING_GRID) -> tuple[float, dict]:
+  """The pseudo-count s of `position_prior` that best predicts each training image's codes from
+  the other images' histograms (leave-one-image-out log-likelihood, empirical Bayes).
+
+  For image i and position x with code c: p_s^{-i}(c | x) = (hist[x, c] - own_i(x) + s K pi(c))
+  / ((N - 1) n_x + s K), own_i(x) the cells of x's window where image i has code c and n_x the
+  window's cells inside the map; pi(c) is every image's code share (not left out: it barely
+  depends on one image). Few images per code (a texture) favour a large s, repeatable
+  per-position codes (an object's parts) a small one.
+
+  Args:
+    index_maps: `[N, H, W]` int codes (N >= 2), as for `position_histogram`.
+  Returns:
+    (s, {'grid': [0, *grid], 'nll': mean negative log-likelihood per patch for each}); s = 0
+    only if every training code is seen at its position without its own image.
+  """
+  window = _check_window(window)
+  index_maps = np.asarray(index_maps)
+  if index_maps.ndim != 3 or index_maps.shape[0] < 2:
+    raise ValueError('choosing the position smoothing needs [N, H, W] codes of N >= 2 images, '
+                     f'got shape {index_maps.shape}')
+  num, height, width = index_maps.shape
+  counts = init_counts(height, width, num_classes)
+  batch = min(batch, num)
+  for chunk in _padded_batches(index_maps, batch):
+    counts = accumulate_counts(counts, chunk)
+  hist = _window_hist(counts, window)
+  r = window // 2
+  rows = np.minimum(np.arange(height) + r, height - 1) - np.maximum(np.arange(height) - r, 0) + 1
+  cols = np.minimum(np.arange(width) + r, width - 1) - np.maximum(np.arange(width) - r, 0) + 1
+  cells = jnp.asarray(rows[:, None] * cols[None, :], jnp.float32)
+  candidates = (0.0,) + tuple(float(v) for v in grid)
+  values = jnp.asarray(candidates, jnp.float32)
+  total = jnp.zeros(values.shape, jnp.float32)
+  for chunk in _padded_batches(index_maps, batch):
+    total = total + _loo_log_likelihood(hist, cells, jnp.float32(num), chunk, values, window)
+  nll = -np.asarray(total, np.float64) / (num * height * width)
+  best = int(np.argmin(nll))
+  return candidates[best], {'grid': list(candidates), 'nll': nll.tolist()}
+
+
+def position_histogram(index_maps, num_classes: int, window: int, batch: int = 64,
+                       smoothing: float = 0.0) -> jax.Array:
+  """Convenience: Algorithm 1 over `index_maps` `[N, H, W]` int (numpy or jax), in batches
+  (`smoothing`: see `position_prior`).
 
   Returns `[H, W, K]` float32, rows summing to 1. Batches are padded with -1 to a fixed size so that
   `accumulate_counts` compiles once.
@@ -120,7 +218,7 @@ def position_histogram(index_maps, num_classes: int, window: int, batch: int = 6
   batch = min(batch, num)
   for chunk in _padded_batches(index_maps, batch):
     counts = accumulate_counts(counts, chunk)
-  return position_prior(counts, window)
+  return position_prior(counts, window, smoothing)
 
 
 def _padded_batches(index_maps, batch: int) -> Iterable[jax.Array]:

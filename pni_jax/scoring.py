@@ -262,6 +262,34 @@ def _combine_relative(dists, p_nb, p_pos, hp, num_emb, code_count, each):
   return _per_prior(one, p_nb, p_pos, hp, each)
 
 
+def position_base_rate(position: jax.Array) -> jax.Array:
+  """[K] each code's mean probability over the positions of a position prior [H, W, K]: the
+  base rate the 'relative_lift_score' rule compares p(c | x) with."""
+  return position.reshape(-1, position.shape[-1]).mean(0)
+
+
+def _combine_relative_lift(dists, p_nb, p_pos, hp, num_emb, code_count, pos_base):
+  """'relative_lift_score': N allowed where p(c | Omega) > rho * max_c p (as 'relative'); P
+  allowed where p(c | x) > rho * pi(c), pi the code's base rate over all positions
+  (`position_base_rate`): P excludes a code only where the position makes it rho times rarer
+  than it is anywhere on average. A relative-to-max threshold on P also excludes codes that
+  are rare everywhere (a texture's skewed code shares), which says nothing about position.
+  Scores averaged with the N weight, as the authors average N and P scores."""
+  outs = []
+  if p_nb is not None:
+    allowed = p_nb > hp.rho * p_nb.max(-1, keepdims=True)
+    outs.append((dists.nearest_allowed(allowed), _allowed_fraction(allowed, code_count, num_emb)))
+  if p_pos is not None:
+    if pos_base is None:
+      raise ValueError("combine='relative_lift_score' needs the position prior's base rate")
+    allowed = p_pos > hp.rho * pos_base
+    outs.append((dists.nearest_allowed(allowed), _allowed_fraction(allowed, code_count, num_emb)))
+  if len(outs) == 1:
+    return outs[0]
+  w = hp.neighborhood_weight
+  return (w * outs[0][0] + (1.0 - w) * outs[1][0], w * outs[0][1] + (1.0 - w) * outs[1][1])
+
+
 def _combine_posterior(dists, p_nb, p_pos, hp, num_emb, code_count, ratio):
   """The posterior score without a threshold: min_c (lam ||phi - c|| - log p(c | Omega)) / lam
   (eq. 3 with its sum replaced by the largest term, in log space), the prior floored at
@@ -283,15 +311,18 @@ COMBINERS: dict[str, Callable] = {
     'mean_score': functools.partial(_combine_thresholded, mode='mean_score'),
     'relative': functools.partial(_combine_relative, each=False),
     'relative_score': functools.partial(_combine_relative, each=True),
+    'relative_lift_score': _combine_relative_lift,
     'posterior': functools.partial(_combine_posterior, ratio=False),
     'posterior_ratio': functools.partial(_combine_posterior, ratio=True),
 }
 COMBINE_MODES = tuple(COMBINERS)
+USES_POS_BASE = ('relative_lift_score',)   # rules that take `pos_base` (the P base rate)
 
 
 def conditional_scores(nearest_allowed_sq: Callable, nearest_sq: jax.Array, p_nb, p_pos,
                        hp: HParams, *, num_emb: int, code_count: jax.Array, combine: str,
-                       min_plus_offset: Callable | None = None):
+                       min_plus_offset: Callable | None = None,
+                       pos_base: jax.Array | None = None):
   """PNI patch scores lambda * (distance under the combine rule) from distance oracles.
 
   Args:
@@ -304,6 +335,8 @@ def conditional_scores(nearest_allowed_sq: Callable, nearest_sq: jax.Array, p_nb
     combine: a key of COMBINERS (static).
     min_plus_offset: offset [M, K_dist] -> [M] min_c (||phi - c|| + offset[code(c)]) (the
       posterior rules; see `Distances`).
+    pos_base: [K_dist] the position prior's base rate (`position_base_rate`), for the rules
+      in USES_POS_BASE.
   Returns:
     scores [M] float32, allowed_fraction [M] float32.
   """
@@ -318,7 +351,8 @@ def conditional_scores(nearest_allowed_sq: Callable, nearest_sq: jax.Array, p_nb
     raise ValueError(f'combine={combine!r} needs a min_plus_offset distance oracle')
 
   dists = Distances(nearest_allowed, min_plus_offset or no_offsets)
-  dist, frac = COMBINERS[combine](dists, p_nb, p_pos, hp, num_emb, code_count)
+  extra = {'pos_base': pos_base} if combine in USES_POS_BASE else {}
+  dist, frac = COMBINERS[combine](dists, p_nb, p_pos, hp, num_emb, code_count, **extra)
   return hp.likelihood_lambda * dist, frac
 
 
@@ -414,7 +448,7 @@ def edge_pad_border(scores: jax.Array, border: int) -> jax.Array:
 
 
 def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combine,
-                     query_tile, bank_tile, neighborhood_weight=0.5, rho=0.01):
+                     query_tile, bank_tile, neighborhood_weight=0.5, rho=0.01, pos_base=None):
   """PNI patch scores -log max_{allowed c} exp(-lam ||phi - c||) for one set of patches
   (reference formulation: dense masked search, scalar hyper-parameters).
 
@@ -428,8 +462,10 @@ def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combin
       'posterior_ratio' (the same with p(c | Omega) / max_c p(c | Omega): the score of a patch
       that matches the most probable code exactly is its distance, whatever the prior's spread),
       'relative' (eq. 6's prior thresholded at rho * its max, `relative_allowed`) or
-      'relative_score' (each prior thresholded at rho * its own max, scores averaged).
+      'relative_score' (each prior thresholded at rho * its own max, scores averaged) or
+      'relative_lift_score' (N as 'relative', P thresholded at rho * pos_base; scores averaged).
     rho: the relative threshold of 'relative*' (float or traced scalar).
+    pos_base: [K_dist] P's base rate ('relative_lift_score').
   Returns:
     scores [M] float32, allowed_fraction [M] float32.
   """
@@ -443,11 +479,15 @@ def pni_patch_scores(feats, c_emb, emb_to_dist, p_nb, p_pos, *, tau, lam, combin
       prior = prior / jnp.maximum(prior.max(-1, keepdims=True), PRIOR_FLOOR)
     scores = posterior_scores(feats, c_emb, emb_to_dist, prior, lam, **kw)
     return scores, jnp.ones_like(scores)
-  if combine in ('relative', 'relative_score'):
-    priors = ([p for p in (p_nb, p_pos) if p is not None] if combine == 'relative_score'
-              else [combine_priors(p_nb, p_pos, 'mean_prob', w)])
-    outs = [allowed_distance(feats, c_emb, emb_to_dist, relative_allowed(p, rho), **kw)
-            for p in priors]
+  if combine in ('relative', 'relative_score', 'relative_lift_score'):
+    if combine == 'relative':
+      gates = [relative_allowed(combine_priors(p_nb, p_pos, 'mean_prob', w), rho)]
+    else:
+      gates = [relative_allowed(p_nb, rho)] if p_nb is not None else []
+      if p_pos is not None:
+        gates.append(p_pos > rho * pos_base if combine == 'relative_lift_score'
+                     else relative_allowed(p_pos, rho))
+    outs = [allowed_distance(feats, c_emb, emb_to_dist, g, **kw) for g in gates]
     weights = [w, 1 - w] if len(outs) == 2 else [1.0]
     dist = sum(wi * o[0] for wi, o in zip(weights, outs))
     frac = sum(wi * o[1] for wi, o in zip(weights, outs))

@@ -261,7 +261,8 @@ def grid_scores(group_sq, nearest_sq, logits, position, code_count, feats, c_emb
       scores, frac = scoring.conditional_scores(
           lambda allowed: scoring.masked_sq_dist_from_groups(g_sq, allowed), n_sq, p_nb, p_pos,
           p, num_emb=num_emb, code_count=code_count, combine=spec.combine,
-          min_plus_offset=lambda offset: scoring.min_plus_offset_from_groups(g_sq, offset))
+          min_plus_offset=lambda offset: scoring.min_plus_offset_from_groups(g_sq, offset),
+          pos_base=None if position is None else scoring.position_base_rate(position))
       return scores, frac.mean()
 
     patch, frac = jax.vmap(one_point)(hp_patch)              # [U, h*w], [U]

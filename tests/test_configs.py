@@ -47,7 +47,8 @@ def test_the_demo_differs_only_where_the_readme_says():
   d, p = demo.get_config(), mvtec.get_config()
   assert d.data.name == 'generated' and d.data.holdout_fraction == 0.1
   assert d.model.backbone == 'efficientnet_lite0' and d.model.coreset.ratio == 0.05
-  assert d.model.scoring.combine == 'relative_score' and d.model.scoring.rho == 0.1
+  assert d.model.scoring.combine == 'relative_lift_score' and d.model.scoring.rho == 0.1
+  assert d.model.position.smoothing < 0 and p.model.position.smoothing == 0.0
   assert d.model.neighborhood.dilation == 5 and d.model.scoring.border == 'pad'
   assert d.model.refine.arch == 'skips' and not d.model.use_refinement
   for field in ('tau_scale', 'temperature', 'likelihood_lambda'):

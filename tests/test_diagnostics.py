@@ -36,7 +36,9 @@ def _brute(feats, masks, arrays, p_nb, p_pos, tau, lam, rho):
              excluded_eq6=0.5 * (pn[m, code] + pp[m, code]) <= tau,
              score_change_N=lam * (s_n - dist.min(-1)), top1_N=pn.argmax(-1) == code,
              allowed_N=gate.mean(-1), rel_excluded_N=pn[m, code] <= rho * pn.max(-1),
-             rel_score_change_N=lam * (s_rel - dist.min(-1)))
+             rel_score_change_N=lam * (s_rel - dist.min(-1)),
+             rel_excluded_P=pp[m, code] <= rho * pp.max(-1),
+             lift_excluded_P=pp[m, code] <= rho * p_pos.reshape(-1, p_pos.shape[-1]).mean(0)[code])
   sel = masks.reshape(-1)
   return {f'{g}/{k}': float(np.mean(v[s])) for k, v in per.items()
           for g, s in (('normal', ~sel), ('defect', sel))}

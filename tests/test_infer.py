@@ -62,7 +62,8 @@ def _arrays(key, grid=(8, 8), d=16, k_emb=90, k_dist=12):
           'mlp': _mlp_variables(key, 3, d, 16, k_dist), 'refine': None}
 
 
-@pytest.mark.parametrize('combine', ['product', 'mean_score', 'relative_score', 'posterior'])
+@pytest.mark.parametrize('combine', ['product', 'mean_score', 'relative_score',
+                                     'relative_lift_score', 'posterior'])
 def test_patch_scores_equal_the_dense_reference(combine):
   m = _model_config()
   m.scoring.combine = combine
@@ -77,7 +78,8 @@ def test_patch_scores_equal_the_dense_reference(combine):
   p_pos = jnp.broadcast_to(arrays['position'][None], (2, 8, 8, 12)).reshape(128, -1)
   want, want_frac = scoring.pni_patch_scores(
       feats.reshape(128, 16), arrays['c_emb'], arrays['emb_to_dist'], p_nb, p_pos,
-      tau=8.0 / 90, lam=1.0, combine=combine, query_tile=32, bank_tile=64, rho=0.05)
+      tau=8.0 / 90, lam=1.0, combine=combine, query_tile=32, bank_tile=64, rho=0.05,
+      pos_base=arrays['position'].reshape(-1, 12).mean(0))
   np.testing.assert_allclose(np.asarray(got).ravel(), np.asarray(want), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(frac).ravel(), np.asarray(want_frac), atol=1e-6)
   if not combine.startswith('posterior'):

@@ -182,9 +182,10 @@ def test_sparse_and_group_searches_equal_the_dense_reference(combine):
                        rho=jnp.float32(0.2))
   p_nb = scoring.neighbor_prior(jnp.asarray(logits), hp.temperature)
   tau = 1.0 / c_emb.shape[0]
+  base = jnp.asarray(pos).mean(0)                  # P's base rate ('relative_lift_score')
   want, want_frac = scoring.pni_patch_scores(f, c, e, p_nb, jnp.asarray(pos), tau=tau, lam=0.8,
                                              combine=combine, query_tile=16, bank_tile=16,
-                                             neighborhood_weight=0.3, rho=0.2)
+                                             neighborhood_weight=0.3, rho=0.2, pos_base=base)
   sq, idx = knn.knn(f, c, 1, query_tile=16, bank_tile=16)
   counts = scoring.code_counts(e, logits.shape[1])
   sparse = lambda a: scoring.masked_sq_dist_sparse(f, c, e, a, sq[:, 0], idx[:, 0], chunk=7,
@@ -197,7 +198,8 @@ def test_sparse_and_group_searches_equal_the_dense_reference(combine):
   for oracle, offsets in ((sparse, dense_offset), (grouped, grouped_offset)):
     got, frac = scoring.conditional_scores(oracle, sq[:, 0], p_nb, jnp.asarray(pos), hp,
                                            num_emb=c_emb.shape[0], code_count=counts,
-                                           combine=combine, min_plus_offset=offsets)
+                                           combine=combine, min_plus_offset=offsets,
+                                           pos_base=base)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(frac), np.asarray(want_frac), atol=1e-6)
 
@@ -349,6 +351,41 @@ def test_relative_threshold_equals_brute_force(combine):
   # a looser rho allows more and can only lower the scores
   loose, _ = _scores(feats, c_emb, e2d, p1, p2, combine, tau=0.0, lam=lam, rho=0.01)
   assert (loose <= got + 1e-6).all() and (loose < got - 1e-6).any()
+
+
+def test_relative_lift_thresholds_p_against_its_base_rate():
+  """'relative_lift_score': N allowed at rho x its max, P at rho x the code's base rate; each
+  with the nearest code as fallback; scores averaged."""
+  feats, c_emb, e2d, p1, p2 = _problem(9)
+  base = p2.mean(0)                                  # the base rate over the M "positions"
+  rho, lam = 0.5, 1.3
+  dist = np.sqrt(((feats[:, None].astype(np.float64) - c_emb[None]) ** 2).sum(-1))
+
+  def best(gate):                                    # gate [M, K_emb]
+    return (np.where(gate.any(-1), np.where(gate, dist, np.inf).min(-1), dist.min(-1)),
+            gate.mean(-1))
+
+  (s_n, f_n), (s_p, f_p) = (best(p1[:, e2d] > rho * p1.max(-1, keepdims=True)),
+                            best(p2[:, e2d] > rho * base[e2d]))
+  assert 0 < f_p.mean() < 1                          # P binds on this problem
+  kw = dict(tau=0.0, lam=lam, rho=rho, pos_base=jnp.asarray(base))
+  got, frac = _scores(feats, c_emb, e2d, p1, p2, 'relative_lift_score', **kw)
+  np.testing.assert_allclose(got, lam * 0.5 * (s_n + s_p), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(frac, 0.5 * (f_n + f_p), atol=1e-6)
+  got_p, _ = _scores(feats, c_emb, e2d, None, p2, 'relative_lift_score', **kw)
+  np.testing.assert_allclose(got_p, lam * s_p, rtol=1e-5, atol=1e-5)
+  # A position prior equal to its base rate everywhere (position says nothing) excludes nothing,
+  # where a threshold relative to its max still excludes the rare codes.
+  skewed = np.geomspace(1.0, 0.01, p2.shape[1]).astype(np.float32)   # skewed code shares
+  skewed /= skewed.sum()
+  flat = np.broadcast_to(skewed, p2.shape).copy()
+  kw['pos_base'] = jnp.asarray(skewed)
+  got_flat, frac_flat = _scores(feats, c_emb, e2d, None, flat, 'relative_lift_score', **kw)
+  np.testing.assert_allclose(got_flat, lam * dist.min(-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(frac_flat, 1.0)
+  _, frac_rel = _scores(feats, c_emb, e2d, None, flat, 'relative_score', tau=0.0, lam=lam,
+                        rho=rho)
+  assert frac_rel.max() < 1
 
 
 def test_mean_score_thresholds_each_prior_on_its_own_like_the_authors():
