@@ -335,7 +335,8 @@ def _fit_priors(cfg, category: str, fit_dir: pathlib.Path, extractor: infer.Extr
           num_classes=int(core['num_dist']),
           log_fn=lambda msg: logging.info('[%s] %s', category, msg),
           dtype=features.compute_dtype(cfg.model), mesh=extractor.mesh,
-          device_cap_bytes=int(float(cfg.memory.get('device_feature_cap_mb', 0)) * 2 ** 20))
+          device_cap_bytes=int(float(cfg.memory.get('device_feature_cap_mb', 0)) * 2 ** 20),
+          pad_images_to=shape_bucket(cfg, n))
       mlp = jax.tree.map(np.asarray, variables)
       mlp_history = config_lib.to_plain(history)
       timings['mlp_s'] = time.perf_counter() - t
@@ -384,12 +385,11 @@ def fit_refinement(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.E
   r = cfg.model.refine
   crop = int(cfg.data.crop)
   bs = int(r.batch_size)
-  arrays = model_lib.arrays(model)
-  scorer = infer.make_scorer(cfg.model, main, (crop, crop))
+  arrays = infer.scoring_arrays(cfg, model)       # padded: one compilation per shape bucket
+  maps_fn = extractor.maps_fn(cfg, main)
 
-  @jax.jit
   def amap_fn(images01):
-    return scorer(arrays, extractor.fn(extractor.variables, images01))['maps']
+    return maps_fn(arrays, images01)
 
   (cat_dir / 'fit').mkdir(parents=True, exist_ok=True)
   scratch = tempfile.TemporaryDirectory(dir=cat_dir / 'fit', prefix='scratch-')
@@ -399,7 +399,8 @@ def fit_refinement(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.E
                int(r.input_size), r.encoder, main.name)
   variables, stats, history = refine.train_refiner(
       images, amap_fn, r, key, ckpt_dir=str((cat_dir / 'fit' / f'refine-{ref_fp}').absolute()),
-      log_fn=lambda msg: logging.info('[%s] %s', category, msg))
+      log_fn=lambda msg: logging.info('[%s] %s', category, msg),
+      pad_images_to=shape_bucket(cfg, images.shape[0]))
   variables = jax.tree.map(np.asarray, variables)
   figure = cat_dir / 'figures' / 'refine_samples.png'
   refine.save_training_figure(figure, jax.random.fold_in(key, 1), images, amap_fn, variables,
