@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.norm_quantiles = (0.01, 0.99)  # A_hat normalisation: lo / hi quantiles (normal / defect px)
   r.calibration_samples = 64  # synthetic samples for the normalisation statistics
   r.augment = True            # online flip / rotation / colour augmentation
-  r.log_every = 100
+  r.log_every = 1000           # iterations per progress line
   r.arch = 'paper'            # 'paper' (map fused into the pretrained first conv, no skips) | 'skips'
   r.decoder_width = 768       # 'paper' decoder: channels after its first 1x1 conv (authors: 768)
   r.precision = 'float32'     # 'float32' | 'bfloat16' (compute; float32 master weights)

@@ -67,18 +67,8 @@ def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extrac
                     cfg.data.holdout_fraction)
     return fitted
   n = len(holdout_split.paths)
-  stride = max(1, (n * int(cfg.data.crop) ** 2) // int(cfg.eval.calibration_pixels))
-  image_scores, pixels = [], []
-  prog = Progress(f'[{category}] held-out images', n, unit='img')
-  batches = data_lib.batches(holdout_split, cfg.data, with_masks=False)
-  for batch, outs in infer.score_batches(cfg, extractor, fitted, [variant], batches):
-    out = outs[variant.name]
-    image_scores.append(out['image'])
-    pixels.append(out['maps'].reshape(-1)[::stride])
-    prog.update(out['image'].shape[0])
-  prog.close()
-  image_scores = np.concatenate(image_scores).astype(np.float64)
-  pixels = np.concatenate(pixels).astype(np.float64)
+  image_scores, pixels = split_statistics(cfg, extractor, fitted, variant, holdout_split,
+                                          what=f'[{category}] held-out images')
   stats = dict(fitted.stats)
   stats.update(
       image_threshold=np.float32(np.quantile(image_scores, 1 - float(cfg.eval.threshold_fpr),
@@ -96,6 +86,24 @@ def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extrac
                category, n, stats['image_threshold'], stats['pixel_threshold'])
   return fitted
 
+
+def split_statistics(cfg, extractor: infer.Extractor, fitted: model_lib.PNIModel,
+                     variant: infer.Variant, split, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """The scores of a split of normal images: (image scores [N] float64, a strided sample of
+  their map pixels [P] float64, P ~ eval.calibration_pixels)."""
+  n = len(split.paths)
+  stride = max(1, (n * int(cfg.data.crop) ** 2) // int(cfg.eval.calibration_pixels))
+  image_scores, pixels = [], []
+  prog = Progress(what, n, unit='img')
+  batches = data_lib.batches(split, cfg.data, with_masks=False)
+  for batch, outs in infer.score_batches(cfg, extractor, fitted, [variant], batches):
+    out = outs[variant.name]
+    image_scores.append(out['image'])
+    pixels.append(out['maps'].reshape(-1)[::stride])
+    prog.update(out['image'].shape[0])
+  prog.close()
+  return (np.concatenate(image_scores).astype(np.float64),
+          np.concatenate(pixels).astype(np.float64))
 
 
 def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor,
@@ -156,21 +164,23 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infe
     prog.close()
 
     curves = {}
+    t = time.perf_counter()
     for v in todo:
-      t = time.perf_counter()
       m, curve = metrics_lib.evaluate_with_curves(image_scores[v.name], labels, maps[v.name],
                                                   masks, max_fpr=float(cfg.eval.max_fpr))
       m = {k: float(val) for k, val in m.items()}
       m['allowed_fraction'] = allowed[v.name] / max(n, 1)
       results[v.name] = m
       curves[v.name] = curve
-      logging.info('[%s] %-10s I-AUROC %.4f  P-AUROC %.4f  AUPRO %.4f  P-F1 %.4f  allowed %.3f '
-                   '(metrics %.1fs)', category, v.name, m['image_auroc'], m['pixel_auroc'],
-                   m['aupro'], m['pixel_f1_max'], m['allowed_fraction'], time.perf_counter() - t)
       fileio.atomic_write_json(eval_dir / f'{v.name}.json', dict(fingerprint=eval_fp, metrics=m))
       if v == variants[0]:
         write_main_outputs(cfg, cat_dir, test_split, maps[v.name], masks, labels,
                             image_scores[v.name], fig_images, m, curve)
+    logging.info('[%s] I-AUROC / P-AUROC / AUPRO / P-F1 (allowed C_emb) in %.1fs: %s', category,
+                 time.perf_counter() - t, ';  '.join(
+                     f'{name} {m["image_auroc"]:.4f} / {m["pixel_auroc"]:.4f} / {m["aupro"]:.4f} / '
+                     f'{m["pixel_f1_max"]:.4f} ({m["allowed_fraction"]:.3f})'
+                     for name, m in results.items() if name in curves))
     if len(curves) > 1:
       report.save_pr_curve(cat_dir / 'figures' / 'pr_curve_variants.png',
                            {k: (c['pr']['precision'], c['pr']['recall']) for k, c in curves.items()},

@@ -260,8 +260,9 @@ def fit_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Ext
       timings['refine_s'] = time.perf_counter() - t
   model = model.replace(meta=dict(model.meta, timings=timings))
   model_lib.save(model, model_dir)
-  logging.info('[%s] fitted in %.1fs (%s)', category, time.perf_counter() - t0,
-               ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
+  logging.info('[%s] fitted in %.1fs (%s; |C_emb| %d, |C_dist| %d)', category,
+               time.perf_counter() - t0, ', '.join(f'{k} {v:.1f}' for k, v in timings.items()),
+               model.c_emb.shape[0], model.num_dist)
   return model_lib.load(model_dir)
 
 
@@ -310,8 +311,6 @@ def _fit_priors(cfg, category: str, fit_dir: pathlib.Path, extractor: infer.Extr
       with fileio.atomic_open(core_path, 'wb') as f:
         np.savez(f, fingerprint=fps['base'], **core)
     del projected
-    logging.info('[%s] |C_emb| = %d, |C_dist| = %d from %d patches', category,
-                 core['c_emb'].shape[0], core['num_dist'], n * h * w)
 
     sc = cfg.model.scoring
     if fit_nb or fit_pos:
@@ -375,41 +374,56 @@ def split_images_uint8(split, data_cfg, cap_mb: float, scratch: str) -> np.ndarr
 def fit_refinement(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor,
                    model: model_lib.PNIModel, train_split, main: infer.Variant, ref_fp: str,
                    key) -> model_lib.PNIModel:
-  """Trains the refinement network on synthetic defects of the training images (section 3.3).
+  """Trains the model's refinement network (`train_refinement`).
 
   A_hat comes from the fitted model's `main` variant (its N / P settings, without R). Returns the
   model with `refine` variables, `stats['refine_lo' / 'refine_hi']` and a figure of samples.
   """
-  from pni_jax import refine  # the refinement network only when used
-
-  r = cfg.model.refine
-  crop = int(cfg.data.crop)
-  bs = int(r.batch_size)
   arrays = infer.scoring_arrays(cfg, model)       # padded: one compilation per shape bucket
   maps_fn = extractor.maps_fn(cfg, main)
 
   def amap_fn(images01):
     return maps_fn(arrays, images01)
 
-  (cat_dir / 'fit').mkdir(parents=True, exist_ok=True)
-  scratch = tempfile.TemporaryDirectory(dir=cat_dir / 'fit', prefix='scratch-')
-  images = split_images_uint8(train_split, cfg.data, cfg.memory.feature_cap_mb, scratch.name)
-  logging.info('[%s] refinement: %d normal images, %d iterations of batch %d at %d px (%s), '
-               'A_hat from %s', category, images.shape[0], int(r.iterations), bs,
-               int(r.input_size), r.encoder, main.name)
-  variables, stats, history = refine.train_refiner(
-      images, amap_fn, r, key, ckpt_dir=str((cat_dir / 'fit' / f'refine-{ref_fp}').absolute()),
-      log_fn=lambda msg: logging.info('[%s] %s', category, msg),
-      pad_images_to=shape_bucket(cfg, images.shape[0]))
-  variables = jax.tree.map(np.asarray, variables)
-  figure = cat_dir / 'figures' / 'refine_samples.png'
-  refine.save_training_figure(figure, jax.random.fold_in(key, 1), images, amap_fn, variables,
-                              stats, r, num_samples=4)
-  del images
-  scratch.cleanup()
+  variables, stats, history = train_refinement(
+      cfg, category, cat_dir, amap_fn, train_split, key,
+      ckpt_dir=cat_dir / 'fit' / f'refine-{ref_fp}', what=main.name)
   return model.replace(
       refine=variables,
       stats=dict(model.stats, refine_lo=np.float32(stats['lo']), refine_hi=np.float32(stats['hi'])),
-      meta=dict(model.meta, refine_fingerprint=ref_fp,
-                refine_history={k: v for k, v in config_lib.to_plain(history).items()
-                                if k in ('pool_size', 'num_images', 'total_seconds')}))
+      meta=dict(model.meta, refine_fingerprint=ref_fp, refine_history=history))
+
+
+def train_refinement(cfg, category: str, cat_dir: pathlib.Path,
+                     amap_fn: Callable[[jax.Array], jax.Array], train_split, key, *,
+                     ckpt_dir: pathlib.Path, what: str) -> tuple[dict, dict, dict]:
+  """Trains a refinement network on synthetic defects of the training images (section 3.3).
+
+  Args:
+    amap_fn: A_hat of a device batch, `amap_fn(images01 [B, S, S, 3] in [0, 1]) -> [B, S, S]`,
+      a jitted function of device arrays (`refine.train_refiner`).
+    ckpt_dir: the run's resumable checkpoints; `what`: A_hat's source, for the log.
+  Writes <cat_dir>/figures/refine_samples.png. Returns (variables (numpy), {'lo', 'hi'} (the
+  A_hat normalisation), a summary of the training history (pool_size, num_images,
+  total_seconds)).
+  """
+  from pni_jax import refine  # the refinement network only when used
+
+  r = cfg.model.refine
+  (cat_dir / 'fit').mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=cat_dir / 'fit', prefix='scratch-') as scratch:
+    images = split_images_uint8(train_split, cfg.data, cfg.memory.feature_cap_mb, scratch)
+    logging.info('[%s] refinement: %d normal images, %d iterations of batch %d at %d px (%s), '
+                 'A_hat from %s', category, images.shape[0], int(r.iterations),
+                 int(r.batch_size), int(r.input_size), r.encoder, what)
+    variables, stats, history = refine.train_refiner(
+        images, amap_fn, r, key, ckpt_dir=str(pathlib.Path(ckpt_dir).absolute()),
+        log_fn=lambda msg: logging.info('[%s] %s', category, msg),
+        pad_images_to=shape_bucket(cfg, images.shape[0]))
+    variables = jax.tree.map(np.asarray, variables)
+    refine.save_training_figure(cat_dir / 'figures' / 'refine_samples.png',
+                                jax.random.fold_in(key, 1), images, amap_fn, variables, stats, r,
+                                num_samples=4)
+    del images
+  return variables, stats, {k: v for k, v in config_lib.to_plain(history).items()
+                            if k in ('pool_size', 'num_images', 'total_seconds')}

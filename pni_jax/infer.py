@@ -285,8 +285,7 @@ def bank_rows(cfg, fitted: model_lib.PNIModel) -> int:
   `fit.shape_bucket`), so that every category of one image bucket shares the scorer; a model
   without that metadata gets the bucket of K_emb."""
   k = int(np.shape(fitted.c_emb)[0])
-  runtime = cfg.get('runtime')
-  if runtime is None or not bool(runtime.get('shape_buckets', False)):
+  if not _buckets_on(cfg):
     return k
   meta = fitted.meta
   try:
@@ -300,11 +299,20 @@ def bank_rows(cfg, fitted: model_lib.PNIModel) -> int:
 
 def scoring_arrays(cfg, fitted: model_lib.PNIModel) -> dict:
   """`model.arrays(fitted)` with C_emb padded to `bank_rows` (`pad_bank`): what the scorers of a
-  run are given, so that they compile once per bucket (the saved model is not changed)."""
-  bank = pad_bank({'c_emb': np.asarray(fitted.c_emb), 'emb_to_dist': np.asarray(fitted.emb_to_dist)},
+  run are given, so that they compile once per bucket (the saved model is not changed). Without
+  runtime.shape_buckets: `model.arrays(fitted)` itself (no 'emb_valid')."""
+  if not _buckets_on(cfg):
+    return model_lib.arrays(fitted)
+  bank = pad_bank({'c_emb': np.asarray(fitted.c_emb),
+                   'emb_to_dist': np.asarray(fitted.emb_to_dist)},
                   bank_rows(cfg, fitted))                   # on the host: nothing compiles
   arrays = model_lib.arrays(fitted.replace(c_emb=bank['c_emb'], emb_to_dist=bank['emb_to_dist']))
   return dict(arrays, emb_valid=jax.device_put(bank['emb_valid']))
+
+
+def _buckets_on(cfg) -> bool:
+  runtime = cfg.get('runtime')
+  return runtime is not None and bool(runtime.get('shape_buckets', False))
 
 
 # ----------------------------------------------------------------------------- pure scoring

@@ -100,8 +100,9 @@ def _check_tile(value: int, name: str) -> None:
     raise ValueError(f'{name} must be >= 1, got {value}')
 
 
-def _check_search(queries, bank, query_tile: int, bank_tile: int) -> tuple[int, int]:
-  """Checks a search's inputs; returns (M, K)."""
+def _check_search(queries, bank, query_tile: int, bank_tile: int, query_aux=None,
+                  bank_aux=None) -> tuple[int, int]:
+  """Checks a search's inputs (and the leading axes of its aux pytrees); returns (M, K)."""
   _check_2d(queries, 'queries')
   _check_2d(bank, 'bank')
   _check_same_dim(queries, bank, 'queries', 'bank')
@@ -109,7 +110,13 @@ def _check_search(queries, bank, query_tile: int, bank_tile: int) -> tuple[int, 
   _check_tile(bank_tile, 'bank_tile')
   if bank.shape[0] == 0:
     raise ValueError('bank is empty (0 rows)')
-  return queries.shape[0], bank.shape[0]
+  m, kb = queries.shape[0], bank.shape[0]
+  for name, tree, rows in (('query_aux', query_aux, m), ('bank_aux', bank_aux, kb)):
+    for leaf in jax.tree_util.tree_leaves(tree):
+      if leaf.ndim < 1 or leaf.shape[0] != rows:
+        raise ValueError(f'every {name} array needs leading axis {rows}, got shape '
+                         f'{tuple(leaf.shape)}')
+  return m, kb
 
 
 def balanced_tile(rows: int, max_tile: int, align: int) -> int:
@@ -461,12 +468,7 @@ def masked_min_dist(queries: jax.Array,
     `MaskedNearest` of [M] arrays. Queries with nothing allowed get sq_dist
     +inf and index -1 (callers fall back to nearest_*). Ties: lowest index.
   """
-  m, kb = _check_search(queries, bank, query_tile, bank_tile)
-  for name, tree, rows in (('query_aux', query_aux, m), ('bank_aux', bank_aux, kb)):
-    for leaf in jax.tree_util.tree_leaves(tree):
-      if leaf.ndim < 1 or leaf.shape[0] != rows:
-        raise ValueError(f'every {name} array needs leading axis {rows}, got shape '
-                         f'{tuple(leaf.shape)}')
+  m, kb = _check_search(queries, bank, query_tile, bank_tile, query_aux, bank_aux)
   if m == 0:
     empty_f, empty_i = jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
     return MaskedNearest(empty_f, empty_i, empty_f, empty_i)
@@ -542,19 +544,7 @@ def min_dist_plus_offset(queries: jax.Array,
   Returns:
     (value [M] float32, index [M] int32); ties: lowest index.
   """
-  _check_2d(queries, 'queries')
-  _check_2d(bank, 'bank')
-  _check_same_dim(queries, bank, 'queries', 'bank')
-  _check_tile(query_tile, 'query_tile')
-  _check_tile(bank_tile, 'bank_tile')
-  m, kb = queries.shape[0], bank.shape[0]
-  if kb == 0:
-    raise ValueError('bank is empty (0 rows)')
-  for name, tree, rows in (('query_aux', query_aux, m), ('bank_aux', bank_aux, kb)):
-    for leaf in jax.tree_util.tree_leaves(tree):
-      if leaf.ndim < 1 or leaf.shape[0] != rows:
-        raise ValueError(f'every {name} array needs leading axis {rows}, got shape '
-                         f'{tuple(leaf.shape)}')
+  m, kb = _check_search(queries, bank, query_tile, bank_tile, query_aux, bank_aux)
   if m == 0:
     return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
 

@@ -8,7 +8,9 @@
   mlp          {'params', 'batch_stats'} of the neighbourhood MLP, or None
   refine       variables of the refinement network, or None
   stats        dict of float32 scalars / small arrays (thresholds, normalisation)
-Restoring gives bit-identical arrays, hence bit-identical maps.
+Restoring gives bit-identical arrays, hence bit-identical maps. `save_tree` / `load_tree` do the
+same (atomic) write and read for any pytree of arrays with its metadata (e.g. an ensemble's
+refinement network, `ensemble.save_refiner`).
 """
 
 from __future__ import annotations
@@ -82,11 +84,19 @@ def _recover(directory: pathlib.Path) -> None:
 
 
 def save(model: PNIModel, directory: str | os.PathLike) -> None:
-  """Writes the model to `directory`, keeping the previous model until the new one is complete.
+  """Writes the model to `directory`, keeping the previous model until the new one is complete
+  (`save_tree`)."""
+  meta = dict(model.meta, present=sorted(k for k in ('position', 'mlp', 'refine')
+                                         if getattr(model, k) is not None))
+  save_tree(_arrays(model), meta, directory)
+
+
+def save_tree(arrays: dict, meta: dict, directory: str | os.PathLike) -> None:
+  """Writes a pytree of arrays (orbax) and JSON metadata to `directory`, atomically.
 
   Steps: write everything to `<dir>.tmp`; rename the old `<dir>` to `<dir>.old`; rename
-  `<dir>.tmp` to `<dir>`; delete `<dir>.old`. A crash at any point leaves a complete model that
-  `load` finds (the old one, or the new one); a failed write removes its `<dir>.tmp`.
+  `<dir>.tmp` to `<dir>`; delete `<dir>.old`. A crash at any point leaves a complete tree that
+  `load_tree` finds (the old one, or the new one); a failed write removes its `<dir>.tmp`.
   """
   import orbax.checkpoint as ocp
 
@@ -99,10 +109,8 @@ def save(model: PNIModel, directory: str | os.PathLike) -> None:
   tmp.mkdir()
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      ckptr.save(tmp / 'arrays', _arrays(model))
-    meta = dict(model.meta, format_version=FORMAT_VERSION,
-                present=sorted(k for k in ('position', 'mlp', 'refine')
-                               if getattr(model, k) is not None))
+      ckptr.save(tmp / 'arrays', jax.tree.map(np.asarray, arrays))
+    meta = dict(meta, format_version=FORMAT_VERSION)
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -124,8 +132,20 @@ def exists(directory: str | os.PathLike) -> bool:
 def load(directory: str | os.PathLike) -> PNIModel:
   """Restores a model written by `save`; arrays come back bit-identical (numpy on host).
 
-  A save interrupted between its renames is completed first (see `save`).
+  A save interrupted between its renames is completed first (see `save_tree`).
   """
+  tree, meta = load_tree(directory)
+  present = set(meta.pop('present', ()))
+  return PNIModel(
+      c_emb=tree['c_emb'], emb_to_dist=tree['emb_to_dist'],
+      position=tree.get('position') if 'position' in present else None,
+      mlp=tree.get('mlp') if 'mlp' in present else None,
+      refine=tree.get('refine') if 'refine' in present else None,
+      stats=dict(tree.get('stats', {})), meta=meta)
+
+
+def load_tree(directory: str | os.PathLike) -> tuple[dict, dict]:
+  """(arrays pytree (numpy, bit-identical), metadata) written by `save_tree`."""
   import orbax.checkpoint as ocp
 
   directory = pathlib.Path(directory).absolute()
@@ -144,14 +164,8 @@ def load(directory: str | os.PathLike) -> PNIModel:
                      f'(expected {FORMAT_VERSION}); refit the model')
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.restore(directory / 'arrays')
-  present = set(meta.pop('present', ()))
   meta.pop('format_version', None)
-  return PNIModel(
-      c_emb=tree['c_emb'], emb_to_dist=tree['emb_to_dist'],
-      position=tree.get('position') if 'position' in present else None,
-      mlp=tree.get('mlp') if 'mlp' in present else None,
-      refine=tree.get('refine') if 'refine' in present else None,
-      stats=dict(tree.get('stats', {})), meta=meta)
+  return tree, meta
 
 
 def arrays(model: PNIModel) -> dict:

@@ -74,7 +74,7 @@ TRAIN_POSITIONS = ('interior', 'all')
 
 # Salts for `jax.random.fold_in`: one independent stream per use of the run key.
 _SALT_INIT, _SALT_SPLIT, _SALT_SHUFFLE, _SALT_DROPOUT, _SALT_GROUPS = 0, 1, 2, 3, 4
-_PROGRESS_EVERY_S = 30.0      # an extra progress line inside long epochs
+_PROGRESS_EVERY_S = 60.0      # an extra progress line inside long epochs
 
 
 # ----------------------------------------------------------------------------- gathering
@@ -759,7 +759,7 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
   clock = train_loop.CompileClock()
   try:
     with train_loop.Run('neighbourhood MLP', ckpt_dir, fingerprint, log, total=epochs,
-                        unit='epoch') as run:
+                        unit='epoch', every=30.0) as run:
       start_epoch, arrays, record = run.resume(
           {'state': state.arrays(), 'best': best.variables},
           lambda a: sharding.replicate(a, mesh))

@@ -5,6 +5,8 @@ Workdir layout (one folder per category):
   <workdir>/results.{csv,md}             one row per category + group means (main variant)
   <workdir>/ablation.{csv,md}            one row per evaluated variant (when several)
   <workdir>/<cat>/model/                 the fitted PNIModel (orbax + meta.json)
+  <workdir>/<cat>/members/<i>-<backbone>/  an ensemble's members (each a category folder)
+  <workdir>/<cat>/ensemble_refine/       an ensemble's one refinement network (ensemble.py)
   <workdir>/<cat>/fit/                   stage caches (coreset, MLP checkpoints, ...)
   <workdir>/<cat>/metrics.json           metrics of the main variant
   <workdir>/<cat>/eval/<variant>.json    metrics of every evaluated variant (reused when present)
@@ -130,11 +132,16 @@ def _run_category(cfg, cat_dir: pathlib.Path, category: str, variants, needed, m
     fitted = evaluate.calibrate(cfg, category, cat_dir, extractor, fitted, holdout, variants[0])
     results = evaluate.evaluate_category(cfg, category, cat_dir, extractor, fitted, test, variants)
     return results, variants[0].name, len(train.paths)
+  # Members are fitted without R: the ensemble trains one refinement network on its combined map.
+  mvariant = ensemble.member_variant(variants[0])
   fits = []
   for i, (backbone, mcfg, ext) in enumerate(members):
     mdir = cat_dir / 'members' / f'{i}-{backbone}'
-    fitted = fit.fit_category(mcfg, category, mdir, ext, train, needed)
-    fitted = evaluate.calibrate(mcfg, category, mdir, ext, fitted, holdout, variants[0])
+    fitted = fit.fit_category(mcfg, category, mdir, ext, train, ensemble.member_variant(needed))
+    fitted = evaluate.calibrate(mcfg, category, mdir, ext, fitted, holdout, mvariant)
     fits.append((f'member {i}: {backbone}', mcfg, ext, fitted))
-  main_name, results = ensemble.evaluate_ensemble(cfg, category, cat_dir, fits, test, variants[0])
+  refiner = (ensemble.fit_refiner(cfg, category, cat_dir, fits, train, variants[0])
+             if variants[0].refinement else None)
+  main_name, results = ensemble.evaluate_ensemble(cfg, category, cat_dir, fits, test, variants[0],
+                                                  refiner)
   return results, main_name, len(train.paths)

@@ -27,7 +27,7 @@ class Progress:
   Usage: `p = Progress('features', total, unit='img'); p.update(n); ...; p.close()`.
   """
 
-  def __init__(self, what: str, total: int, *, unit: str = 'it', every: float = 15.0,
+  def __init__(self, what: str, total: int, *, unit: str = 'it', every: float = 30.0,
                log_fn=None):
     self.what, self.total, self.unit, self.every = what, int(total), unit, float(every)
     self.done = 0

@@ -126,9 +126,10 @@ class Run:
   """
 
   def __init__(self, what: str, ckpt_dir: str | None, fingerprint: Mapping,
-               log: Callable[[str], None], *, total: int, unit: str):
+               log: Callable[[str], None], *, total: int, unit: str, every: float = 0.0):
     self.what, self.ckpt_dir, self.log = what, ckpt_dir, log
-    self.total, self.unit = int(total), unit
+    self.total, self.unit, self.every = int(total), unit, float(every)
+    self._last_line = -float('inf')
     self.fingerprint = checkpoints.json_ready(dict(fingerprint))
     self.ckpts = checkpoints.TrainCheckpoints(ckpt_dir) if ckpt_dir else None
     self.start = 0
@@ -177,7 +178,13 @@ class Run:
     return time.time() - self.t_start
 
   def progress(self, done: int, text: str) -> None:
-    """Logs '<what> <unit> done/total  <text>  elapsed ..  ETA ..' (ETA from this call's rate)."""
+    """Logs '<what> <unit> done/total  <text>  elapsed ..  ETA ..' (ETA from this call's rate):
+    the first and the last line, and in between at most one line every `every` seconds (0: every
+    call logs)."""
+    now = time.time()
+    if done < self.total and now - self._last_line < self.every:
+      return
+    self._last_line = now
     elapsed = self.elapsed()
     rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
     eta = (self.total - done) / rate if rate > 0 else 0.0

@@ -201,7 +201,9 @@ def test_training_beats_chance(straight_run):
   assert history['val_accuracy'][history['best_epoch']] == max(history['val_accuracy'])
   assert history['loss'][-1] < history['loss'][0]
   epoch_lines = [line for line in logged if ' epoch ' in line]
-  assert [line.split(' epoch ')[1].split()[0] for line in epoch_lines] == ['1/3', '2/3', '3/3']
+  # Progress lines: the first and the last epoch always, others at most one per 15 s.
+  done = [line.split(' epoch ')[1].split()[0] for line in epoch_lines]
+  assert done[0] == '1/3' and done[-1] == '3/3' and done == sorted(set(done))
   assert f"val acc {history['val_accuracy'][-1]:.4f}" in epoch_lines[-1]
   done = 3 * (1200 // 32) * 32                      # 3 epochs of full batches of 32
   assert f'samples {done}/{done}' in epoch_lines[-1] and 'ETA' in epoch_lines[-1]
@@ -304,7 +306,8 @@ def test_device_cap_streams_image_groups(task, monkeypatch, tmp_path):
   assert max(nbytes for _, nbytes in seen) <= cap
   # Every group drops its last partial batch: at most 4 x 31 of the 1200 positions per epoch.
   steps = [int(line.split('(')[1].split()[0]) for line in logged if 'steps over 4 groups' in line]
-  assert len(steps) == 3 and all((1200 - 4 * 31) // 32 <= s <= 1200 // 32 for s in steps)
+  # (a progress line for the first and last epoch at least: lines are throttled in time)
+  assert 2 <= len(steps) <= 3 and all((1200 - 4 * 31) // 32 <= s <= 1200 // 32 for s in steps)
   # It still learns (measured best val acc: 0.78 here, 0.79 uncapped; chance 0.25).
   assert max(history['val_accuracy']) > 0.55
   # Killed after one epoch and resumed: bit-identical to the straight streamed run.
@@ -356,3 +359,38 @@ def test_both_caps_below_the_features(task, monkeypatch, tmp_path):
   assert history['images_per_group'] == 3
   assert max(nbytes for _, nbytes in seen) <= cap
   assert jax.tree.all(jax.tree.map(np.array_equal, spilled, in_ram))
+
+
+# ----------------------------------------------------------------------------- shape buckets
+
+
+@pytest.mark.parametrize('n', [1, 7, 300, 2000])      # 2000: jax shuffles in two sort rounds
+def test_padded_permutation_is_jax_permutation(n):
+  key = jax.random.key(11)
+  ids = np.random.default_rng(n).permutation(5 * n).astype(np.int32)[:n]   # any int32 ids
+  want = np.asarray(jax.random.permutation(key, jnp.asarray(ids)))
+  for pad in (0, n + 5, 2 * n + 3):
+    np.testing.assert_array_equal(nb._permutation(key, ids, pad), want, err_msg=f'pad {pad}')
+
+
+@pytest.mark.parametrize('cap', [None, 5 * 12 * 12 * 4 * 4 + 100])    # resident / streamed
+def test_training_padded_to_a_bucket_is_bit_identical(task, cap):
+  # 13 and 15 of the 16 maps, padded to 16: the weights and history of the unpadded runs, and
+  # the second size reuses the compiled steps of the first.
+  feats, targets = task
+  kw = dict(num_classes=NUM_CLASSES, device_cap_bytes=cap)
+  runs = {}
+  for n in (13, 15):
+    plain = nb.train_mlp(feats[:n], targets[:n], small_config(2), jax.random.key(1), **kw)
+    if n == 15:
+      sizes = (nb.train_step._cache_size(), nb.eval_step._cache_size())
+    padded = nb.train_mlp(feats[:n], targets[:n], small_config(2), jax.random.key(1),
+                          pad_images_to=16, **kw)
+    runs[n] = (plain, padded)
+    assert jax.tree.all(jax.tree.map(np.array_equal, padded[0], plain[0])), n
+    assert padded[1]['val_accuracy'] == plain[1]['val_accuracy']
+    assert padded[1]['loss'] == plain[1]['loss']
+  # n = 15 padded to 16 compiled nothing new (n = 13 padded to 16 compiled it); unpadded
+  # 13 and 15 compile a step each.
+  assert (nb.train_step._cache_size(), nb.eval_step._cache_size()) == sizes
+  assert runs[13][1][1]['num_train'] != runs[15][1][1]['num_train']

@@ -11,8 +11,10 @@ import pytest
 
 from configs import demo
 from pni_jax import data as data_lib
+from pni_jax import ensemble
 from pni_jax import fit
 from pni_jax import infer
+from pni_jax import metrics as metrics_lib
 from pni_jax import model as model_lib
 from pni_jax import evaluate
 from pni_jax import pipeline
@@ -295,18 +297,140 @@ def test_refinement_stage_fits_evaluates_and_reloads(run, tmp_path):
   assert maps.shape == batch['mask'].shape and -0.5 < maps.min() and maps.max() < 1.5
 
 
-def test_ensemble_without_held_out_images_reports_the_paper_normalisation(run, tmp_path):
-  """data.holdout_fraction=0 (every training image, the paper's protocol): no deployable
-  normalisation exists, the test min-max ensemble is the main result."""
+# One refinement network for an ensemble (issue 12 A3), at the smallest sizes that train it.
+# P only (no MLP to train): the ensemble's refinement does not depend on which priors score.
+_ENSEMBLE_R = {'data.categories': ('weave',), 'eval.ablations': (),
+               'model.ensemble': ('efficientnet_lite0', 'efficientnet_lite0'),
+               'model.use_neighborhood': False,
+               'model.use_refinement': True, 'model.refine.input_size': 64,
+               'model.refine.iterations': 4, 'model.refine.pool_size': 8,
+               'model.refine.checkpoint_every': 2, 'model.refine.log_every': 2}
+_MEMBERS = ['member 0: efficientnet_lite0', 'member 1: efficientnet_lite0']
+
+
+def _ensemble_members(cfg, cat_dir):
+  """[(name, member cfg, Extractor, fitted member)] of a fitted ensemble, as the pipeline has
+  them (members on one backbone share its extractor: one compilation)."""
+  out, extractors = [], {}
+  for i, (backbone, weights) in enumerate(ensemble.members(cfg)):
+    mcfg = ensemble.member_config(cfg, backbone, weights)
+    if (backbone, weights) not in extractors:
+      extractors[backbone, weights] = infer.make_extractor(mcfg)
+    out.append((f'member {i}: {backbone}', mcfg, extractors[backbone, weights],
+                model_lib.load(cat_dir / 'members' / f'{i}-{backbone}' / 'model')))
+  return out
+
+
+def _member_maps(members, variant, split, data_cfg):
+  """Every member's maps [N, S, S] (float64) of a split, its images, masks and labels."""
+  maps, images, masks, labels = [[] for _ in members], [], [], []
+  for batch in data_lib.batches(split, data_cfg, with_masks=True):
+    for i, (_, mcfg, ext, fitted) in enumerate(members):
+      maps[i].append(infer.ModelRuntime(mcfg, ext, fitted, [variant]).score(
+          batch['image'])[variant.name]['maps'])
+    images.append(batch['image'])
+    masks.append(batch['mask'] > 0.5)
+    labels.append(batch['label'])
+  return ([np.concatenate(m).astype(np.float64) for m in maps], np.concatenate(images),
+          np.concatenate(masks), np.concatenate(labels))
+
+
+def _rows(workdir):
+  return [r[0] for r in csv.reader(open(workdir / 'ablation.csv'))][1:]
+
+
+def _saved(cat_dir, name):
+  return json.loads((cat_dir / 'eval' / f'{ensemble._safe(name)}.json').read_text())['metrics']
+
+
+def test_ensemble_trains_one_refinement_on_the_combined_map(run, tmp_path):
+  """Members fit no refinement network; one network refines the ensembled map, is reloaded on a
+  re-run, and the R rows are the documented formulas (ensemble.py docstring)."""
+  from pni_jax import refine
   cfg, _, _ = run
-  ens_cfg = _small_config(cfg.data.root, **{
-      'data.categories': ('weave',), 'eval.ablations': (), 'data.holdout_fraction': 0.0,
-      'model.use_neighborhood': False,
-      'model.ensemble': ('efficientnet_lite0', 'efficientnet_lite0')})
+  ens_cfg = _small_config(cfg.data.root, **_ENSEMBLE_R)
+  work = tmp_path / 'ensr'
+  results = pipeline.run(ens_cfg, work)
+  cat = work / 'weave'
+  assert _rows(work) == [ensemble.HOLDOUT_NAME, ensemble.PAPER_NAME] + _MEMBERS
+  members = _ensemble_members(ens_cfg, cat)
+  for *_, fitted in members:
+    assert fitted.refine is None and fitted.meta['calibration_variant'] == '+P'
+  trained = sorted(p.relative_to(work).as_posix() for p in work.rglob('*refine-*'))
+  assert len(trained) == 1 and trained[0].startswith('weave/fit/ensemble-refine-'), trained
+  assert sorted(p.relative_to(work).as_posix() for p in work.rglob('refine_samples.png')) == [
+      'weave/figures/refine_samples.png']
+  refiner = ensemble.load_refiner(cat / ensemble.REFINER_DIR)
+  assert refiner.meta['source'] == 'holdout' and refiner.hi > refiner.lo
+  assert refiner.map_affines == tuple(ensemble.holdout_affine(f.stats)[0] for *_, f in members)
+
+  # The refinement's training input: A_ens = mean_i (A_i - shift_i) / scale_i on a device batch.
+  variant = infer.Variant(False, True, False)
+  split = data_lib.load_split(ens_cfg.data, 'weave', 'test')
+  maps, images, masks, labels = _member_maps(members, variant, split, ens_cfg.data)
+  affines = ((0.25, 2.0), (-0.5, 0.5))
+  got = ensemble.combined_map_fn(ens_cfg, members, variant, affines)(jnp.asarray(images[:8]))
+  want = np.mean([(m[:8] - s) / c for m, (s, c) in zip(maps, affines)], axis=0)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+  # Both R rows, from the members' maps with the formulas: on a batch, the maps of the
+  # evaluation's function; on the test set, the stored metrics. (fuse with w = 1 is the refined
+  # map f(I, n(A_ens)) alone: one compilation of the network for both.)
+  r = ens_cfg.model.refine
+  w, static = r.fusion_weight, dict(input_size=r.input_size, encoder=r.encoder, loss=r.loss)
+  a_ens = np.mean([(m - s) / c for m, (s, c) in zip(maps, refiner.map_affines)], axis=0)
+  a_mm = np.mean([(m - m.min()) / (m.max() - m.min()) for m in maps], axis=0)
+  deployable, refined = (np.asarray(refine.fuse(refiner.variables, images, a_ens, refiner.lo,
+                                                refiner.hi, weight, **static))
+                         for weight in (w, 1.0))
+  paper = (1 - w) * a_mm + w * refined
+  rows = ensemble.refined_rows(refiner.variables, images[:8], a_ens[:8].astype(np.float32),
+                               a_mm[:8].astype(np.float32), refiner.lo, refiner.hi, w, **static)
+  np.testing.assert_allclose(np.asarray(rows[0]), deployable[:8], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(rows[1]), paper[:8], atol=1e-5)
+  for name, row in ((ensemble.HOLDOUT_NAME, deployable), (ensemble.PAPER_NAME, paper)):
+    # model.scoring.image_score 'max' (demo): the image score is the max of the row's map.
+    want, _ = metrics_lib.evaluate_with_curves(row.reshape(len(row), -1).max(-1), labels, row,
+                                               masks, max_fpr=ens_cfg.eval.max_fpr)
+    for k in ('image_auroc', 'pixel_auroc', 'aupro', 'pixel_f1_max'):
+      assert _saved(cat, name)[k] == pytest.approx(float(want[k]), abs=1e-5), (name, k)
+  assert results['weave'] == _saved(cat, ensemble.HOLDOUT_NAME)
+  assert results['weave']['pixel_auroc'] > 0.9
+
+  # A re-run reuses the saved network (the metrics above were recomputed with the reloaded one).
+  saved_at = (cat / ensemble.REFINER_DIR / 'meta.json').stat().st_mtime_ns
+  assert pipeline.run(ens_cfg, work)['weave'] == results['weave']
+  assert (cat / ensemble.REFINER_DIR / 'meta.json').stat().st_mtime_ns == saved_at
+
+
+def test_ensemble_without_held_out_images_reports_the_paper_normalisation(run, tmp_path):
+  """data.holdout_fraction=0 (every training image, the paper's protocol): the test min-max
+  ensemble is the main result; with R the members' affines come from their training maps."""
+  cfg, _, _ = run
+  # No training steps (iterations 0): the training-time affines and the rows are what is tested.
+  ens_cfg = _small_config(cfg.data.root, **dict(_ENSEMBLE_R, **{
+      'data.holdout_fraction': 0.0, 'model.refine.iterations': 0, 'model.refine.pool_size': 0,
+      'model.refine.calibration_samples': 8}))
   results = pipeline.run(ens_cfg, tmp_path / 'ens0')
-  names = [r[0] for r in csv.reader(open(tmp_path / 'ens0' / 'ablation.csv'))][1:]
-  assert names == ['ensemble (test min-max, paper)', 'member 0: efficientnet_lite0',
-                   'member 1: efficientnet_lite0']
-  paper = json.loads((tmp_path / 'ens0' / 'weave' / 'eval' /
-                      'ensemble__test_min-max__paper_.json').read_text())['metrics']
+  assert _rows(tmp_path / 'ens0') == [ensemble.PAPER_NAME, ensemble.TRAINING_NAME] + _MEMBERS
+  cat = tmp_path / 'ens0' / 'weave'
+  paper = _saved(cat, ensemble.PAPER_NAME)
   assert results['weave'] == paper and paper['pixel_auroc'] > 0.9
+  refiner = ensemble.load_refiner(cat / ensemble.REFINER_DIR)
+  assert refiner.meta['source'] == 'training'
+  # The in-sample affines: mean / std of each member's map pixels over the training images.
+  members = _ensemble_members(ens_cfg, cat)
+  variant = infer.Variant(False, True, False)
+  train = data_lib.load_split(ens_cfg.data, 'weave', 'train')
+  maps, *_ = _member_maps(members, variant, train, ens_cfg.data)
+  for m, (shift, scale) in zip(maps, refiner.map_affines):
+    assert (shift, scale) == pytest.approx((m.mean(), m.std()), rel=1e-5)
+  # Without R there is no deployable row: the test min-max ensemble only.
+  (tmp_path / 'no_r').mkdir()
+  main, no_r = ensemble.evaluate_ensemble(
+      ens_cfg, 'weave', tmp_path / 'no_r', members,
+      data_lib.load_split(ens_cfg.data, 'weave', 'test'), variant)
+  assert main == ensemble.PAPER_NAME and list(no_r) == [ensemble.PAPER_NAME] + _MEMBERS
+  assert no_r[ensemble.PAPER_NAME]['pixel_auroc'] > 0.9
+  for name in _MEMBERS:
+    assert no_r[name] == pytest.approx(_saved(cat, name))

@@ -533,8 +533,8 @@ def main(argv: list[str]) -> int:
                           ('--size', args.size), ('--mlp-epochs', args.mlp_epochs),
                           ('--refine-iterations', args.refine_iterations),
                           ('--precision', args.precision)):
-        if value:
-          batch_args += [flag, str(value)]
+        if value or (value == 0 and flag in ('--mlp-epochs', '--refine-iterations')):
+          batch_args += [flag, str(value)]   # '--refine-iterations 0' = refinement off
       bench_batch.main(batch_args)
   return 0
 

@@ -161,7 +161,7 @@ def run_loop(args) -> None:
         f'{"total s":>8} {"total CPU s":>12} {"loss (input map), 2nd half":>27}')
   for i in range(args.repeats):
     r = bench_loop(args)
-    print(f'{i:>4} {r["compile"]:>10.1f} {r["steady"]:>12.3f} {r["steady_cpu"]:>16.3f} '
+    print(f'{i:>4} {r["compile"]:>10.1f} {r["steady"]:>12.5f} {r["steady_cpu"]:>16.5f} '
           f'{r["total"]:>8.1f} {r["total_cpu"]:>12.1f} {r["loss"]:>14.5f} ({r["input_loss"]:.5f})',
           flush=True)
 

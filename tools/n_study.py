@@ -83,31 +83,27 @@ def diagnose(cfg, workdir: pathlib.Path, category: str, rho: float) -> dict:
   from pni_jax import infer
   from pni_jax import model as model_lib
   from pni_jax import neighborhood
-  from pni_jax import pipeline
 
   fitted = model_lib.load(workdir / category / 'model')
   arrays = model_lib.arrays(fitted)
-  extractor = pipeline.make_extractor(cfg)
+  extractor = infer.make_extractor(cfg)
   test = data_lib.load_split(cfg.data, category, 'test')
   nb, sc = cfg.model.neighborhood, cfg.model.scoring
   window, dilation = int(nb.window), int(nb.get('dilation', 1))
   tau = infer.tau(sc, arrays['c_emb'].shape[0])
 
   @jax.jit
-  def feats_and_probs(images):
-    feats = extractor.fn(extractor.variables, images)
-    p_nb = None
-    if arrays.get('mlp') is not None:
-      p_nb = neighborhood.neighbor_probs(arrays['mlp'], feats, window, int(nb.infer_chunk),
-                                         float(sc.temperature), features.compute_dtype(cfg.model),
-                                         dilation)
-    return feats, p_nb
+  def probs(feats):
+    return neighborhood.neighbor_probs(arrays['mlp'], feats, window, int(nb.infer_chunk),
+                                       float(sc.temperature), features.compute_dtype(cfg.model),
+                                       dilation)
 
   parts, all_masks = [], []
-  for batch in pipeline._batches(test, cfg, with_masks=True):
+  for batch in data_lib.batches(test, cfg.data, with_masks=True):
     images = np.asarray(batch['image'], np.float32)
     bsz = images.shape[0]
-    feats, p_nb = feats_and_probs(pipeline.pad_batch(images, extractor.batch_size))
+    _, feats = extractor.features(images)         # padded to the batch bucket
+    p_nb = probs(feats) if arrays.get('mlp') is not None else None
     feats = feats[:bsz]
     p_nb = None if p_nb is None else p_nb[:bsz]
     masks = diagnostics.patch_masks(np.asarray(batch['mask']) > 0.5, feats.shape[1:3])
@@ -130,6 +126,7 @@ def diagnose(cfg, workdir: pathlib.Path, category: str, rho: float) -> dict:
 def run_setting(cfg, workdir: pathlib.Path, tag: str, rho: float) -> None:
   from pni_jax import cli
   from pni_jax import data as data_lib
+  from pni_jax import evaluate
   from pni_jax import pipeline
 
   cfg = cli.normalize_config(cfg)
@@ -141,7 +138,7 @@ def run_setting(cfg, workdir: pathlib.Path, tag: str, rho: float) -> None:
     t = time.time()
     diag = diagnose(cfg, workdir, category, rho)
     variants = {}
-    for v in pipeline.variants_to_evaluate(cfg):   # this setting's variants only
+    for v in evaluate.variants_to_evaluate(cfg):   # this setting's variants only
       path = workdir / category / 'eval' / f'{v.name}.json'
       variants[v.name] = json.loads(path.read_text())['metrics']
     nb = cfg.model.neighborhood

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The neighbourhood prior at real strength (issue 12 B): the paper-size MLP on the demo data.
 #
-#   tools/n_study_gpu.sh [--out DIR] [--categories lattice,cable] [--cpu-smoke]
+#   tools/n_study_gpu.sh [--out DIR] [--categories lattice,cable] [--settings LIST] [--cpu-smoke]
 #
-# Needs a python3 whose jax sees the GPU (tools/gpu_check.sh sets one up offline:
-# `. $PNI_GPU_VENV/bin/activate` after it ran). For each setting below it runs
+# Needs a python3 (or $PYTHON) whose jax sees the GPU, with ml_collections and clu importable
+# (`tools/gpu_check.sh --nstudy` installs the carried wheels and runs `--settings paper,paper_k2
+# --categories lattice`, ~3 minutes). For each setting below (default: all four) it runs
 # tools/n_study.py (fit + evaluate baseline, +N (demo rule: relative), +N@mean_prob (eq. 5),
 # +N@posterior, +P, +N+P, +N+P@relative, @mean_prob (eq. 6), @mean_score, + the N diagnostic) in one workdir per category set (the coreset is fitted once
 # and reused), then prints the Markdown table (<out>/study.md). Settings, demo features
@@ -21,11 +22,14 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$REPO/runs/n_study_gpu"
 CATS="lattice,cable"
+SETTINGS="demo_k1,demo_k5,paper,paper_k2"
+PY="${PYTHON:-python3}"
 SMOKE=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --categories) CATS="$2"; shift 2 ;;
+    --settings) SETTINGS="$2"; shift 2 ;;
     --cpu-smoke) SMOKE=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -34,7 +38,7 @@ done
 mkdir -p "$OUT"
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c 'import jax; print("devices:", jax.devices())'
+"$PY" -c 'import jax; print("devices:", jax.devices())'
 
 ABL="baseline,N,N@mean_prob,N@posterior,P,N+P,N+P@relative"   # N+P adds @mean_prob, @mean_score
 COMMON=(--config=configs/demo.py --workdir="$OUT/work" --config.data.categories="$CATS"
@@ -55,9 +59,10 @@ fi
 
 run() {  # tag, extra overrides...
   local tag="$1"; shift
+  [[ $SMOKE == 1 || ",$SETTINGS," == *",$tag,"* ]] || return 0
   local t0=$(date +%s)
   echo "=== $tag ($(date +%T))"
-  python3 tools/n_study.py "${COMMON[@]}" --tag="$tag" "$@" > "$OUT/$tag.log" 2>&1 \
+  "$PY" tools/n_study.py "${COMMON[@]}" --tag="$tag" "$@" > "$OUT/$tag.log" 2>&1 \
     || { echo "setting $tag failed, see $OUT/$tag.log"; tail -20 "$OUT/$tag.log"; exit 1; }
   echo "    done in $(( $(date +%s) - t0 )) s"
 }
@@ -70,5 +75,5 @@ else
   run paper "${PAPER[@]}"
   run paper_k2 "${PAPER[@]}" --config.model.neighborhood.dilation=2
 fi
-python3 tools/n_study.py --workdir="$OUT/work" --table | tee "$OUT/study.md"
+"$PY" tools/n_study.py --workdir="$OUT/work" --table | tee "$OUT/study.md"
 echo "table: $OUT/study.md (raw: $OUT/work/study.jsonl)"

@@ -316,6 +316,16 @@ def _token_footprint(size, part, cy, cx, radius, dilate):
   return part[2](yy - cy, xx - cx, radius) <= dilate
 
 
+def _render_tokens(size: int, placed, radius, f, gain, noise) -> np.ndarray:
+  """uint8 [size, size, 3]: token parts drawn at (cy, cx, part) in order on the plain
+  background, with the image's gain and noise."""
+  img = np.empty((size, size, 3), np.float32)
+  img[...] = np.float32((206, 201, 190))
+  for cy, cx, part in placed:
+    _draw_token(img, part, cy, cx, radius, f)
+  return _to_uint8(img * gain + noise)
+
+
 def _tokens_sample(rng, size: int, defect: str | None) -> Sample:
   f, radius, centres, jitter = _token_geometry(size)
   parts = _token_parts()
@@ -343,12 +353,10 @@ def _tokens_sample(rng, size: int, defect: str | None) -> Sample:
       raise ValueError(f'unknown tokens defect {defect!r}')
 
   def render(assignment):
-    img = np.empty((size, size, 3), np.float32)
-    img[...] = np.float32((206, 201, 190))
-    for slot, i in sorted(assignment.items()):
-      cy, cx = centres[slot][0] + offsets[slot][0], centres[slot][1] + offsets[slot][1]
-      _draw_token(img, parts[i], cy, cx, radius, f)
-    return _to_uint8(img * gain + noise)
+    return _render_tokens(size, [(centres[slot][0] + offsets[slot][0],
+                                  centres[slot][1] + offsets[slot][1], parts[i])
+                                 for slot, i in sorted(assignment.items())],
+                          radius, f, gain, noise)
 
   reference = render(normal)
   if defect is None:
@@ -507,12 +515,9 @@ def _lattice_sample(rng, size: int, defect: str | None) -> Sample:
       raise ValueError(f'unknown lattice defect {defect!r}')
 
   def render(assignment):
-    img = np.empty((size, size, 3), np.float32)
-    img[...] = np.float32((206, 201, 190))
-    for site, t in sorted(assignment.items()):
-      cy, cx = centre(*site)
-      _draw_token(img, parts[t], cy, cx, radius, f)
-    return _to_uint8(img * gain + noise)
+    return _render_tokens(size, [(*centre(*site), parts[t])
+                                 for site, t in sorted(assignment.items())],
+                          radius, f, gain, noise)
 
   reference = render(normal)
   if defect is None:
