@@ -13,9 +13,9 @@ Runtime (the deployable path `predict`, `export`, evaluation and calibration use
       (once per run); `Extractor.scorer` builds each data-parallel scorer once per run.
   `ModelRuntime(cfg, extractor, fitted, variants)` uploads a fitted model's arrays to the
       devices once (C_emb padded to its shape bucket, `scoring_arrays`, so that categories of
-      different sizes share one compiled scorer) and scores batches of any size: a batch of b images runs at the smallest
-      bucket (1, 2, 4, ... up to data.batch_size, a multiple of the device count) that holds it,
-      so one image costs a batch-1 call, not a padded batch.
+      different sizes share one compiled scorer) and scores batches of any size: a batch of b
+      images runs at the smallest bucket (1, 2, 4, ... up to data.batch_size, a multiple of the
+      device count) that holds it, so one image costs a batch-1 call, not a padded batch.
 
 N + P work per patch, made to cost what its kernels cost (`patch_scores`):
   * the MLP over the p x p window as one convolution (its first layer) with BatchNorm folded into
