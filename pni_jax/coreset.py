@@ -356,7 +356,7 @@ def greedy_coreset(features: jax.Array,
     if progress is not None:
       jax.block_until_ready(state)
       progress(done, num, time.perf_counter() - t0)
-  return state.picks[:num]
+  return jax.device_put(np.asarray(state.picks)[:num])   # cut on the host: no compile per num
 
 
 def log_progress(done: int, total: int, elapsed: float) -> None:
@@ -416,7 +416,7 @@ def select_coresets(features: jax.Array,
                        segment_size=segment_size, progress=progress, mesh=mesh,
                        pad_rows_to=pad_rows_to,
                        pad_picks_to=coreset_size(max(n, pad_rows_to), ratio))
-  return emb, emb[:dist_size]
+  return emb, jax.device_put(np.asarray(emb)[:dist_size])
 
 
 def emb_to_dist(c_emb: jax.Array, c_dist: jax.Array, *, query_tile: int = 1024,

@@ -12,6 +12,8 @@ so memory is one batch whatever the test set.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,55 @@ def _gather_code(prior, code):
   return jnp.take_along_axis(prior, code[:, None], axis=1)[:, 0]
 
 
+@functools.partial(jax.jit, static_argnames=('query_tile', 'bank_tile'))
+def _per_patch(feats, c_emb, e2d, emb_valid, p_nb, p_pos, tau, lam, rho, *, query_tile: int,
+               bank_tile: int) -> dict:
+  """The per-patch values of `prior_diagnostics` ([B h w] arrays by name), one compiled call
+  per batch shape (and C_emb shape: pass a padded C_emb, `infer.pad_bank`, to share it)."""
+  b, h, w, d = feats.shape
+  flat = feats.reshape(-1, d)
+  tiles = dict(query_tile=query_tile, bank_tile=bank_tile)
+  d0, idx = scoring.nearest_distance(flat, c_emb, **tiles)
+  code = e2d[idx]
+  base = lam * d0
+  per_patch = {}
+  priors = {}
+  if p_nb is not None:
+    priors['N'] = p_nb.reshape(b * h * w, -1)
+  if p_pos is not None:
+    pos_base = scoring.position_base_rate(p_pos if p_pos.ndim == 3 else p_pos[0])
+    if p_pos.ndim == 3:
+      p_pos = jnp.broadcast_to(p_pos[None], (b,) + p_pos.shape)
+    priors['P'] = p_pos.reshape(b * h * w, -1)
+  for name, prior in priors.items():
+    p_code = _gather_code(prior, code)
+    per_patch[f'excluded_{name}'] = p_code <= tau
+    per_patch[f'log10_p_{name}'] = jnp.log10(jnp.maximum(p_code, 1e-30))
+    per_patch[f'log10_pmax_{name}'] = jnp.log10(jnp.maximum(prior.max(-1), 1e-30))
+    per_patch[f'top1_{name}'] = jnp.argmax(prior, -1) == code
+    if rho is not None:
+      per_patch[f'rel_excluded_{name}'] = p_code <= rho * prior.max(-1)
+  if rho is not None and 'P' in priors:   # 'relative_lift_score': P against its base rate
+    per_patch['lift_excluded_P'] = _gather_code(priors['P'], code) <= rho * pos_base[code]
+  if 'N' in priors:
+    dist_n, frac_n = scoring.conditional_distance(flat, c_emb, e2d, priors['N'], tau,
+                                                  emb_valid=emb_valid, **tiles)
+    change = lam * dist_n - base
+    per_patch['score_change_N'] = change
+    per_patch['changed_N'] = change > 1e-6 * jnp.maximum(base, 1e-6)
+    per_patch['allowed_N'] = frac_n
+    if rho is not None:
+      dist_r, _ = scoring.allowed_distance(flat, c_emb, e2d,
+                                           scoring.relative_allowed(priors['N'], rho),
+                                           emb_valid=emb_valid, **tiles)
+      per_patch['rel_score_change_N'] = lam * dist_r - base
+  if 'N' in priors and 'P' in priors:
+    per_patch['excluded_NP'] = per_patch['excluded_N'] & per_patch['excluded_P']
+    mean = 0.5 * (priors['N'] + priors['P'])
+    per_patch['excluded_eq6'] = _gather_code(mean, code) <= tau
+  return per_patch
+
+
 def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau: float,
                       lam: float = 1.0, rho: float | None = None, query_tile: int = 1024,
                       bank_tile: int = 4096) -> dict[str, float]:
@@ -50,7 +101,8 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
   Args:
     feats: [B, h, w, d] patch features of test images.
     masks: [B, h, w] bool, defective patches (`patch_masks`).
-    arrays: model arrays with 'c_emb' [K_emb, d] and 'emb_to_dist' [K_emb] int32.
+    arrays: model arrays with 'c_emb' [K_emb, d] and 'emb_to_dist' [K_emb] int32 (optionally
+      padded, with 'emb_valid': `infer.pad_bank`).
     p_nb: [B, h, w, K_dist] p(c_dist | neighbourhood) or None.
     p_pos: [h, w, K_dist] or [B, h, w, K_dist] (the same for every image) p(c_dist | position)
       or None.
@@ -81,47 +133,12 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
   if masks.shape != (b, h, w):
     raise ValueError(f'masks must be [B, h, w] = {(b, h, w)} (patch resolution), got '
                      f'{masks.shape}')
-  c_emb = jnp.asarray(arrays['c_emb'])
-  e2d = jnp.asarray(arrays['emb_to_dist'])
-  flat = feats.reshape(-1, d)
-  tiles = dict(query_tile=query_tile, bank_tile=bank_tile)
-  d0, idx = scoring.nearest_distance(flat, c_emb, **tiles)
-  code = e2d[idx]
-  base = lam * d0
-  per_patch = {}
-  priors = {}
-  if p_nb is not None:
-    priors['N'] = jnp.asarray(p_nb).reshape(b * h * w, -1)
-  if p_pos is not None:
-    p_pos = jnp.asarray(p_pos)
-    pos_base = scoring.position_base_rate(p_pos if p_pos.ndim == 3 else p_pos[0])
-    if p_pos.ndim == 3:
-      p_pos = jnp.broadcast_to(p_pos[None], (b,) + p_pos.shape)
-    priors['P'] = p_pos.reshape(b * h * w, -1)
-  for name, prior in priors.items():
-    p_code = _gather_code(prior, code)
-    per_patch[f'excluded_{name}'] = p_code <= tau
-    per_patch[f'log10_p_{name}'] = jnp.log10(jnp.maximum(p_code, 1e-30))
-    per_patch[f'log10_pmax_{name}'] = jnp.log10(jnp.maximum(prior.max(-1), 1e-30))
-    per_patch[f'top1_{name}'] = jnp.argmax(prior, -1) == code
-    if rho is not None:
-      per_patch[f'rel_excluded_{name}'] = p_code <= rho * prior.max(-1)
-  if rho is not None and 'P' in priors:   # 'relative_lift_score': P against its base rate
-    per_patch['lift_excluded_P'] = _gather_code(priors['P'], code) <= rho * pos_base[code]
-  if 'N' in priors:
-    dist_n, frac_n = scoring.conditional_distance(flat, c_emb, e2d, priors['N'], tau, **tiles)
-    change = lam * dist_n - base
-    per_patch['score_change_N'] = change
-    per_patch['changed_N'] = change > 1e-6 * jnp.maximum(base, 1e-6)
-    per_patch['allowed_N'] = frac_n
-    if rho is not None:
-      dist_r, _ = scoring.allowed_distance(flat, c_emb, e2d,
-                                           scoring.relative_allowed(priors['N'], rho), **tiles)
-      per_patch['rel_score_change_N'] = lam * dist_r - base
-  if 'N' in priors and 'P' in priors:
-    per_patch['excluded_NP'] = per_patch['excluded_N'] & per_patch['excluded_P']
-    mean = 0.5 * (priors['N'] + priors['P'])
-    per_patch['excluded_eq6'] = _gather_code(mean, code) <= tau
+  p_pos = None if p_pos is None else jnp.asarray(p_pos)
+  per_patch = _per_patch(feats, jnp.asarray(arrays['c_emb']), jnp.asarray(arrays['emb_to_dist']),
+                         arrays.get('emb_valid'), None if p_nb is None else jnp.asarray(p_nb),
+                         p_pos, jnp.float32(tau), jnp.float32(lam),
+                         None if rho is None else jnp.float32(rho),
+                         query_tile=query_tile, bank_tile=bank_tile)
 
   defect = masks.reshape(-1)
   out = {'n_normal': float((~defect).sum()), 'n_defect': float(defect.sum())}

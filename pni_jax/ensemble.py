@@ -192,8 +192,8 @@ def combined_map_fn(cfg, member_fits: list, variant: infer.Variant,
   crop = int(cfg.data.crop)
   fns = tuple((ext.fn, infer.make_scorer(mcfg.model, variant, (crop, crop)))
               for _, mcfg, ext, _ in member_fits)
-  params = [(ext.variables, sharding.replicate(model_lib.arrays(fitted), ext.mesh))
-            for _, _, ext, fitted in member_fits]
+  params = [(ext.variables, sharding.replicate(infer.scoring_arrays(mcfg, fitted), ext.mesh))
+            for _, mcfg, ext, fitted in member_fits]
   shifts = jnp.asarray([a[0] for a in map_affines], jnp.float32)
   scales = jnp.asarray([a[1] for a in map_affines], jnp.float32)
 

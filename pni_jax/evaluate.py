@@ -275,18 +275,19 @@ def prior_diagnostics(cfg, category: str, extractor: infer.Extractor,
   if not (has_n or has_p) or not cfg.eval.get('diagnostics', True):
     return None
   crop = int(cfg.data.crop)
-  arrays = model_lib.arrays(fitted)
+  arrays = infer.scoring_arrays(cfg, fitted)      # C_emb padded: one compilation per bucket
   hp = scoring.hparams_from_config(cfg.model)
   spec = infer.make_spec(cfg.model, infer.Variant(has_n, has_p), (crop, crop))
   sc = cfg.model.scoring
-  kw = dict(tau=float(hp.tau_scale) / int(arrays['c_emb'].shape[0]),
+  kw = dict(tau=float(hp.tau_scale) / int(np.shape(fitted.c_emb)[0]),
             lam=float(hp.likelihood_lambda), rho=float(hp.rho),
             query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
+  priors_arrays = {k: arrays[k] for k in ('mlp', 'position')}   # compiled whatever |C_emb|
   parts = []
   for batch in data_lib.batches(split, cfg.data, with_masks=True):
     b = batch['image'].shape[0]
     _, feats = extractor.features(np.asarray(batch['image'], np.float32))
-    p_nb, p_pos = _priors(arrays, feats, hp, spec)
+    p_nb, p_pos = _priors(priors_arrays, feats, hp, spec)
     feats = feats[:b]
     p_nb = None if p_nb is None else p_nb[:b]
     p_pos = None if p_pos is None else p_pos[0]              # [h, w, K], the same for every image

@@ -343,7 +343,8 @@ def _fit_priors(cfg, category: str, fit_dir: pathlib.Path, extractor: infer.Extr
           num_classes=int(core['num_dist']),
           log_fn=lambda msg: logging.info('[%s] %s', category, msg),
           dtype=features.compute_dtype(cfg.model), mesh=extractor.mesh,
-          device_cap_bytes=int(float(cfg.memory.get('device_feature_cap_mb', 0)) * 2 ** 20))
+          device_cap_bytes=int(float(cfg.memory.get('device_feature_cap_mb', 0)) * 2 ** 20),
+          pad_images_to=shape_bucket(cfg, n))
       mlp = jax.tree.map(np.asarray, variables)
       mlp_history = config_lib.to_plain(history)
       timings['mlp_s'] = time.perf_counter() - t
@@ -388,13 +389,11 @@ def fit_refinement(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.E
   A_hat comes from the fitted model's `main` variant (its N / P settings, without R). Returns the
   model with `refine` variables, `stats['refine_lo' / 'refine_hi']` and a figure of samples.
   """
-  crop = int(cfg.data.crop)
-  arrays = model_lib.arrays(model)
-  scorer = infer.make_scorer(cfg.model, main, (crop, crop))
+  arrays = infer.scoring_arrays(cfg, model)       # padded: one compilation per shape bucket
+  maps_fn = extractor.maps_fn(cfg, main)
 
-  @jax.jit
   def amap_fn(images01):
-    return scorer(arrays, extractor.fn(extractor.variables, images01))['maps']
+    return maps_fn(arrays, images01)
 
   variables, stats, history = train_refinement(
       cfg, category, cat_dir, amap_fn, train_split, key,
@@ -429,7 +428,8 @@ def train_refinement(cfg, category: str, cat_dir: pathlib.Path,
                  int(r.batch_size), int(r.input_size), r.encoder, what)
     variables, stats, history = refine.train_refiner(
         images, amap_fn, r, key, ckpt_dir=str(pathlib.Path(ckpt_dir).absolute()),
-        log_fn=lambda msg: logging.info('[%s] %s', category, msg))
+        log_fn=lambda msg: logging.info('[%s] %s', category, msg),
+        pad_images_to=shape_bucket(cfg, images.shape[0]))
     variables = jax.tree.map(np.asarray, variables)
     refine.save_training_figure(cat_dir / 'figures' / 'refine_samples.png',
                                 jax.random.fold_in(key, 1), images, amap_fn, variables, stats, r,

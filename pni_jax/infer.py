@@ -12,9 +12,10 @@ Runtime (the deployable path `predict`, `export`, evaluation and calibration use
   `make_extractor(cfg)` the backbone's jitted feature function with its variables on the devices
       (once per run); `Extractor.scorer` builds each data-parallel scorer once per run.
   `ModelRuntime(cfg, extractor, fitted, variants)` uploads a fitted model's arrays to the
-      devices once and scores batches of any size: a batch of b images runs at the smallest
-      bucket (1, 2, 4, ... up to data.batch_size, a multiple of the device count) that holds it,
-      so one image costs a batch-1 call, not a padded batch.
+      devices once (C_emb padded to its shape bucket, `scoring_arrays`, so that categories of
+      different sizes share one compiled scorer) and scores batches of any size: a batch of b
+      images runs at the smallest bucket (1, 2, 4, ... up to data.batch_size, a multiple of the
+      device count) that holds it, so one image costs a batch-1 call, not a padded batch.
 
 N + P work per patch, made to cost what its kernels cost (`patch_scores`):
   * the MLP over the p x p window as one convolution (its first layer) with BatchNorm folded into
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pni_jax import coreset
 from pni_jax import features
 from pni_jax import knn
 from pni_jax import model as model_lib
@@ -234,6 +236,85 @@ def mlp_logits(variables, feats: jax.Array, *, window: int, dilation: int = 1,
   return out.reshape(groups * per, h, w, -1)[:b]
 
 
+# ----------------------------------------------------------------------------- padded banks
+
+
+def pad_bank(arrays: dict, rows: int) -> dict:
+  """The model arrays with C_emb padded to `rows` rows, every score unchanged.
+
+  |C_emb| is 1 % of a category's training patches, so each category would compile its own
+  scorer; padded to a shape bucket, categories of similar sizes share one. The padding rows are
+  copies of row 0 of C_emb with its code: every distance search sees the same set of vectors
+  (ties go to the lowest index, so a copy never replaces row 0) and every masked search the same
+  allowed set. What counts rows reads `emb_valid` [rows] bool (True for the real rows):
+  |C_emb| in tau = tau_scale / |C_emb|, the allowed fraction (`bank_counts`), and PatchCore's
+  reweighting, whose k nearest neighbours in C_emb exclude the copies.
+
+  Args:
+    arrays: model arrays (`model.arrays`) with 'c_emb' [K_emb, d], 'emb_to_dist' [K_emb].
+    rows: K_pad >= K_emb.
+  Returns:
+    The same dict with 'c_emb' [K_pad, d], 'emb_to_dist' [K_pad], 'emb_valid' [K_pad] bool.
+  """
+  c_emb, e2d = arrays['c_emb'], arrays['emb_to_dist']
+  if arrays.get('emb_valid') is not None:
+    raise ValueError('pad_bank: the arrays are padded already')
+  k = int(c_emb.shape[0])
+  if rows < k:
+    raise ValueError(f'pad_bank: cannot pad C_emb of {k} rows to {rows}')
+  xp = np if isinstance(c_emb, np.ndarray) else jnp
+  extra = rows - k
+  return dict(arrays,
+              c_emb=xp.concatenate([c_emb, xp.repeat(c_emb[:1], extra, axis=0)]),
+              emb_to_dist=xp.concatenate([e2d, xp.repeat(e2d[:1], extra)]),
+              emb_valid=xp.arange(rows) < k)
+
+
+def bank_counts(arrays: dict, num_dist: int):
+  """(|C_emb|, code_count [K_dist] float32: real C_emb rows per C_dist code) of model arrays,
+  padded (`pad_bank`: counted from 'emb_valid', |C_emb| a float32 scalar) or not (|C_emb| the
+  row count)."""
+  valid = arrays.get('emb_valid')
+  return (scoring.num_rows(arrays['c_emb'], valid),
+          scoring.code_counts(arrays['emb_to_dist'], num_dist, valid))
+
+
+def bank_rows(cfg, fitted: model_lib.PNIModel) -> int:
+  """Rows C_emb is padded to for scoring (runtime.shape_buckets; else K_emb itself): the coreset
+  size of the fit's training-image bucket (`sharding.bucket_size` of meta num_train, as
+  `fit.shape_bucket`), so that every category of one image bucket shares the scorer; a model
+  without that metadata gets the bucket of K_emb."""
+  k = int(np.shape(fitted.c_emb)[0])
+  if not _buckets_on(cfg):
+    return k
+  meta = fitted.meta
+  try:
+    h, w = (int(v) for v in meta['grid'])
+    ratio = float(meta['base_config']['coreset']['ratio'])
+    capacity = coreset.coreset_size(sharding.bucket_size(int(meta['num_train'])) * h * w, ratio)
+  except (KeyError, TypeError, ValueError):
+    capacity = 0
+  return capacity if capacity >= k else sharding.bucket_size(k)
+
+
+def scoring_arrays(cfg, fitted: model_lib.PNIModel) -> dict:
+  """`model.arrays(fitted)` with C_emb padded to `bank_rows` (`pad_bank`): what the scorers of a
+  run are given, so that they compile once per bucket (the saved model is not changed). Without
+  runtime.shape_buckets: `model.arrays(fitted)` itself (no 'emb_valid')."""
+  if not _buckets_on(cfg):
+    return model_lib.arrays(fitted)
+  bank = pad_bank({'c_emb': np.asarray(fitted.c_emb),
+                   'emb_to_dist': np.asarray(fitted.emb_to_dist)},
+                  bank_rows(cfg, fitted))                   # on the host: nothing compiles
+  arrays = model_lib.arrays(fitted.replace(c_emb=bank['c_emb'], emb_to_dist=bank['emb_to_dist']))
+  return dict(arrays, emb_valid=jax.device_put(bank['emb_valid']))
+
+
+def _buckets_on(cfg) -> bool:
+  runtime = cfg.get('runtime')
+  return runtime is not None and bool(runtime.get('shape_buckets', False))
+
+
 # ----------------------------------------------------------------------------- pure scoring
 
 
@@ -268,7 +349,7 @@ def patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: Scor
 
   Args:
     arrays: model arrays (`model.arrays`): c_emb [K_emb, d], emb_to_dist [K_emb], position
-      [H', W', K_dist] or None, mlp variables or None.
+      [H', W', K_dist] or None, mlp variables or None; optionally padded (`pad_bank`).
     feats: [B, H', W', d] patch features.
     hp: scalar `scoring.HParams`.
   Returns:
@@ -301,10 +382,10 @@ def patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: Scor
                                         **tiles)
     return value
 
+  num_emb, code_count = bank_counts(arrays, k)
   scores, frac = scoring.conditional_scores(
-      nearest_allowed_sq, sq, p_nb, p_pos, hp, num_emb=c_emb.shape[0],
-      code_count=scoring.code_counts(e2d, k), combine=spec.combine,
-      min_plus_offset=min_plus_offset,
+      nearest_allowed_sq, sq, p_nb, p_pos, hp, num_emb=num_emb, code_count=code_count,
+      combine=spec.combine, min_plus_offset=min_plus_offset,
       pos_base=None if p_pos is None else scoring.position_base_rate(arrays['position']))
   scores = scoring.edge_pad_border(scores.reshape(b, h, w), spec.border)
   return scores, frac.reshape(b, h, w)
@@ -331,7 +412,8 @@ def image_scores(arrays: dict, feats, patch, maps, hp: scoring.HParams, spec: Sc
   if spec.image_score == 'reweight':
     return scoring.reweighted_image_scores(
         feats, patch, arrays['c_emb'], spec.reweight_neighbors,
-        query_tile=spec.query_tile, bank_tile=spec.bank_tile)
+        query_tile=spec.query_tile, bank_tile=spec.bank_tile,
+        bank_valid=arrays.get('emb_valid'))
   return scoring.image_scores(maps, patch, spec.image_score, hp.top_percent,
                               border=spec.image_border, max_top_percent=spec.max_top_percent)
 
@@ -409,6 +491,23 @@ class Extractor:
                                                  self.mesh, sharded_argnums=(1, 2))
     return self.scorers[key]
 
+  def maps_fn(self, cfg, variant: Variant):
+    """Jitted `maps(arrays, images01 [B, S, S, 3]) -> [B, S, S]`: the backbone and the scorer of
+    `variant` in one call (A_hat of the refinement stage), built once per run; the model arrays
+    are an argument, so categories with equal shapes (`scoring_arrays`) reuse its compilation."""
+    crop = int(cfg.data.crop)
+    key = ('maps', variant, crop)
+    if key not in self.scorers:
+      score = make_scorer(cfg.model, variant, (crop, crop))
+      fn = self.fn
+
+      @jax.jit
+      def maps(variables, arrays, images01):
+        return score(arrays, fn(variables, images01))['maps']
+
+      self.scorers[key] = lambda arrays, images01: maps(self.variables, arrays, images01)
+    return self.scorers[key]
+
   def features(self, images: np.ndarray):
     """Host images [b, S, S, 3] -> (device images [n, ...], features [n, h, w, d]) at the
     bucket n >= b (padding repeats the last image)."""
@@ -442,7 +541,7 @@ class ModelRuntime:
     self.extractor = extractor
     self.variants = list(variants)
     mesh = extractor.mesh
-    self.arrays = sharding.replicate(model_lib.arrays(fitted), mesh)
+    self.arrays = sharding.replicate(scoring_arrays(cfg, fitted), mesh)
     hp = scoring.hparams_from_config(cfg.model) if hparams is None else hparams
     self.hparams = sharding.replicate(hp, mesh)
     self.scorers = {v.name: extractor.scorer(cfg, v) for v in self.variants}
@@ -456,7 +555,7 @@ class ModelRuntime:
     outs = {}
     for v in self.variants:
       out = self.scorers[v.name](self.arrays, feats, images_dev, self.hparams)
-      outs[v.name] = {k: np.asarray(out[k][:b]) for k in keys}
+      outs[v.name] = {k: np.asarray(out[k])[:b] for k in keys}   # cut on the host
     return outs
 
   def score_batches(self, batches) -> Iterator[tuple[dict, dict]]:

@@ -23,7 +23,6 @@ import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 FORMAT_VERSION = 1
@@ -185,4 +184,4 @@ def arrays(model: PNIModel) -> dict:
               'hi': np.float32(model.stats['refine_hi'])}
   tree = {'c_emb': model.c_emb, 'emb_to_dist': model.emb_to_dist, 'position': model.position,
           'mlp': model.mlp, 'refine': refine}
-  return jax.tree.map(jnp.asarray, tree)
+  return jax.tree.map(jax.device_put, tree)   # (jnp.asarray would compile a copy per shape)

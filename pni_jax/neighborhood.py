@@ -298,9 +298,28 @@ def neighbor_probs(variables, feats: jax.Array, window: int, chunk: int,
 @flax.struct.dataclass
 class TrainState(train_loop.TrainState):
   """`train_loop.TrainState` plus the window p and its dilation k (static): Adam with the
-  step-decay schedule."""
+  step-decay schedule, whose decay interval (decay_every x steps per epoch, a function of the
+  training-set size) is an array, `decay_interval` (None: constant rate), so that the steps
+  compile once for training sets of every size."""
   window: int = flax.struct.field(pytree_node=False, default=9)
   dilation: int = flax.struct.field(pytree_node=False, default=1)
+  decay_interval: Any = None            # [] int32 optimiser steps per decay, or None
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    if self.decay_interval is None:
+      return super().tx
+    return optax.adam(step_decay(self.learning_rate, self.decay_interval, self.decay_factor))
+
+
+def step_decay(learning_rate: float, interval, factor: float) -> optax.Schedule:
+  """lr * factor ** floor(count / interval), `interval` an int32 array (traced): the arithmetic of
+  `optax.exponential_decay(lr, interval, factor, staircase=True)` (`train_loop.schedule`),
+  which needs a static interval."""
+  def schedule(count):
+    p = jnp.floor(count / interval)
+    return jnp.where(count <= 0, learning_rate, learning_rate * jnp.power(factor, p))
+  return schedule
 
 
 # Mean cross-entropy and top-1 accuracy (built with `create`: postponed annotations in this module).
@@ -372,11 +391,12 @@ def create_train_state(key: jax.Array, cfg_nb: ml_collections.ConfigDict, in_dim
   check_config(cfg_nb)
   model = MLP(num_layers=int(cfg_nb.num_layers), width=int(cfg_nb.width),
               num_classes=int(num_classes), dropout=float(cfg_nb.dropout), dtype=dtype)
+  interval = int(cfg_nb.decay_every) * int(steps_per_epoch)
   return TrainState.create(
       model, _init_variables(model, key, int(in_dim)), float(cfg_nb.learning_rate),
-      decay_steps=int(cfg_nb.decay_every) * int(steps_per_epoch),
       decay_factor=float(cfg_nb.decay_factor), window=int(cfg_nb.window),
-      dilation=int(cfg_nb.get('dilation', 1)))
+      dilation=int(cfg_nb.get('dilation', 1)),
+      decay_interval=jnp.asarray(interval, jnp.int32) if interval > 0 else None)
 
 
 def _batch(maps: dict, order: jax.Array, index, grid: '_Grid', batch_size: int, window: int,
@@ -488,14 +508,42 @@ def images_per_group(feats_shape, itemsize: int, cap_bytes: int | None) -> int:
   return -(-int(num_images) // groups)
 
 
-def _epoch_groups(key: jax.Array, epoch: int, num_images: int, per_group: int) -> list[np.ndarray]:
+def _epoch_groups(key: jax.Array, epoch: int, num_images: int, per_group: int,
+                  pad_to: int = 0) -> list[np.ndarray]:
   """The epoch's image groups (sorted image indices each): the fewest groups of at most
   `per_group` images, of nearly equal sizes, from a permutation drawn from (key, epoch); one
-  group of all images when they fit."""
+  group of all images when they fit. `pad_to`: the permutation is compiled for that many
+  images (same result)."""
   if per_group >= num_images:
     return [np.arange(num_images)]
-  perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_images))
+  perm = _permutation(jax.random.fold_in(key, epoch), np.arange(num_images, dtype=np.int32),
+                      pad_to)
   return [np.sort(g) for g in np.array_split(perm, -(-num_images // per_group))]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_rows(buffer: jax.Array, rows: jax.Array, start) -> jax.Array:
+  return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
+
+
+def _upload_rows(host, rows: int, dtype, mesh, chunk: int = 8) -> jax.Array:
+  """Host maps [n, ...] (numpy or memmap) -> a replicated device array [rows, ...] of `dtype`
+  (zeros past n). Without padding it is sent as it is (one host copy only for a dtype change);
+  with padding, `chunk` maps at a time into a zero buffer, so the host never holds a padded
+  copy of all maps."""
+  n = int(host.shape[0])
+  if rows <= n:
+    return sharding.replicate_host(np.asarray(host, dtype), mesh)
+  shape = (int(rows),) + tuple(host.shape[1:])
+  buffer = jnp.zeros(shape, dtype, device=sharding.replicated(mesh))
+  c = min(int(chunk), int(rows))
+  for start in range(0, n, c):
+    start = min(start, rows - c)                 # the last chunk ends inside the buffer
+    part = np.zeros((c,) + shape[1:], dtype)
+    m = min(n - start, c)
+    part[:m] = host[start:start + m]
+    buffer = _write_rows(buffer, sharding.replicate_host(part, mesh), np.int32(start))
+  return buffer
 
 
 class _DeviceMaps:
@@ -504,12 +552,14 @@ class _DeviceMaps:
   `load(imgs)` replaces the buffers (the old ones are freed first, so device memory holds one
   group) and returns {'feats' [G, H, W, d], 'targets' [G, H, W] int32, 'slot' [N_img] int32}:
   image i is buffer row slot[i]. The buffers always have `per_group` rows (zeros past the group's
-  images), so the jitted steps compile once.
+  images), so the jitted steps compile once; `slots` >= N_img entries of 'slot' (a shape bucket:
+  training sets of one bucket share the compiled steps).
   """
 
-  def __init__(self, feats, targets: np.ndarray, per_group: int, dtype, mesh):
+  def __init__(self, feats, targets: np.ndarray, per_group: int, dtype, mesh, slots: int = 0):
     self.feats, self.targets, self.per_group = feats, targets, per_group
     self.dtype, self.mesh = np.dtype(dtype), mesh
+    self.slots = max(int(slots), int(feats.shape[0]))
     self.arrays, self.images = None, None
 
   def load(self, imgs: np.ndarray) -> dict:
@@ -526,29 +576,59 @@ class _DeviceMaps:
       host = self.feats[imgs]
     if isinstance(host, jax.Array):
       host = np.asarray(host)
-    host = np.asarray(host, self.dtype)
     targets = self.targets[imgs]
     pad = self.per_group - host.shape[0]
     if pad > 0:
-      host = np.concatenate([host, np.zeros((pad,) + host.shape[1:], self.dtype)])
       targets = np.concatenate([targets, np.zeros((pad,) + targets.shape[1:], targets.dtype)])
-    slot = np.zeros(n, np.int32)
+    slot = np.zeros(self.slots, np.int32)
     slot[imgs] = np.arange(len(imgs), dtype=np.int32)
-    self.arrays = {'feats': sharding.replicate_host(host, self.mesh),
+    self.arrays = {'feats': _upload_rows(host, self.per_group, self.dtype, self.mesh),
                    'targets': sharding.replicate_host(np.ascontiguousarray(targets), self.mesh),
                    'slot': sharding.replicate_host(slot, self.mesh)}
     self.images = imgs
     return self.arrays
 
 
-@functools.partial(jax.jit, static_argnames=('grid_size', 'num_samples'))
-def _split(key: jax.Array, grid_size: int, num_samples: int) -> jax.Array:
-  return jax.random.permutation(key, grid_size)[:num_samples].astype(jnp.int32)
+def _shuffle_rounds(n: int) -> int:
+  """Sort rounds of `jax.random.permutation` for n elements (jax's heuristic: 1 up to ~1,600,
+  2 up to ~2.6 M)."""
+  return int(np.ceil(3 * np.log(max(1, n)) / np.log(np.iinfo(np.uint32).max)))
 
 
-@jax.jit
-def _epoch_order(key: jax.Array, epoch: int, ids: jax.Array) -> jax.Array:
-  return jax.random.permutation(jax.random.fold_in(key, epoch), ids)
+@functools.partial(jax.jit, static_argnames=('rounds',))
+def _padded_permutation(key: jax.Array, x: jax.Array, n, *, rounds: int) -> jax.Array:
+  """`jax.random.permutation(key, x[:n])` in the first n entries of x [M] (n traced; entries
+  past n stay behind them), so that one compilation serves every n <= M.
+
+  jax shuffles by `rounds` stable sorts on random 32-bit keys drawn for the array's shape; with
+  the partitionable threefry PRNG (`jax_threefry_partitionable`, the default) the key of entry i
+  does not depend on the length, so the first n keys of an M-array are those of an n-array;
+  the entries past n get the largest key and sort last (after any real entry that ties them, by
+  stability), keeping the real entries in the order an n-array gets.
+  """
+  live = jnp.arange(x.shape[0]) < n
+  top = jnp.uint32(np.iinfo(np.uint32).max)
+  for _ in range(rounds):
+    key, subkey = jax.random.split(key)
+    sort_keys = jnp.where(live, jax.random.bits(subkey, x.shape, jnp.uint32), top)
+    _, x = jax.lax.sort_key_val(sort_keys, x)
+  return x
+
+
+def _permutation(key: jax.Array, ids: np.ndarray, pad_to: int = 0) -> np.ndarray:
+  """`jax.random.permutation(key, ids)` (ids [n] int32 host), computed on ids padded to
+  `pad_to` entries (one compilation per padded length) where jax's PRNG allows it (`_padded_
+  permutation`); numpy int32 [n]."""
+  n = int(ids.shape[0])
+  if not jax.config.jax_threefry_partitionable:
+    return np.asarray(jax.random.permutation(key, jnp.asarray(ids, jnp.int32)))
+  padded = _pad_ids(np.asarray(ids, np.int32), max(int(pad_to), n))
+  return np.asarray(_padded_permutation(key, padded, np.int32(n), rounds=_shuffle_rounds(n)))[:n]
+
+
+def _pad_ids(ids: np.ndarray, length: int) -> np.ndarray:
+  """ids [n] int32 followed by -1 (padding, masked) up to `length` (>= n) entries."""
+  return np.concatenate([ids, np.full(max(0, length - len(ids)), -1, ids.dtype)]).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -562,7 +642,7 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
               ckpt_dir: str | None = None,
               log_fn: Callable[[str], None] | None = None, *,
               num_classes: int | None = None, dtype=jnp.float32, mesh=None,
-              device_cap_bytes: int | None = None):
+              device_cap_bytes: int | None = None, pad_images_to: int = 0):
   """Trains the neighbourhood MLP on every (selected) position of the training feature maps.
 
   Args:
@@ -582,6 +662,11 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
     dtype: MLP compute dtype (float32 or bfloat16; float32 accumulation either way).
     mesh: `sharding.make_mesh()` (default: all devices); batches are split over it.
     device_cap_bytes: bytes of feature maps allowed on each device (None or 0: no cap).
+    pad_images_to: compile for this many images (>= N_img; the shape bucket of N_img,
+      `fit.shape_bucket`): the device buffers (all maps when they fit, else the image -> slot
+      map) and the sample orders are padded to that size, so that training sets of one bucket
+      share the compiled steps. The samples, their order and the weights are those of an
+      unpadded run (bit-identical).
 
   Returns:
     (variables, history): `variables = {'params', 'batch_stats'}` of the epoch with the best
@@ -613,29 +698,38 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
                else np.dtype(feats.dtype))
   per_group = images_per_group(feats.shape, dev_dtype.itemsize, device_cap_bytes)
   streamed = per_group < feats.shape[0]
-  maps = _DeviceMaps(feats, targets, per_group, dev_dtype, mesh)
+  padded_images = max(int(pad_images_to), int(feats.shape[0]))
+  maps = _DeviceMaps(feats, targets, per_group if streamed else padded_images, dev_dtype, mesh,
+                     slots=padded_images)
   dilation = int(cfg_nb.get('dilation', 1))
   grid = _sample_grid(feats.shape, window, cfg_nb.train_positions, dilation)
+  step_grid = dataclasses.replace(grid, num_images=padded_images)   # what the steps compile for
   num_samples = grid.size
+  max_samples = step_grid.size                  # the padded bound of num_samples (order lengths)
   if int(cfg_nb.max_train_samples) > 0:
     num_samples = min(num_samples, int(cfg_nb.max_train_samples))
+    max_samples = min(max_samples, int(cfg_nb.max_train_samples))
   num_val = int(round(float(cfg_nb.val_fraction) * num_samples))
   num_train = num_samples - num_val
   if num_train < 1:
     raise ValueError(f'no training sample left: {num_samples} positions, val_fraction '
                      f'{cfg_nb.val_fraction}')
-  ids = _split(jax.random.fold_in(key, _SALT_SPLIT), grid.size, num_samples)
-  val_ids, train_ids = ids[:num_val], ids[num_val:]
-  val_ids_host = np.asarray(val_ids)
+  ids = _permutation(jax.random.fold_in(key, _SALT_SPLIT), np.arange(grid.size, dtype=np.int32),
+                     step_grid.size)[:num_samples]
+  val_ids_host, train_ids = ids[:num_val], ids[num_val:]
   batch_size = min(int(cfg_nb.batch_size), num_train)
   steps_per_epoch = num_train // batch_size                   # the last partial batch is dropped
   in_dim = (window * window - 1) * feats.shape[-1]
   positions_per_image = grid.rows * grid.cols
   eval_size = min(max(batch_size, 1), max(num_val, 1))
+  # Device sample orders of fixed lengths (padding ids -1, never read by a training step).
+  order_len = max_samples
+  max_val = max(int(round(float(cfg_nb.val_fraction) * max_samples)), 1)
+  val_len = -(-max_val // eval_size) * eval_size
   d = sharding.num_shards(mesh)
-  step_args = dict(grid=grid, batch_size=batch_size,
+  step_args = dict(grid=step_grid, batch_size=batch_size,
                    batch_sharding=sharding.data_sharding(mesh) if batch_size % d == 0 else None)
-  eval_args = dict(grid=grid, batch_size=eval_size,
+  eval_args = dict(grid=step_grid, batch_size=eval_size,
                    batch_sharding=sharding.data_sharding(mesh) if eval_size % d == 0 else None)
 
   state = create_train_state(jax.random.fold_in(key, _SALT_INIT), cfg_nb, in_dim, num_classes,
@@ -684,8 +778,8 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
       t_line = time.time()
       for epoch in range(start_epoch, epochs):
         t_epoch = time.time()
-        order = np.asarray(_epoch_order(shuffle_key, epoch, train_ids))
-        groups = _epoch_groups(group_key, epoch, feats.shape[0], per_group)
+        order = _permutation(jax.random.fold_in(shuffle_key, epoch), train_ids, order_len)
+        groups = _epoch_groups(group_key, epoch, feats.shape[0], per_group, padded_images)
         group_of = np.zeros(feats.shape[0], np.int32)
         for g, imgs in enumerate(groups):
           group_of[imgs] = g
@@ -698,7 +792,7 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
           num_batches = len(group_order) // batch_size
           if not num_batches:
             continue
-          dev_order = sharding.replicate_host(group_order.astype(np.int32), mesh)
+          dev_order = sharding.replicate_host(_pad_ids(group_order, order_len), mesh)
           for i in range(num_batches):
             state, m = train_step(state, dev_maps, dev_order, i, epoch_key, step, **step_args)
             step += 1
@@ -723,11 +817,11 @@ def train_mlp(feats, targets, cfg_nb: ml_collections.ConfigDict, key: jax.Array,
             group_val = val_ids_host[val_group == g] if streamed else val_ids_host
             if not len(group_val):
               continue
-            group_val = np.concatenate([group_val, np.full((-len(group_val) % eval_size,), -1,
-                                                           group_val.dtype)]).astype(np.int32)
+            num_batches = -(-len(group_val) // eval_size)
             dev_maps = maps.load(groups[g])
-            dev_val = sharding.replicate_host(group_val, mesh)
-            for i in range(len(group_val) // eval_size):
+            dev_val = sharding.replicate_host(
+                _pad_ids(group_val, max(val_len, num_batches * eval_size)), mesh)
+            for i in range(num_batches):
               val_metrics = _merge(val_metrics, eval_step(state, dev_maps, dev_val, i,
                                                           **eval_args))
           v = train_loop.summarize(val_metrics)

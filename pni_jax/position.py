@@ -223,9 +223,10 @@ def position_histogram(index_maps, num_classes: int, window: int, batch: int = 6
 
 def _padded_batches(index_maps, batch: int) -> Iterable[jax.Array]:
   num = index_maps.shape[0]
+  xp = jnp if isinstance(index_maps, jax.Array) else np   # host maps padded on the host
   for start in range(0, num, batch):
-    chunk = jnp.asarray(index_maps[start:start + batch], jnp.int32)
+    chunk = xp.asarray(index_maps[start:start + batch], xp.int32)
     if chunk.shape[0] < batch:
-      pad = jnp.full((batch - chunk.shape[0],) + chunk.shape[1:], -1, jnp.int32)
-      chunk = jnp.concatenate([chunk, pad], axis=0)
-    yield chunk
+      pad = xp.full((batch - chunk.shape[0],) + chunk.shape[1:], -1, xp.int32)
+      chunk = xp.concatenate([chunk, pad], axis=0)
+    yield jnp.asarray(chunk)

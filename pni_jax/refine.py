@@ -695,22 +695,25 @@ def _indices(key: jax.Array, num_images: int, num_textures: int, batch_size: int
   return k_syn, idx, tex
 
 
-@functools.partial(jax.jit, static_argnames=('num_images', 'num_textures', 'batch_size', 'mode'))
-def _host_indices(base: jax.Array, steps: jax.Array, num_images: int, num_textures: int,
+@functools.partial(jax.jit, static_argnames=('num_textures', 'batch_size', 'mode'))
+def _host_indices(base: jax.Array, steps: jax.Array, num_images, num_textures: int,
                   batch_size: int, mode: str):
-  """The image / texture indices [M, B] of sample batches `steps` [M] of `base` (for loading)."""
+  """The image / texture indices [M, B] of sample batches `steps` [M] of `base` (for loading);
+  num_images is traced (the draws are those of a static count), so one compilation serves
+  training sets of every size."""
   def one(i):
     return _indices(_keys(base, i)[0], num_images, num_textures, batch_size, mode)[1:]
   return jax.vmap(one)(steps)
 
 
 @functools.partial(jax.jit, static_argnames=('batch_size', 'mode', 'out_sharding'))
-def _sample(base: jax.Array, i, images: jax.Array, slot: jax.Array, textures,
+def _sample(base: jax.Array, i, images: jax.Array, slot: jax.Array, num_images, textures,
             batch_size: int, mode: str, out_sharding=None):
   """Sample batch `i` of the stream `base` at full size: (images01 [B, S, S, 3] float32, masks
   [B, S, S] float32), from the device buffer `images` [R, S, S, 3] (uint8 or float) where image
-  n of the training set is row `slot[n]`, and `textures` [T, S, S, 3] or None."""
-  k_syn, idx, tex = _indices(_keys(base, i)[0], slot.shape[0],
+  n < num_images (an int32 scalar, traced) of the training set is row `slot[n]` (slot [>= N]:
+  padded buffers compile once for every N of a bucket), and `textures` [T, S, S, 3] or None."""
+  k_syn, idx, tex = _indices(_keys(base, i)[0], num_images,
                              0 if textures is None else textures.shape[0], batch_size, mode)
   picked = _unit(images[slot[idx]])
   if mode == 'given':
@@ -730,11 +733,13 @@ class ImageSource:
   pipeline gives them) when they fit under `cap_bytes` (None: no cap). Otherwise a buffer of
   `rows` images is reloaded before every `steps_per_load` batches (`prepare`) with the images
   those batches pick (the picks are the same functions of the keys either way, so the samples do
-  not depend on the cap). `sample(base, i)` is batch i of the stream `base`.
+  not depend on the cap). `sample(base, i)` is batch i of the stream `base`. `pad_images_to`:
+  device buffers of at least that many images (zeros past the N real ones, never picked), so
+  that training sets of one shape bucket share the compiled sampling.
   """
 
   def __init__(self, normal_images, textures, texture_source: str, batch_size: int,
-               cap_bytes: int | None, mesh, out_sharding=None):
+               cap_bytes: int | None, mesh, out_sharding=None, pad_images_to: int = 0):
     images = normal_images if isinstance(normal_images, np.ndarray) else np.asarray(normal_images)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'normal_images must be [N, S, S, 3], got shape {images.shape}')
@@ -757,15 +762,18 @@ class ImageSource:
     self.out_sharding = out_sharding
     self.textures = None if textures is None else sharding.replicate_host(textures, mesh)
     self.num = int(images.shape[0])
+    self.slots = max(self.num, int(pad_images_to))   # slot entries (padded: one shape a bucket)
+    self.num_dev = sharding.replicate_host(np.int32(self.num), mesh)
     per_image = int(np.prod(images.shape[1:])) * images.dtype.itemsize
     per_batch = self.batch_size * (2 if self.mode == 'images' else 1)
     self.resident = not cap_bytes or self.num * per_image <= cap_bytes
     if self.resident:
-      self.rows, self.steps_per_load = self.num, 0
-      self.buffer = sharding.replicate_host(np.ascontiguousarray(images), mesh)
-      self.slot = sharding.replicate_host(np.arange(self.num, dtype=np.int32), mesh)
+      self.rows, self.steps_per_load = self.slots, 0
+      self.buffer = sharding.replicate_host(sharding.pad_rows(
+          np.ascontiguousarray(images), 1, mode='zeros', to=self.slots)[0], mesh)
+      self.slot = sharding.replicate_host(np.arange(self.slots, dtype=np.int32), mesh)
     else:
-      self.rows = min(self.num, max(per_batch, int(cap_bytes) // per_image))
+      self.rows = min(self.slots, max(per_batch, int(cap_bytes) // per_image))
       self.steps_per_load = max(1, self.rows // per_batch)
       self.buffer = self.slot = None
     self.loaded = None                              # (base key words, first, last) loaded
@@ -780,7 +788,7 @@ class ImageSource:
         self.loaded[1] <= first and first + count <= self.loaded[2]):
       return
     count = min(count, self.steps_per_load)
-    idx, tex = _host_indices(base, jnp.arange(first, first + count), self.num,
+    idx, tex = _host_indices(base, jnp.arange(first, first + count), self.num_dev,
                              0 if self.textures is None else self.textures.shape[0],
                              self.batch_size, self.mode)
     needed = np.asarray(idx).ravel()
@@ -789,7 +797,7 @@ class ImageSource:
     needed = np.unique(needed)
     host = np.zeros((self.rows,) + self.host.shape[1:], self.host.dtype)
     host[:len(needed)] = self.host[needed]
-    slot = np.zeros(self.num, np.int32)
+    slot = np.zeros(self.slots, np.int32)
     slot[needed] = np.arange(len(needed), dtype=np.int32)
     if self.buffer is not None:
       self.buffer.delete()
@@ -800,11 +808,11 @@ class ImageSource:
   def sample(self, base: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
     """Batch `i` of `base` at full size: (images01 [B, S, S, 3], masks [B, S, S]) on the device."""
     self.prepare(base, i, 1)
-    return _sample(base, i, self.buffer, self.slot, self.textures, self.batch_size, self.mode,
-                   self.out_sharding)
+    return _sample(base, i, self.buffer, self.slot, self.num_dev, self.textures,
+                   self.batch_size, self.mode, self.out_sharding)
 
   def close(self) -> None:
-    for a in (self.buffer, self.slot, self.textures):
+    for a in (self.buffer, self.slot, self.textures, self.num_dev):
       if a is not None:
         a.delete()
 
@@ -824,7 +832,8 @@ def synthetic_samples(key: jax.Array, normal_images, amap_fn: Callable, batch_si
   """A batch of synthetic training samples (e.g. for `save_refine_samples`): {'image' [B, S, S, 3],
   'amap' raw A_hat [B, S, S], 'mask' [B, S, S]} numpy float32; batch_size divisible by 4."""
   src = ImageSource(normal_images, textures, texture_source, batch_size, 1,
-                    sharding.make_mesh(jax.devices()[:1]))
+                    sharding.make_mesh(jax.devices()[:1]),
+                    pad_images_to=sharding.bucket_size(np.shape(normal_images)[0]))
   try:
     image, mask = src.sample(key, 0)
     raw = _amap(amap_fn, image)
@@ -894,7 +903,8 @@ def _draw_many(src: ImageSource, amap_fn: Callable, base: jax.Array, num_batches
 def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
                   cfg_refine: ml_collections.ConfigDict, key: jax.Array,
                   ckpt_dir: str | None = None, log_fn: Callable[[str], None] | None = None,
-                  textures: np.ndarray | None = None, *, dtype=None, mesh=None):
+                  textures: np.ndarray | None = None, *, dtype=None, mesh=None,
+                  pad_images_to: int = 0):
   """Trains the refinement network on synthetic defects of `normal_images`.
 
   Args:
@@ -917,6 +927,9 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
       other training 'images').
     dtype: compute dtype of the network (default: `model.refine.precision`).
     mesh: `sharding.make_mesh()` (default: all devices).
+    pad_images_to: the images' device buffer has at least this many rows (`ImageSource`; the
+      shape bucket of N, so that training sets of one bucket share the compiled sampling; the
+      samples do not depend on it).
 
   Returns:
     (variables {'params', 'batch_stats'}, stats {'lo': float, 'hi': float}, history) where
@@ -951,7 +964,7 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
                     else sharding.replicated(mesh))
   cap = float(_get(cfg_refine, 'device_images_mb')) * 2 ** 20
   src = ImageSource(images, textures, _get(cfg_refine, 'texture_source'), batch_size,
-                    int(cap) or None, mesh, batch_sharding)
+                    int(cap) or None, mesh, batch_sharding, pad_images_to=pad_images_to)
 
   fingerprint = {
       'images_shape': list(images.shape), 'key': checkpoints.key_words(key),

@@ -161,9 +161,20 @@ def _allowed_by_code(allowed_dist_tile, emb_to_dist_tile):
   return jnp.take(allowed_dist_tile, emb_to_dist_tile, axis=1)
 
 
-def code_counts(emb_to_dist: jax.Array, num_dist: int) -> jax.Array:
-  """[K_dist] float32: how many C_emb rows each C_dist code represents."""
-  return jnp.zeros((num_dist,), jnp.float32).at[emb_to_dist].add(1.0)
+def code_counts(emb_to_dist: jax.Array, num_dist: int, emb_valid: jax.Array | None = None
+                ) -> jax.Array:
+  """[K_dist] float32: how many C_emb rows each C_dist code represents (only the rows where
+  `emb_valid` [K_emb] bool is True: the real rows of a padded C_emb, `infer.pad_bank`)."""
+  ones = 1.0 if emb_valid is None else jnp.asarray(emb_valid, jnp.float32)
+  return jnp.zeros((num_dist,), jnp.float32).at[emb_to_dist].add(ones)
+
+
+def num_rows(c_emb: jax.Array, emb_valid: jax.Array | None = None):
+  """|C_emb|: the row count (an int), or the number of real rows of a padded C_emb (a float32
+  scalar, so that it stays a traced value)."""
+  if emb_valid is None:
+    return int(c_emb.shape[0])
+  return jnp.asarray(emb_valid, jnp.float32).sum()
 
 
 def masked_sq_dist_dense(feats, c_emb, emb_to_dist, allowed_dist, *, query_tile, bank_tile):
@@ -331,7 +342,8 @@ def conditional_scores(nearest_allowed_sq: Callable, nearest_sq: jax.Array, p_nb
     nearest_sq: [M] squared distance to the nearest C_emb row (the fallback).
     p_nb, p_pos: [M, K_dist] priors (or broadcastable), or None when switched off.
     hp: HParams (scalars here; vmap for grids).
-    num_emb: |C_emb|; code_count: [K_dist] C_emb rows per code (`code_counts`).
+    num_emb: |C_emb| (an int, or a traced scalar for a padded C_emb: `infer.bank_counts`);
+      code_count: [K_dist] C_emb rows per code (`code_counts`).
     combine: a key of COMBINERS (static).
     min_plus_offset: offset [M, K_dist] -> [M] min_c (||phi - c|| + offset[code(c)]) (the
       posterior rules; see `Distances`).
@@ -363,7 +375,8 @@ def min_plus_offset_from_groups(group_sq: jax.Array, offset: jax.Array) -> jax.A
 
 
 def conditional_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
-                         prior: jax.Array, tau, *, query_tile: int, bank_tile: int):
+                         prior: jax.Array, tau, *, query_tile: int, bank_tile: int,
+                         emb_valid: jax.Array | None = None):
   """Distance to the nearest C_emb vector whose C_dist representative has prior > tau (eq. 4-5).
 
   The reference (dense) formulation: every patch searches all of C_emb with the mask applied.
@@ -379,7 +392,7 @@ def conditional_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Ar
     allowed_fraction [M] float32: fraction of C_emb rows allowed for each patch.
   """
   return allowed_distance(feats, c_emb, emb_to_dist, prior > tau, query_tile=query_tile,
-                          bank_tile=bank_tile)
+                          bank_tile=bank_tile, emb_valid=emb_valid)
 
 
 def relative_allowed(prior: jax.Array, rho) -> jax.Array:
@@ -393,17 +406,20 @@ def relative_allowed(prior: jax.Array, rho) -> jax.Array:
 
 
 def allowed_distance(feats: jax.Array, c_emb: jax.Array, emb_to_dist: jax.Array,
-                     allowed_dist: jax.Array, *, query_tile: int, bank_tile: int):
+                     allowed_dist: jax.Array, *, query_tile: int, bank_tile: int,
+                     emb_valid: jax.Array | None = None):
   """Distance to the nearest C_emb vector whose C_dist code is allowed; the plain nearest when
-  none is (reference formulation, dense): allowed_dist [M, K_dist] bool.
+  none is (reference formulation, dense): allowed_dist [M, K_dist] bool. `emb_valid`: the real
+  rows of a padded C_emb (`infer.pad_bank`; the fraction counts only them).
 
   Returns (dist [M] float32, allowed_fraction [M] float32 of C_emb).
   """
   res = knn.masked_min_dist(feats, c_emb, allowed_dist, emb_to_dist, _allowed_by_code,
                             query_tile=query_tile, bank_tile=bank_tile)
   sq = jnp.where(jnp.isfinite(res.sq_dist), res.sq_dist, res.nearest_sq_dist)
-  frac = _allowed_fraction(allowed_dist, code_counts(emb_to_dist, allowed_dist.shape[-1]),
-                           c_emb.shape[0])
+  frac = _allowed_fraction(allowed_dist,
+                           code_counts(emb_to_dist, allowed_dist.shape[-1], emb_valid),
+                           num_rows(c_emb, emb_valid))
   return jnp.sqrt(sq), frac
 
 
@@ -689,12 +705,15 @@ def image_scores(maps: jax.Array, patch_scores: jax.Array, mode: str, top_percen
 
 
 def reweighted_image_scores(feats: jax.Array, patch_scores: jax.Array, c_emb: jax.Array,
-                            num_neighbors: int, *, query_tile: int, bank_tile: int) -> jax.Array:
+                            num_neighbors: int, *, query_tile: int, bank_tile: int,
+                            bank_valid: jax.Array | None = None) -> jax.Array:
   """PatchCore's image score: the max patch score scaled by 1 - softmax over its nearest C_emb's
   `num_neighbors` neighbours in C_emb (PatchCore eq. 7).
 
   Args:
     feats: [B, h, w, d] patch features; patch_scores: [B, h, w] (distances to the nearest C_emb).
+    bank_valid: [K_emb] bool, the real rows of a padded C_emb (`infer.pad_bank`); the others are
+      never neighbours (a C_emb with fewer real rows than `num_neighbors` uses all of them).
   Returns:
     [B] float32.
   """
@@ -702,12 +721,15 @@ def reweighted_image_scores(feats: jax.Array, patch_scores: jax.Array, c_emb: ja
   flat = patch_scores.reshape(b, -1)
   arg = jnp.argmax(flat, axis=-1)
   star = feats.reshape(b, h * w, d)[jnp.arange(b), arg]                      # [B, d]
-  _, nn_idx = knn.knn(star, c_emb, k=1, query_tile=query_tile, bank_tile=bank_tile)
+  tiles = dict(query_tile=query_tile, bank_tile=bank_tile, bank_mask=bank_valid)
+  _, nn_idx = knn.knn(star, c_emb, k=1, **tiles)
   m_star = c_emb[nn_idx[:, 0]]                                               # [B, d]
   k = min(int(num_neighbors), c_emb.shape[0])
-  _, nb_idx = knn.knn(m_star, c_emb, k=k, query_tile=query_tile, bank_tile=bank_tile)
+  _, nb_idx = knn.knn(m_star, c_emb, k=k, **tiles)
   nb = c_emb[nb_idx]                                                          # [B, k, d]
   dists = jnp.linalg.norm(star[:, None, :] - nb, axis=-1)                     # [B, k]
+  if bank_valid is not None:   # fewer real rows than k: the missing neighbours (index -1) drop out
+    dists = jnp.where(nb_idx >= 0, dists, -jnp.inf)
   # nb[:, 0] is m_star itself, so the weight is 1 - exp(d*) / sum_k exp(d_k).
   weight = 1.0 - jax.nn.softmax(dists, axis=-1)[:, 0]
   return weight * flat.max(-1)

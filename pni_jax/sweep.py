@@ -136,8 +136,9 @@ class Cache:
 
   group_sq [N, h*w, K_dist]: per patch and code, the squared distance to the nearest C_emb row
   of the code; nearest_sq [N, h*w]; logits [N, h, w, K_dist] or None; position [h, w, K_dist] or
-  None; code_count [K_dist]; feats [N, h, w, d] (for image_score='reweight'); num_emb;
-  truth: `metrics.GroundTruth` (host).
+  None; code_count [K_dist]; feats [N, h, w, d] (for image_score='reweight'); c_emb [K, d] and
+  emb_valid [K] bool or None (a padded C_emb, `infer.pad_bank`); num_emb (|C_emb|, an int or a
+  float32 scalar); truth: `metrics.GroundTruth` (host).
   """
   group_sq: jax.Array
   nearest_sq: jax.Array
@@ -146,9 +147,10 @@ class Cache:
   code_count: jax.Array
   feats: jax.Array
   c_emb: jax.Array
-  num_emb: int
+  num_emb: int | jax.Array
   grid: tuple[int, int]
   truth: metrics_lib.GroundTruth
+  emb_valid: jax.Array | None = None
 
 
 def _split_arrays(cfg, split, extractor: infer.Extractor):
@@ -187,11 +189,25 @@ def test_features(cfg, cat_dir: pathlib.Path, fitted: model_lib.PNIModel, split,
   return feats, masks, labels
 
 
+@functools.partial(jax.jit, static_argnames=('num_dist', 'query_tile', 'bank_tile'))
+def _group_sq(feats, c_emb, e2d, *, num_dist: int, query_tile: int, bank_tile: int):
+  return scoring.group_min_sq_dists(feats, c_emb, e2d, num_dist, query_tile=query_tile,
+                                    bank_tile=bank_tile)
+
+
+@functools.partial(jax.jit, static_argnames=('window', 'dilation', 'chunk', 'dtype'))
+def _mlp_logits(variables, feats, *, window: int, dilation: int, chunk: int, dtype: str):
+  return infer.mlp_logits(variables, feats, window=window, dilation=dilation, chunk=chunk,
+                          dtype=dtype)
+
+
 def build_cache(arrays: dict, feats: np.ndarray, masks: np.ndarray, labels: np.ndarray,
                 spec: infer.ScoringSpec, cache_mb: float) -> Cache:
-  """The grid-independent arrays of one category (see `Cache`)."""
+  """The grid-independent arrays of one category (see `Cache`); `arrays` as `model.arrays`, or
+  padded (`infer.pad_bank`: categories of one bucket then share the compiled functions)."""
   n, h, w, d = feats.shape
   c_emb, e2d = jnp.asarray(arrays['c_emb']), jnp.asarray(arrays['emb_to_dist'])
+  valid = arrays.get('emb_valid')
   k = int(arrays['position'].shape[-1] if arrays.get('position') is not None
           else (int(np.max(np.asarray(e2d))) + 1))
   v = spec.variant
@@ -202,25 +218,26 @@ def build_cache(arrays: dict, feats: np.ndarray, masks: np.ndarray, labels: np.n
                      'raise it or sweep fewer categories at once')
   feats_dev = jnp.asarray(feats)
   tiles = dict(query_tile=spec.query_tile, bank_tile=spec.bank_tile)
-  group_fn = jax.jit(lambda f: scoring.group_min_sq_dists(f, c_emb, e2d, k, **tiles))
-  group_sq = jnp.stack([group_fn(feats_dev[i].reshape(h * w, d)) for i in range(n)])
+  group_sq = jnp.stack([_group_sq(feats_dev[i].reshape(h * w, d), c_emb, e2d, num_dist=k,
+                                  **tiles) for i in range(n)])
   logits = None
   if v.neighborhood:
     if arrays.get('mlp') is None:
       raise ValueError('sweep variant uses N but the model has no MLP')
-    mlp_fn = jax.jit(lambda f: infer.mlp_logits(arrays['mlp'], f, window=spec.window,
-                                                dilation=spec.dilation, chunk=spec.infer_chunk,
-                                                dtype=spec.dtype))
-    logits = jnp.concatenate([mlp_fn(feats_dev[i:i + 8]) for i in range(0, n, 8)])
+    mlp = jax.tree.map(jnp.asarray, arrays['mlp'])
+    logits = jnp.concatenate([
+        _mlp_logits(mlp, feats_dev[i:i + 8], window=spec.window, dilation=spec.dilation,
+                    chunk=spec.infer_chunk, dtype=spec.dtype) for i in range(0, n, 8)])
   position = None
   if v.position:
     if arrays.get('position') is None:
       raise ValueError('sweep variant uses P but the model has no position prior')
     position = jnp.asarray(arrays['position'])
+  num_emb, code_count = infer.bank_counts(dict(emb_to_dist=e2d, c_emb=c_emb, emb_valid=valid), k)
   return Cache(group_sq=group_sq, nearest_sq=group_sq.min(-1), logits=logits, position=position,
-               code_count=scoring.code_counts(e2d, k), feats=feats_dev, c_emb=c_emb,
-               num_emb=int(c_emb.shape[0]), grid=(h, w),
-               truth=metrics_lib.ground_truth(masks, labels))
+               code_count=code_count, feats=feats_dev, c_emb=c_emb, num_emb=num_emb, grid=(h, w),
+               truth=metrics_lib.ground_truth(masks, labels),
+               emb_valid=None if valid is None else jnp.asarray(valid))
 
 
 # ----------------------------------------------------------------------------- the compiled grid
@@ -232,15 +249,16 @@ def build_cache(arrays: dict, feats: np.ndarray, masks: np.ndarray, labels: np.n
 PATCH_PARAMS = ('tau_scale', 'temperature', 'likelihood_lambda', 'neighborhood_weight')
 
 
-@functools.partial(jax.jit, static_argnames=('spec', 'num_emb', 'grid', 'maps_per_patch'))
+@functools.partial(jax.jit, static_argnames=('spec', 'grid', 'maps_per_patch'))
 def grid_scores(group_sq, nearest_sq, logits, position, code_count, feats, c_emb,
                 hp_patch: scoring.HParams, hp: scoring.HParams, *, spec: infer.ScoringSpec,
-                num_emb: int, grid, maps_per_patch: int = 1):
+                num_emb, grid, maps_per_patch: int = 1, emb_valid=None):
   """Maps, image scores and allowed fractions of G = U x maps_per_patch points on N images.
 
   Args:
     group_sq [N, h*w, K], nearest_sq [N, h*w], logits [N, h, w, K] | None, position
-    [h, w, K] | None, code_count [K], feats [N, h, w, d], c_emb [K_emb, d] (see `Cache`);
+    [h, w, K] | None, code_count [K], feats [N, h, w, d], c_emb [K_emb, d], num_emb (traced),
+    emb_valid [K_emb] bool | None (see `Cache`);
     hp_patch: HParams of [U] arrays (the patch-score knobs of U points, vmapped);
     hp: HParams of [G] arrays, point g using the patch scores of hp_patch[g // maps_per_patch]
       and its own sigma / top_percent.
@@ -278,8 +296,8 @@ def grid_scores(group_sq, nearest_sq, logits, position, code_count, feats, c_emb
     i, sigma, top = args
     p = patch[i]
     m = scoring.anomaly_maps(p, spec.out_size, sigma, spec.max_sigma)
-    return m, infer.image_scores({'c_emb': c_emb}, feats, p, m, scoring.HParams(top_percent=top),
-                                 spec)
+    return m, infer.image_scores({'c_emb': c_emb, 'emb_valid': emb_valid}, feats, p, m,
+                                 scoring.HParams(top_percent=top), spec)
 
   maps, image = jax.lax.map(one_map, (which, hp.sigma, hp.top_percent))
   return maps, image, frac.mean(0)[which]
@@ -323,7 +341,8 @@ def evaluate_grid(cache: Cache, points: list[dict[str, float]], base: scoring.HP
     maps, image, allowed = grid_scores(
         cache.group_sq, cache.nearest_sq, cache.logits, cache.position, cache.code_count,
         cache.feats, cache.c_emb, _stack([g[0] for g in padded], base), _stack(flat, base),
-        spec=spec, num_emb=cache.num_emb, grid=cache.grid, maps_per_patch=per_patch)
+        spec=spec, num_emb=cache.num_emb, grid=cache.grid, maps_per_patch=per_patch,
+        emb_valid=cache.emb_valid)
     g = len(part) * per_patch
     m = metrics_lib.grid_metrics(np.asarray(image)[:g], np.asarray(maps)[:g], cache.truth,
                                  max_fpr=max_fpr)
@@ -392,7 +411,7 @@ def sweep_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.E
   t0 = time.perf_counter()
   split = data_lib.load_split(cfg.data, category, 'test')
   feats, masks, labels = test_features(cfg, cat_dir, fitted, split, extractor)
-  cache = build_cache(model_lib.arrays(fitted), feats, masks, labels, spec,
+  cache = build_cache(infer.scoring_arrays(cfg, fitted), feats, masks, labels, spec,
                       float(cfg.sweep.cache_mb))
   jax.block_until_ready(cache.group_sq)
   t1 = time.perf_counter()

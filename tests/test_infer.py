@@ -141,3 +141,96 @@ def test_paper_configs_take_the_max_of_the_unblurred_cropped_patch_map():
   patch = np.asarray(out['patch'])
   np.testing.assert_allclose(np.asarray(out['image']), patch[:, 1:-1, 1:-1].max((1, 2)))
   assert not np.allclose(np.asarray(out['image']), np.asarray(out['maps']).max((1, 2)))
+
+
+def _score_padded_and_not(m, variant, arrays, feats, rows):
+  scorer = infer.make_scorer(m, variant, (32, 32))
+  want = jax.device_get(scorer(arrays, feats))
+  got = jax.device_get(scorer(infer.pad_bank(arrays, rows), feats))
+  return want, got
+
+
+@pytest.mark.parametrize('combine', scoring.COMBINE_MODES)
+def test_a_padded_bank_leaves_every_score_unchanged(combine):
+  # C_emb of 90 rows padded to its bucket (96) and far beyond (200, other bank tiles): patch
+  # scores, maps, image scores and allowed fractions equal (to float rounding: other bank tiles
+  # sum the distances in another order) for every combine rule.
+  m = _model_config()
+  m.scoring.combine, m.scoring.rho, m.scoring.tau_scale = combine, 0.5, 8.0
+  arrays = _arrays(jax.random.key(4))
+  feats = jax.random.normal(jax.random.key(5), (2, 8, 8, 16))
+  for rows in (96, 200):
+    for variant in (infer.Variant(True, True), infer.Variant(True, False)):
+      want, got = _score_padded_and_not(m, variant, arrays, feats, rows)
+      for k in ('patch', 'maps', 'image', 'allowed'):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6,
+                                   err_msg=f'{combine} {variant.name} {k}')
+      if not combine.startswith('posterior'):   # (no threshold: everything allowed)
+        assert (want['allowed'] < 1).any()        # the rule excludes codes: tau / counts matter
+
+
+@pytest.mark.parametrize('k_emb', [90, 6])
+def test_a_padded_bank_keeps_patchcore_reweighting(k_emb):
+  # PatchCore's image score reads the k = 9 nearest C_emb rows of the nearest row: the padding
+  # copies of row 0 are masked out (6 rows: fewer than k, the same 6 with and without padding).
+  m = _model_config()
+  m.scoring.image_score = 'reweight'
+  arrays = _arrays(jax.random.key(6), k_emb=k_emb, k_dist=min(12, k_emb))
+  feats = jax.random.normal(jax.random.key(7), (3, 8, 8, 16))
+  # The most anomalous patch of image 0 is row 0 itself: its copies would be its neighbours.
+  feats = feats.at[0, 3, 3].set(arrays['c_emb'][0] + 0.01).at[0, 0, 0].set(30.0)
+  for rows in (k_emb + 1, 128):
+    for variant in (infer.Variant(), infer.Variant(False, True)):
+      want, got = _score_padded_and_not(m, variant, arrays, feats, rows)
+      for k in ('patch', 'image'):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6,
+                                   err_msg=f'{variant.name} {k}')
+
+
+def test_bank_rows_follow_the_training_image_bucket():
+  # 33 and 40 training images share the image bucket 40, so their C_emb (1 % of 33 or 40 x 64
+  # patches: 22 and 26 rows) are padded to the same 26 rows; without buckets nothing is padded.
+  cfg = ml_collections.ConfigDict({'runtime': {'shape_buckets': True}})
+  def fitted(n):
+    k = -(-n * 64 // 100)
+    return model_lib.PNIModel(
+        c_emb=np.zeros((k, 4), np.float32), emb_to_dist=np.zeros(k, np.int32),
+        meta={'num_train': n, 'grid': [8, 8], 'base_config': {'coreset': {'ratio': 0.01}}})
+  assert [infer.bank_rows(cfg, fitted(n)) for n in (33, 40, 41)] == [26, 26, 31]
+  arrays = infer.scoring_arrays(cfg, fitted(33))
+  assert arrays['c_emb'].shape == (26, 4) and int(arrays['emb_valid'].sum()) == 22
+  assert infer.bank_rows(ml_collections.ConfigDict({'runtime': {'shape_buckets': False}}),
+                         fitted(33)) == 22
+  old = fitted(33)
+  old.meta.clear()                                   # no fit metadata: the bucket of K_emb
+  assert infer.bank_rows(cfg, old) == 24
+  with pytest.raises(ValueError, match='cannot pad'):
+    infer.pad_bank(model_lib.arrays(old), 10)
+
+
+def test_models_of_one_training_bucket_share_one_compiled_scorer():
+  # Two categories of 33 and 40 training images (image bucket 40: C_emb of 22 and 26 rows, both
+  # padded to 26) score through ONE compilation of the jitted scorer, with the scores of their
+  # unpadded arrays; without shape buckets each compiles its own.
+  m = _model_config()
+  m.scoring.tau_scale = 8.0
+  feats = jax.random.normal(jax.random.key(9), (2, 8, 8, 16))
+  scorer = infer.make_scorer(m, infer.Variant(True, True), (32, 32))
+  models = []
+  for i, n in enumerate((33, 40)):
+    a = _arrays(jax.random.key(10 + i), k_emb=-(-n * 64 // 100))
+    models.append(model_lib.PNIModel(
+        c_emb=np.asarray(a['c_emb']), emb_to_dist=np.asarray(a['emb_to_dist']),
+        position=np.asarray(a['position']), mlp=jax.tree.map(np.asarray, a['mlp']),
+        meta={'num_train': n, 'grid': [8, 8], 'base_config': {'coreset': {'ratio': 0.01}}}))
+  for buckets, compiles in ((True, 1), (False, 2)):
+    cfg = ml_collections.ConfigDict({'runtime': {'shape_buckets': buckets}})
+    fn = jax.jit(lambda arrays, feats: scorer(arrays, feats))     # a fresh cache
+    for fitted in models:
+      arrays = infer.scoring_arrays(cfg, fitted)
+      assert ('emb_valid' in arrays) == buckets
+      got = jax.device_get(fn(arrays, feats))
+      want = jax.device_get(scorer(model_lib.arrays(fitted), feats))
+      for k in ('maps', 'image', 'allowed'):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    assert fn._cache_size() == compiles, buckets

@@ -359,3 +359,38 @@ def test_both_caps_below_the_features(task, monkeypatch, tmp_path):
   assert history['images_per_group'] == 3
   assert max(nbytes for _, nbytes in seen) <= cap
   assert jax.tree.all(jax.tree.map(np.array_equal, spilled, in_ram))
+
+
+# ----------------------------------------------------------------------------- shape buckets
+
+
+@pytest.mark.parametrize('n', [1, 7, 300, 2000])      # 2000: jax shuffles in two sort rounds
+def test_padded_permutation_is_jax_permutation(n):
+  key = jax.random.key(11)
+  ids = np.random.default_rng(n).permutation(5 * n).astype(np.int32)[:n]   # any int32 ids
+  want = np.asarray(jax.random.permutation(key, jnp.asarray(ids)))
+  for pad in (0, n + 5, 2 * n + 3):
+    np.testing.assert_array_equal(nb._permutation(key, ids, pad), want, err_msg=f'pad {pad}')
+
+
+@pytest.mark.parametrize('cap', [None, 5 * 12 * 12 * 4 * 4 + 100])    # resident / streamed
+def test_training_padded_to_a_bucket_is_bit_identical(task, cap):
+  # 13 and 15 of the 16 maps, padded to 16: the weights and history of the unpadded runs, and
+  # the second size reuses the compiled steps of the first.
+  feats, targets = task
+  kw = dict(num_classes=NUM_CLASSES, device_cap_bytes=cap)
+  runs = {}
+  for n in (13, 15):
+    plain = nb.train_mlp(feats[:n], targets[:n], small_config(2), jax.random.key(1), **kw)
+    if n == 15:
+      sizes = (nb.train_step._cache_size(), nb.eval_step._cache_size())
+    padded = nb.train_mlp(feats[:n], targets[:n], small_config(2), jax.random.key(1),
+                          pad_images_to=16, **kw)
+    runs[n] = (plain, padded)
+    assert jax.tree.all(jax.tree.map(np.array_equal, padded[0], plain[0])), n
+    assert padded[1]['val_accuracy'] == plain[1]['val_accuracy']
+    assert padded[1]['loss'] == plain[1]['loss']
+  # n = 15 padded to 16 compiled nothing new (n = 13 padded to 16 compiled it); unpadded
+  # 13 and 15 compile a step each.
+  assert (nb.train_step._cache_size(), nb.eval_step._cache_size()) == sizes
+  assert runs[13][1][1]['num_train'] != runs[15][1][1]['num_train']

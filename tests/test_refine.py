@@ -290,6 +290,32 @@ def test_device_samples_mask_is_the_changed_pixels(texture_source):
   streamed.close()
 
 
+@pytest.mark.parametrize('texture_source', ['images', 'procedural'])
+def test_device_samples_padded_to_a_bucket_are_identical(texture_source):
+  """Sources padded to 16 images (resident and streamed) draw the batches of the unpadded
+  source, and training sets of 12 and 14 images padded to 16 share one compiled sampler."""
+  images = np.round(_images(14, 8) * 255).astype(np.uint8)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  base = jax.random.key(5)
+  for n in (12, 14):
+    plain = refine.ImageSource(images[:n], None, texture_source, B, None, mesh)
+    want = [tuple(np.asarray(x) for x in plain.sample(base, i)) for i in range(3)]
+    plain.close()
+    if n == 14:
+      compiled = refine._sample._cache_size()
+    for cap in (None, 3 * images[0].nbytes):
+      padded = refine.ImageSource(images[:n], None, texture_source, B, cap, mesh,
+                                  pad_images_to=16)
+      if cap is None:
+        assert padded.buffer.shape[0] == 16
+      for i in range(3):
+        got = padded.sample(base, i)
+        np.testing.assert_array_equal(np.asarray(got[0]), want[i][0])
+        np.testing.assert_array_equal(np.asarray(got[1]), want[i][1])
+      padded.close()
+  assert refine._sample._cache_size() == compiled     # 14 padded to 16: compiled for 12 already
+
+
 class _Killed(Exception):
   pass
 

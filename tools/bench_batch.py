@@ -106,10 +106,19 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--refine-iterations', type=int, default=None,
                       help='train the refinement for N iterations (0: off; default: config)')
   parser.add_argument('--precision', choices=('float32', 'bfloat16'), default=None)
+  parser.add_argument('--size-factors', default=','.join(map(str, SIZE_FACTORS)),
+                      help='training-set sizes relative to --images, per category (e.g. '
+                           '1,0.91,0.86: three sizes of one shape bucket)')
+  parser.add_argument('--runs', default='cold,warm', help='comma list of cold, warm')
   parser.add_argument('--out', default='runs/bench_batch')
   parser.add_argument('extra', nargs='*', help='more --config.x=y overrides (after --)')
   args = parser.parse_args(argv)
-  cats = list(generated.CATEGORIES)[:max(1, min(args.categories, len(generated.CATEGORIES)))]
+  factors = [float(f) for f in args.size_factors.split(',')]
+  cats = list(generated.CATEGORIES)[:max(1, min(args.categories, len(generated.CATEGORIES),
+                                                len(factors)))]
+  runs = [r for r in args.runs.split(',') if r]
+  if not runs or set(runs) - {'cold', 'warm'}:
+    raise SystemExit(f'--runs: a comma list of cold, warm; got {args.runs!r}')
   size = args.size or (256 if args.config == 'demo' else 480)
   images = args.images or (60 if args.config == 'demo' else 200)
   test = args.test_images or (36 if args.config == 'demo' else 100)
@@ -118,7 +127,7 @@ def main(argv: list[str]) -> int:
   with tempfile.TemporaryDirectory(prefix='pni-batch-') as tmp:
     root = os.path.join(tmp, 'data')
     num_train = {}
-    for cat, factor in zip(cats, SIZE_FACTORS):
+    for cat, factor in zip(cats, factors):
       num_train[cat] = max(4, int(round(images * factor)))
       n_def = test * 2 // 3
       generated.generate(root, seed=0, image_size=size, num_train=num_train[cat],
@@ -130,17 +139,18 @@ def main(argv: list[str]) -> int:
               + ', '.join(f'{c} {n}' for c, n in num_train.items()) + f'; {test} test images each. '
               f'Overrides: `{" ".join(overrides[1:])}`\n']
     results = {}
-    for name in ('cold', 'warm'):
+    for name in runs:
       print(f'{name} run ...', flush=True)
       wall, rows = _run(args, os.path.join(tmp, f'work-{name}'), overrides)
       results[name] = dict(wall=wall, rows=rows)
       report.append(_table(f'{name} cache', wall, rows))
       print(report[-1], flush=True)
-    cold = sum(r['compile_s'] for r in results['cold']['rows'])
-    warm = sum(r['compile_s'] for r in results['warm']['rows'])
-    report.append(f'Warm / cold compile time: {warm:.1f} / {cold:.1f} s = '
-                  f'{100 * warm / max(cold, 1e-9):.1f}%; wall {results["warm"]["wall"]:.1f} / '
-                  f'{results["cold"]["wall"]:.1f} s.')
+    if 'cold' in results and 'warm' in results:
+      cold = sum(r['compile_s'] for r in results['cold']['rows'])
+      warm = sum(r['compile_s'] for r in results['warm']['rows'])
+      report.append(f'Warm / cold compile time: {warm:.1f} / {cold:.1f} s = '
+                    f'{100 * warm / max(cold, 1e-9):.1f}%; wall {results["warm"]["wall"]:.1f} / '
+                    f'{results["cold"]["wall"]:.1f} s.')
   text = '\n'.join(report)
   (out / 'batch.md').write_text(text + '\n')
   (out / 'batch.json').write_text(json.dumps(dict(args=vars(args), num_train=num_train,
