@@ -179,11 +179,8 @@ def choose_smoothing(index_maps, num_classes: int, window: int, batch: int = 64,
     raise ValueError('choosing the position smoothing needs [N, H, W] codes of N >= 2 images, '
                      f'got shape {index_maps.shape}')
   num, height, width = index_maps.shape
-  counts = init_counts(height, width, num_classes)
   batch = min(batch, num)
-  for chunk in _padded_batches(index_maps, batch):
-    counts = accumulate_counts(counts, chunk)
-  hist = _window_hist(counts, window)
+  hist = _window_hist(count_codes(index_maps, num_classes, batch), window)
   r = window // 2
   rows = np.minimum(np.arange(height) + r, height - 1) - np.maximum(np.arange(height) - r, 0) + 1
   cols = np.minimum(np.arange(width) + r, width - 1) - np.maximum(np.arange(width) - r, 0) + 1
@@ -213,12 +210,17 @@ def position_histogram(index_maps, num_classes: int, window: int, batch: int = 6
   if index_maps.ndim != 3 or index_maps.shape[0] == 0:
     raise ValueError(f'index_maps must be a non-empty [N, H, W] array, '
                      f'got shape {index_maps.shape}')
+  return position_prior(count_codes(index_maps, num_classes, batch), window, smoothing)
+
+
+def count_codes(index_maps, num_classes: int, batch: int) -> jax.Array:
+  """counts [H, W, K] float32 of `index_maps` [N, H, W] (`accumulate_counts` over batches of
+  `batch` images, padded with -1 so that it compiles once)."""
   num, height, width = index_maps.shape
   counts = init_counts(height, width, num_classes)
-  batch = min(batch, num)
-  for chunk in _padded_batches(index_maps, batch):
+  for chunk in _padded_batches(index_maps, min(batch, num)):
     counts = accumulate_counts(counts, chunk)
-  return position_prior(counts, window, smoothing)
+  return counts
 
 
 def _padded_batches(index_maps, batch: int) -> Iterable[jax.Array]:
