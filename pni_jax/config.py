@@ -122,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
   sc.image_border = -1        # cells cut by patch_max_cropped; -1: (window - 1) / 2 for N / P
   sc.top_percent = 1.0
   sc.search_chunk = 256       # patches per masked-search chunk (only where a prior binds)
+  sc.mlp_precision = ''       # compute dtype of the MLP when scoring: '' = model.precision |
+                              # 'float32' | 'bfloat16' (float32 accumulation; README 'Precision')
   sc.reweight_neighbors = 9
   sc.query_tile = 1024        # patches per distance tile
   sc.bank_tile = 4096         # coreset rows per distance tile
@@ -196,9 +198,24 @@ def to_plain(value):
   return value
 
 
+# Fields added after models were fitted with their section, and the value that behaves as before:
+# left out of fingerprints while they hold it, so that workdirs fitted earlier stay valid.
+NEUTRAL_FIELDS = {'mlp_precision': ''}
+
+
+def _fingerprint_plain(value):
+  if isinstance(value, ml_collections.ConfigDict):
+    return {k: _fingerprint_plain(v) for k, v in value.items()
+            if not (k in NEUTRAL_FIELDS and v == NEUTRAL_FIELDS[k])}
+  if isinstance(value, (tuple, list)):
+    return [_fingerprint_plain(v) for v in value]
+  return value
+
+
 def fingerprint(*slices) -> str:
-  """Short stable hash of config slices (ConfigDicts / plain values): equal settings, equal hash."""
-  text = json.dumps([to_plain(s) for s in slices], sort_keys=True, default=str)
+  """Short stable hash of config slices (ConfigDicts / plain values): equal settings, equal hash
+  (`NEUTRAL_FIELDS` at their neutral value are left out)."""
+  text = json.dumps([_fingerprint_plain(s) for s in slices], sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -229,6 +246,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.data.holdout_fraction must be in [0, 1), got {c.data.holdout_fraction}')
   m = c.model
   _choice(m.precision, 'model.precision', ('float32', 'bfloat16'))
+  _choice(m.scoring.get('mlp_precision', ''), 'model.scoring.mlp_precision',
+          ('', 'float32', 'bfloat16'))
   if len(m.layers) < 1:
     raise ValueError('config.model.layers must name at least one backbone stage')
   if m.aggregation_size < 1 or m.aggregation_size % 2 != 1:

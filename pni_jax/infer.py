@@ -160,11 +160,24 @@ def make_spec(cfg_model, variant: Variant, out_size: tuple[int, int], *,
                       else max(float(sc.get('max_sigma', 16.0)), float(sc.sigma))),
       max_top_percent=float(max_top_percent if max_top_percent is not None
                             else float(sc.top_percent)),
-      dtype=jnp.dtype(features.compute_dtype(cfg_model)).name,
+      dtype=mlp_dtype(cfg_model),
       refine_input_size=int(r.input_size), refine_encoder=str(r.encoder), refine_loss=str(r.loss))
 
 
 # ----------------------------------------------------------------------------- the MLP
+
+
+def mlp_dtype(cfg_model) -> str:
+  """The MLP's compute dtype when scoring: model.scoring.mlp_precision, or model.precision when
+  that is empty. ('bfloat16' halves the MLP's time on CPUs with AVX512-BF16 and on GPUs; the
+  matmuls accumulate in float32; README 'Precision' gives the measured effect.)"""
+  name = str(cfg_model.scoring.get('mlp_precision', '') or '')
+  if not name:
+    return jnp.dtype(features.compute_dtype(cfg_model)).name
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"model.scoring.mlp_precision must be '', 'float32' or 'bfloat16', got "
+                     f'{name!r}')
+  return name
 
 
 def _fold_mlp(variables) -> list[tuple[jax.Array, jax.Array]]:
@@ -190,8 +203,9 @@ def mlp_logits(variables, feats: jax.Array, *, window: int, dilation: int = 1,
                chunk: int = 4096, dtype=jnp.float32) -> jax.Array:
   """MLP logits at every position, as `neighborhood.neighbor_logits` computes them.
 
-  The first layer reads the p x p window (centre removed, zeros outside the map), i.e. it is a
-  p x p convolution whose centre tap is zero; the others are dense layers on each position.
+  The first layer reads the p x p window (centre removed, zeros outside the map): the window's
+  shifted copies are laid side by side and multiplied once (a p x p convolution whose centre
+  tap is zero, written as a dot); the others are dense layers on each position.
   Images go through in groups of max(1, chunk // (H W)) (`lax.map`), bounding the activations.
 
   Args:
@@ -209,19 +223,19 @@ def mlp_logits(variables, feats: jax.Array, *, window: int, dilation: int = 1,
   if first.shape[0] != (p * p - 1) * d:
     raise ValueError(f'MLP expects {first.shape[0]} inputs, but window {p} and d = {d} give '
                      f'{(p * p - 1) * d}')
-  taps = first.reshape(p * p - 1, d, -1)
-  centre = (p * p) // 2
-  taps = jnp.concatenate([taps[:centre], jnp.zeros_like(taps[:1]), taps[centre:]], axis=0)
-  kernel = taps.reshape(p, p, d, -1)                                    # HWIO
   r = (p // 2) * int(dilation)
   cdt = jnp.dtype(dtype)
+  step = int(dilation)
+  offsets = [(dy, dx) for dy in range(p) for dx in range(p) if (dy, dx) != (p // 2, p // 2)]
 
   def one_group(x):                                                     # [g, H, W, d]
-    y = jax.lax.conv_general_dilated(
-        x.astype(cdt), kernel.astype(cdt), window_strides=(1, 1), padding=((r, r), (r, r)),
-        rhs_dilation=(int(dilation), int(dilation)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), preferred_element_type=jnp.float32)
-    y = y + first_bias
+    # The window's p*p - 1 shifted copies side by side ([g, H, W, (p*p - 1) d], the first
+    # layer's input order), then one matrix product: XLA:CPU runs a dot at its full rate in
+    # bfloat16 (AVX512-BF16), where a convolution would not be.
+    xp = jnp.pad(x.astype(cdt), ((0, 0), (r, r), (r, r), (0, 0)))
+    cols = jnp.concatenate([xp[:, dy * step:dy * step + h, dx * step:dx * step + w]
+                            for dy, dx in offsets], axis=-1)
+    y = jnp.dot(cols, first.astype(cdt), preferred_element_type=jnp.float32) + first_bias
     for kern, bias in layers[1:]:
       y = jax.nn.relu(y)
       y = jnp.dot(y.astype(cdt), kern.astype(cdt), preferred_element_type=jnp.float32) + bias

@@ -160,10 +160,11 @@ class UpBlock(nn.Module):
     x = _resize(x, size)
     if skip is not None:
       x = jnp.concatenate([x, jnp.asarray(skip, x.dtype)], axis=-1)
-    conv = functools.partial(nn.Conv, self.features, dtype=self.dtype, param_dtype=jnp.float32,
-                             kernel_init=backbones.layers.conv_init)
-    x = nn.relu(conv((1, 1), name='conv1x1')(x))
-    return nn.relu(conv((3, 3), padding='SAME', name='conv3x3')(x))
+    x = nn.relu(backbones.layers.Pointwise(self.features, use_bias=True, dtype=self.dtype,
+                                           name='conv1x1')(x))
+    return nn.relu(nn.Conv(self.features, (3, 3), padding='SAME', dtype=self.dtype,
+                           param_dtype=jnp.float32, kernel_init=backbones.layers.conv_init,
+                           name='conv3x3')(x))
 
 
 def decoder_features(encoder: str, arch: str = 'skips', width: int = 0) -> tuple[int, ...]:
@@ -176,11 +177,10 @@ def decoder_features(encoder: str, arch: str = 'skips', width: int = 0) -> tuple
   return tuple(max(top // 2 ** k, 8) for k in range(1, 6))
 
 
-def _out_conv(dtype) -> nn.Conv:
+def _out_conv(dtype) -> nn.Module:
   """The last 1x1 conv to the one-channel residual, zero-initialised."""
-  return nn.Conv(1, (1, 1), dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                 name='out_conv')
+  return backbones.layers.Pointwise(1, use_bias=True, dtype=dtype,
+                                    kernel_init=nn.initializers.zeros, name='out_conv')
 
 
 class Decoder(nn.Module):
@@ -196,8 +196,8 @@ class Decoder(nn.Module):
                skips: Sequence[jnp.ndarray] | None = None) -> jnp.ndarray:
     h = deepest
     if self.width:
-      h = nn.Conv(self.width, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                  kernel_init=backbones.layers.conv_init, name='conv0')(h)
+      h = backbones.layers.Pointwise(self.width, use_bias=True, dtype=self.dtype,
+                                     name='conv0')(h)
     for i, (features, size) in enumerate(zip(self.features, sizes)):
       skip = None if skips is None else skips[i]
       h = UpBlock(features, dtype=self.dtype, name=f'up{i + 1}')(h, skip, tuple(size))
@@ -656,9 +656,10 @@ def _synthesize(key: jax.Array, images: jnp.ndarray, textures: jnp.ndarray | Non
                 procedural: bool):
   """synthesize_balanced with textures given or procedural (one per image)."""
   k_tex, k_syn = jax.random.split(key)
-  if procedural:
+  if procedural:        # image i's texture from split(k_tex, B)[i], made for the DRAEM rows only
     b, h, w = images.shape[:3]
-    textures = jax.vmap(lambda k: synth.procedural_texture(k, h, w))(jax.random.split(k_tex, b))
+    tex_keys = jax.random.split(k_tex, b)
+    textures = lambda rows: jax.vmap(lambda k: synth.procedural_texture(k, h, w))(tex_keys[rows])
   out, masks, _ = synth.synthesize_balanced(k_syn, images, textures)
   return out, masks
 

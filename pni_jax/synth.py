@@ -327,8 +327,30 @@ def _region_from(u, table_u, shape, max_scale_exp, threshold, min_area) -> jnp.n
   res_x = 2 ** _randint(u[1], 0, max_scale_exp)
   noise = _perlin(table_u, shape, res_y, res_x, _scale(u[2], -90.0, 90.0))
   k = max(1, int(math.ceil(min_area * h * w)))
-  kth = jax.lax.top_k(noise.reshape(-1), k)[0][-1]
+  kth = kth_largest(noise.reshape(-1), k)
   return noise >= jnp.minimum(threshold, kth)
+
+
+def kth_largest(x: jnp.ndarray, k: int) -> jnp.ndarray:
+  """The k-th largest value of x [n] float32 (k static, 1 <= k <= n): lax.top_k(x, k)[0][-1].
+
+  A bisection on the values' bit patterns (mapped to unsigned integers in float order): 32
+  counting passes over x, ~8x faster than top_k on CPU for DRAEM's k = 1 % of the pixels.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  # Float order as unsigned order: negatives flipped whole, positives get the top bit set.
+  negative = (bits >> 31) == 1
+  keys = jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+  def step(i, answer):
+    candidate = answer | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    return jnp.where(jnp.sum(keys >= candidate) >= k, candidate, answer)
+
+  key = jax.lax.fori_loop(0, 32, step, jnp.uint32(0))
+  top = (key >> 31) == 1
+  bits = jnp.where(top, key & jnp.uint32(0x7fffffff), ~key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def draem(key: jax.Array, image: jnp.ndarray, texture: jnp.ndarray,
@@ -409,11 +431,16 @@ def _segment_distance(py: jnp.ndarray, px: jnp.ndarray, a: jnp.ndarray,
   """
   aby, abx = b[:, 0] - a[:, 0], b[:, 1] - a[:, 1]               # [S]
   inv = 1.0 / jnp.maximum(aby * aby + abx * abx, 1e-12)
-  dy = py[..., None] - a[:, 0]                                  # [H, W, S]
-  dx = px[..., None] - a[:, 1]
-  t = jnp.clip((dy * aby + dx * abx) * inv, 0.0, 1.0)
-  ey, ex = dy - t * aby, dx - t * abx
-  return jnp.sqrt(jnp.min(ey * ey + ex * ex, axis=-1))
+  # A running minimum over the (static, few) segments: XLA fuses it into one loop over the
+  # pixels; the [H, W, S] form materialised five [H, W, S] arrays (3x slower on CPU).
+  best = None
+  for s in range(a.shape[0]):
+    dy, dx = py - a[s, 0], px - a[s, 1]
+    t = jnp.clip((dy * aby[s] + dx * abx[s]) * inv[s], 0.0, 1.0)
+    ey, ex = dy - t * aby[s], dx - t * abx[s]
+    sq = ey * ey + ex * ex
+    best = sq if best is None else jnp.minimum(best, sq)
+  return jnp.sqrt(best)
 
 
 def drawing(key: jax.Array, image: jnp.ndarray, max_strokes: int = 3,
@@ -503,24 +530,30 @@ def synthesize_batch(key: jax.Array, images: jnp.ndarray, textures: jnp.ndarray 
 
 
 def synthesize_balanced(key: jax.Array, images: jnp.ndarray,
-                        textures: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+                        textures) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """A batch with exactly N / 4 defects of each kind, at a quarter of vmap(synthesize)'s cost.
 
   Under vmap, `synthesize`'s switch becomes a select that runs all four generators on every
   image; here each generator runs only on its own quarter of the batch. Which image gets which
   kind is a random permutation from `key`; image perm[j] uses split(k_gen, N)[j] (key = (k_perm,
   k_gen) split) with the kind KINDS[j // (N / 4)].
-  images, textures: [N, H, W, 3] float32 in [0, 1], N divisible by 4 ->
+  images: [N, H, W, 3] float32 in [0, 1], N divisible by 4; textures: [N, H, W, 3] (image i's
+  texture) or a function rows [N / 4] -> the textures [N / 4, H, W, 3] of those images (called
+  once, for the DRAEM quarter only: procedural textures cost as much as the synthesis) ->
     (images [N, H, W, 3] float32, masks [N, H, W] float32, kinds [N] int32).
   """
   images = jnp.asarray(images, jnp.float32)
-  textures = jnp.asarray(textures, jnp.float32)
   if images.ndim != 4 or images.shape[0] % len(KINDS):
     raise ValueError(f'images must be [N, H, W, 3] with N divisible by {len(KINDS)}, got shape '
                      f'{tuple(images.shape)}')
-  if textures.shape != images.shape:
-    raise ValueError(f'textures shape {tuple(textures.shape)} must equal images shape '
-                     f'{tuple(images.shape)}')
+  if not callable(textures):
+    textures = jnp.asarray(textures, jnp.float32)
+    if textures.shape != images.shape:
+      raise ValueError(f'textures shape {tuple(textures.shape)} must equal images shape '
+                       f'{tuple(images.shape)}')
+    texture_rows = lambda rows: textures[rows]
+  else:
+    texture_rows = textures
   n = images.shape[0]
   q = n // len(KINDS)
   k_perm, k_gen = jax.random.split(key)
@@ -535,7 +568,9 @@ def synthesize_balanced(key: jax.Array, images: jnp.ndarray,
   outs, masks = [], []
   for i, generate in enumerate(generators):     # static: four kinds
     rows = perm[i * q:(i + 1) * q]
-    o, m = jax.vmap(generate)(keys[i * q:(i + 1) * q], images[rows], textures[rows])
+    tex = (jnp.asarray(texture_rows(rows), jnp.float32) if KINDS[i] == 'draem'
+           else images[rows])                   # (ignored by the other kinds)
+    o, m = jax.vmap(generate)(keys[i * q:(i + 1) * q], images[rows], tex)
     outs.append(o)
     masks.append(m)
   out = jnp.zeros_like(images).at[perm].set(jnp.concatenate(outs))

@@ -172,6 +172,34 @@ def test_depthwise_shifted_gradients_match_grouped_convolution(size, kernel, str
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize('stride,use_bias', [(1, False), (2, True), (2, False)])
+def test_pointwise_matches_a_1x1_convolution_values_and_gradients(stride, use_bias):
+  # layers.conv builds 1 x 1 convolutions as a dot: same parameters as nn.Conv, same outputs and
+  # gradients (odd and even sizes, stride 2 takes rows / columns 0, 2, ...).
+  rng = np.random.default_rng(7 + stride)
+  x = jnp.asarray(rng.standard_normal((2, 7, 8, 5)), jnp.float32)
+  point = layers.conv(4, 1, stride=stride, use_bias=use_bias)
+  assert isinstance(point, layers.Pointwise)
+  ref = nn.Conv(4, (1, 1), strides=(stride, stride), padding=0, use_bias=use_bias)
+  variables = ref.init(jax.random.key(0), x)
+  if use_bias:
+    variables = {'params': dict(variables['params'],
+                                bias=jnp.asarray(rng.standard_normal(4), jnp.float32))}
+  assert (jax.tree.map(jnp.shape, point.init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, variables))
+  got, want = point.apply(variables, x), ref.apply(variables, x)
+  assert got.shape == want.shape == (2, -(-7 // stride), -(-8 // stride), 4)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  grad = lambda m: jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * cot), argnums=(0, 1))(
+      variables, x)
+  for g, r in zip(jax.tree.leaves(grad(point)), jax.tree.leaves(grad(ref))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+  # Padded or grouped 1 x 1 convolutions stay convolutions.
+  assert isinstance(layers.conv(4, 1, padding=1), nn.Conv)
+  assert isinstance(layers.conv(4, 1, groups=2), nn.Conv)
+
+
 def test_extractor_is_pure_and_second_call_does_not_recompile(resnet18_random):
   traces = []
   extract = backbones.extractor('resnet18', resnet18_random, taps=('layer2', 'layer3'))

@@ -54,3 +54,19 @@ def test_the_demo_differs_only_where_the_readme_says():
   for field in ('tau_scale', 'temperature', 'likelihood_lambda'):
     assert d.model.scoring[field] == p.model.scoring[field]
   config_lib.validate(d)
+
+
+def test_new_neutral_fields_leave_fingerprints_unchanged():
+  # Workdirs fitted before model.scoring.mlp_precision existed keep their fingerprints while it
+  # holds its neutral value; any other value changes them; a bad value is refused.
+  from pni_jax import config as config_lib
+  cfg = demo.get_config()
+  with_field = config_lib.fingerprint(cfg.model.scoring)
+  old = config_lib.to_plain(cfg.model.scoring)
+  del old['mlp_precision']
+  assert with_field == config_lib.fingerprint(old)
+  cfg.model.scoring.mlp_precision = 'bfloat16'
+  assert config_lib.fingerprint(cfg.model.scoring) != with_field
+  cfg.model.scoring.mlp_precision = 'half'
+  with pytest.raises(ValueError, match='mlp_precision'):
+    config_lib.validate(cfg)

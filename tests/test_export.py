@@ -28,6 +28,9 @@ from pni_jax.cli import normalize_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-5
+# Float32 rounding: the dots (1 x 1 convolutions, the MLP) tile their products by the batch's row
+# count, so scores of another batch size differ in the last bits (~7e-6 relative seen).
+RTOL = 1e-5
 ALLOWED_LOADER_IMPORTS = {'__future__', 'argparse', 'json', 'math', 'os', 'sys', 'typing', 'jax',
                           'numpy', 'PIL'}
 
@@ -159,15 +162,15 @@ def test_fresh_process_without_the_package_reproduces_scores(artifact, reference
   assert res.returncode == 0, res.stderr[-3000:]
   got = np.load(npz)
   assert list(got['paths']) == reference['paths']
-  np.testing.assert_allclose(got['image'], reference['image'], rtol=0, atol=ATOL)
-  np.testing.assert_allclose(got['maps'], reference['maps'], rtol=0, atol=ATOL)
-  np.testing.assert_allclose(got['patch'], reference['patch'], rtol=0, atol=ATOL)
+  np.testing.assert_allclose(got['image'], reference['image'], rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(got['maps'], reference['maps'], rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(got['patch'], reference['patch'], rtol=RTOL, atol=ATOL)
   lines = [l for l in res.stdout.splitlines() if l.strip()]
   assert len(lines) == len(reference['paths'])
   rows = json.loads(js.read_text())['images']
   thr = reference['model'].stats.get('image_threshold')
   for row, score in zip(rows, reference['image']):
-    assert row['image_score'] == pytest.approx(float(score), abs=ATOL)
+    assert row['image_score'] == pytest.approx(float(score), abs=ATOL, rel=RTOL)
     if thr is not None:
       assert row['decision'] == ('defective' if score >= float(thr) else 'normal')
 
@@ -204,8 +207,8 @@ def test_load_artifact_in_process(artifact, reference):
   images = reference['images']
   whole = art(images)
   assert whole['maps'].shape == images.shape[:3] and whole['image'].shape == (len(images),)
-  np.testing.assert_allclose(whole['image'], reference['image'], rtol=0, atol=ATOL)
-  np.testing.assert_allclose(whole['maps'], reference['maps'], rtol=0, atol=ATOL)
+  np.testing.assert_allclose(whole['image'], reference['image'], rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(whole['maps'], reference['maps'], rtol=RTOL, atol=ATOL)
   with pytest.raises(ValueError, match=r'expected images \[B, 96, 96, 3\]'):
     art(images[:, :64])
 
@@ -255,8 +258,8 @@ def test_cli_fixed_batch_export_pads(fitted, reference, tmp_path, capsys):
   meta = json.loads((out / 'meta.json').read_text())
   assert meta['batch_size'] == 3 and meta['platforms'] == ['cpu']
   got = export.load_artifact(out)(reference['images'])  # 4 images: one full call + one padded
-  np.testing.assert_allclose(got['image'], reference['image'], rtol=0, atol=ATOL)
-  np.testing.assert_allclose(got['maps'], reference['maps'], rtol=0, atol=ATOL)
+  np.testing.assert_allclose(got['image'], reference['image'], rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(got['maps'], reference['maps'], rtol=RTOL, atol=ATOL)
 
 
 def _random_refine_variables(key, size):
@@ -303,10 +306,10 @@ def test_refinement_fusion_is_part_of_the_artifact(reference, tmp_path):
                      encoder='efficientnet_lite0')
   plain = refine.normalize_map(reference['maps'], lo, hi)
   assert float(jnp.abs(want - plain).max()) > 1e-3  # the network changes the map
-  np.testing.assert_allclose(got['maps'], np.asarray(want), rtol=0, atol=ATOL)
+  np.testing.assert_allclose(got['maps'], np.asarray(want), rtol=RTOL, atol=ATOL)
   # With R the image score is the max of the final (fused) map, as in the paper's R rows.
   np.testing.assert_allclose(got['image'], np.asarray(want).reshape(len(want), -1).max(-1),
-                             rtol=0, atol=ATOL)
+                             rtol=RTOL, atol=ATOL)
 
 
 def test_errors_name_the_problem(fitted, tmp_path):

@@ -234,3 +234,28 @@ def test_models_of_one_training_bucket_share_one_compiled_scorer():
       for k in ('maps', 'image', 'allowed'):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
     assert fn._cache_size() == compiles, buckets
+
+
+def test_mlp_precision_setting_and_bfloat16_logits_stay_close():
+  # model.scoring.mlp_precision picks the MLP's compute dtype ('' = model.precision); bfloat16
+  # logits stay within bfloat16 rounding of the float32 ones and pick the same top code on
+  # nearly every patch.
+  cfg = base_config()
+  assert infer.mlp_dtype(cfg.model) == 'float32'
+  cfg.model.scoring.mlp_precision = 'bfloat16'
+  assert infer.mlp_dtype(cfg.model) == 'bfloat16'
+  cfg.model.scoring.mlp_precision = 'float16'
+  with pytest.raises(ValueError, match='mlp_precision'):
+    infer.mlp_dtype(cfg.model)
+  rng = np.random.default_rng(0)
+  d, window, k = 8, 3, 16
+  mlp = neighborhood.MLP(num_layers=3, width=32, num_classes=k)
+  variables = mlp.init(jax.random.key(0), jnp.zeros((2, (window ** 2 - 1) * d)), train=False)
+  feats = jnp.asarray(rng.standard_normal((2, 9, 11, d)), jnp.float32)
+  f32 = infer.mlp_logits(variables, feats, window=window, dilation=2)
+  bf16 = infer.mlp_logits(variables, feats, window=window, dilation=2, dtype='bfloat16')
+  assert bf16.dtype == jnp.float32 and bf16.shape == f32.shape == (2, 9, 11, k)
+  scale = float(jnp.abs(f32).max())
+  err = float(jnp.abs(bf16 - f32).max())
+  assert 0 < err <= 0.05 * scale, (err, scale)
+  assert float(jnp.mean(jnp.argmax(bf16, -1) == jnp.argmax(f32, -1))) >= 0.9

@@ -332,6 +332,40 @@ def test_synthesize_balanced(photos, textures):
     synth.synthesize_balanced(key, images[:6], texs[:6])
 
 
+def test_texture_function_is_asked_for_the_draem_rows_only(photos, textures):
+  # A function of the rows gives the same batch as the texture array, bit for bit, and is called
+  # once with the N / 4 DRAEM rows (procedural textures are made for those images only).
+  images, texs = photos[[0, 1, 2, 3, 4, 0, 1, 2]], textures[[0, 1, 2, 3, 4, 0, 1, 2]]
+  key = jax.random.key(11)
+  asked = []
+
+  def texture_rows(rows):
+    asked.append(rows.shape)
+    return jnp.asarray(texs)[rows]
+
+  fn = jax.jit(lambda k, im: synth.synthesize_balanced(k, im, texture_rows))
+  got = [np.asarray(a) for a in fn(key, images)]
+  want = [np.asarray(a) for a in jax.jit(synth.synthesize_balanced)(key, images, texs)]
+  assert asked == [(2,)]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_kth_largest_equals_top_k():
+  # The bisection on bit patterns returns lax.top_k's k-th value exactly: ties, negatives,
+  # zeros, k = 1 and k = n, and DRAEM's size (1 % of 256 x 256).
+  rng = np.random.default_rng(3)
+  cases = [rng.standard_normal(1000), np.round(rng.standard_normal(500), 1),
+           -np.abs(rng.standard_normal(300)) * 1e-3, np.zeros(50), rng.uniform(size=65536),
+           np.concatenate([np.zeros(40), -np.ones(40), np.full(20, 7.5)])]
+  for x in cases:
+    x = jnp.asarray(x, jnp.float32)
+    n = x.shape[0]
+    for k in sorted({1, 2, n // 3 + 1, max(1, math.ceil(0.01 * n)), n}):
+      want = float(jax.lax.top_k(x, k)[0][-1])
+      assert float(synth.kth_largest(x, k)) == want, (n, k)
+
+
 def test_synthesize_batch_shapes():
   """Traced only (jax.eval_shape, no compile): batch wiring with procedural textures."""
   images = jax.ShapeDtypeStruct((3, H, W, 3), jnp.float32)

@@ -38,6 +38,13 @@ from pni_jax import neighborhood
 from pni_jax import scoring
 
 
+def _mlp_dtype(cfg) -> str:
+  """The scoring MLP's dtype (older checkouts, timed with PYTHONPATH: model.precision)."""
+  if hasattr(infer, 'mlp_dtype'):
+    return infer.mlp_dtype(cfg.model)
+  return str(cfg.model.precision)
+
+
 def _median_times(fns: dict, repeats: int) -> dict:
   """Median wall time of each zero-argument function (block_until_ready), interleaved."""
   for fn in fns.values():
@@ -75,7 +82,9 @@ def reference_scorer(cfg_model, variant: infer.Variant, out_size):
       s, _ = scoring.pni_patch_scores(
           flat, arrays['c_emb'], arrays['emb_to_dist'], p_nb, p_pos,
           tau=infer.tau(sc, arrays['c_emb'].shape[0]), lam=float(sc.likelihood_lambda),
-          combine=str(sc.combine), **tiles)
+          combine=str(sc.combine), rho=float(sc.get('rho', 0.01)),
+          neighborhood_weight=float(sc.get('neighborhood_weight', 0.5)),
+          pos_base=scoring.position_base_rate(pos), **tiles)
       patch = s.reshape(b, h, w)
     a_h, a_w = scoring.map_operator(h, w, out_size[0], out_size[1], float(sc.sigma))
     maps = jnp.einsum('ih,bhw,jw->bij', a_h, patch, a_w, precision=jax.lax.Precision.HIGHEST)
@@ -104,26 +113,11 @@ def _stage_fns(arrays, feats, cfg, variant, spec, hp):
   mlp_fn = jax.jit(lambda m, f: infer.mlp_logits(m, f, window=spec.window,
                                                  dilation=spec.dilation, chunk=spec.infer_chunk,
                                                  dtype=spec.dtype))
-  logits = mlp_fn(arrays['mlp'], feats)
-  k = logits.shape[-1]
-
-  @jax.jit
-  def priors_fn(logits, pos):
-    p_nb = scoring.neighbor_prior(logits, hp.temperature)
-    prior = scoring.combine_priors(p_nb, pos[None], spec.combine, hp.neighborhood_weight)
-    return prior.reshape(-1, k) > hp.tau_scale / c_emb.shape[0]
-
-  allowed = priors_fn(logits, arrays['position'])
-
-  @jax.jit
-  def search_fn(flat, allowed):
-    sq, idx = knn.knn(flat, c_emb, k=1, **tiles)
-    return scoring.masked_sq_dist_sparse(flat, c_emb, e2d, allowed, sq[:, 0], idx[:, 0],
-                                         chunk=spec.search_chunk, **tiles)
-
+  patch_fn = jax.jit(lambda a, f: infer.patch_scores(a, f, hp, spec))
   out['MLP'] = lambda: mlp_fn(arrays['mlp'], feats)
-  out['priors'] = lambda: priors_fn(logits, arrays['position'])
-  out['masked search'] = lambda: search_fn(flat, allowed)
+  # The scorer's own patch scores (MLP, priors of the configured rule, nearest row and the
+  # search where a prior binds); 'priors + search' is this minus the MLP row.
+  out['patch scores'] = lambda: patch_fn(arrays, feats)
   out['maps'] = lambda: maps_fn(patch)
   return out
 
@@ -138,6 +132,9 @@ def run(args) -> int:
   category = args.category or cats[0]
   fitted = model_lib.load(workdir / category / 'model')
   cfg = ml_collections.ConfigDict(fitted.meta['config'])
+  if args.mlp_precision:
+    with cfg.unlocked():
+      cfg.model.scoring.mlp_precision = args.mlp_precision
   crop = int(cfg.data.crop)
   extractor = infer.make_extractor(cfg)
   big = extractor.batch_size
@@ -145,11 +142,13 @@ def run(args) -> int:
   hp = scoring.hparams_from_config(cfg.model)
   test_dir = pathlib.Path(cfg.data.root) / category / 'test'
   paths = sorted(str(p) for p in test_dir.rglob('*.png'))[:big]
-  images = np.stack([data_lib.preprocess(data_lib.load_image(p), int(cfg.data.resize), crop)
-                     for p in paths]).astype(np.float32)
+  mode = str(cfg.data.get('resize_mode', data_lib.LEGACY_RESIZE_MODE))
+  images = np.stack([data_lib.preprocess(data_lib.load_image(p), int(cfg.data.resize), crop,
+                                         mode=mode) for p in paths]).astype(np.float32)
   print(f'{workdir} [{category}]: {crop} px, backbone {cfg.model.backbone}, |C_emb| '
         f'{fitted.c_emb.shape[0]}, |C_dist| {fitted.num_dist}, devices {jax.device_count()} '
-        f'({jax.devices()[0].platform}), batch B = {big}; median of {args.repeats} calls')
+        f'({jax.devices()[0].platform}), batch B = {big}, MLP '
+        f'{_mlp_dtype(cfg)}; median of {args.repeats} calls')
   variants = {'baseline': infer.Variant(), 'N+P': infer.Variant(True, True)}
   results = {}
   for vname, variant in variants.items():
@@ -174,10 +173,14 @@ def run(args) -> int:
              'backbone': lambda: extractor.fn(extractor.variables, x)}
       fns.update(stages)
       times = _median_times(fns, args.repeats)
+      if 'patch scores' in times:
+        times['priors + search'] = times.pop('patch scores') - times['MLP']
       results[(vname, b)] = {k: 1e3 * v / b for k, v in times.items()}
   # predict on one image, warm (the second call).
   predict_ms = None
   try:
+    if args.mlp_precision:
+      raise ValueError('--mlp-precision given: predict uses the fitted config')
     from pni_jax import predict
     predictor = predict.Predictor(workdir, category)
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,13 +201,13 @@ def run(args) -> int:
     layers = infer._fold_mlp(fitted.mlp)                  # pylint: disable=protected-access
     h, w = extractor.feature_shape(crop)[:2]
     mlp_gflop = 2e-9 * h * w * sum(int(k.shape[0]) * int(k.shape[1]) for k, _ in layers)
-    a = jnp.ones((2048, 2048), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
+    a = jnp.ones((2048, 2048), _mlp_dtype(cfg))
+    mm = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     t_mm = _median_times({'mm': lambda: mm(a)}, args.repeats)['mm']
     rate = 2 * 2048 ** 3 / t_mm / 1e9
 
   order = ['compiled', 'compiled (before)', 'runtime', 'runtime (before: padded to B)',
-           'backbone', 'MLP', 'priors', 'masked search', 'maps']
+           'backbone', 'MLP', 'priors + search', 'masked search', 'maps']
   print(f'\nms per image                       ' + ''.join(
       f'{v + " b" + str(b):>16s}' for v, b in results))
   for row in order:
@@ -218,7 +221,8 @@ def run(args) -> int:
     print(f'  {vname} b{b}: compiled {r["compiled (before)"] / r["compiled"]:.2f}x, '
           f'runtime path {r["runtime (before: padded to B)"] / r["runtime"]:.2f}x')
   if mlp_gflop is not None:
-    print(f'\nMLP work {mlp_gflop:.2f} GFLOP / image; matmul rate now {rate:.0f} GFLOP/s -> the MLP '
+    print(f'\nMLP work {mlp_gflop:.2f} GFLOP / image; {_mlp_dtype(cfg)} matmul rate now '
+          f'{rate:.0f} GFLOP/s -> the MLP '
           f'alone needs >= {1e3 * mlp_gflop / rate:.1f} ms / image at that rate')
   print('\ntargets (issue 11 item 5, CPU demo 256 px):')
   def show(label, value, bound):
@@ -247,4 +251,6 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--workdir', default='runs/demo', help='a fitted workdir (the demo)')
   parser.add_argument('--category', default='', help='default: the first fitted category')
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--mlp-precision', default='', choices=('', 'float32', 'bfloat16'),
+                      help="model.scoring.mlp_precision for this run ('': the model's)")
   return run(parser.parse_args(argv))

@@ -62,7 +62,7 @@ class _CompileClock:
     jax.monitoring.unregister_event_duration_listener(self._on)
 
 
-def amap_model(which: str, seed: int = 0):
+def amap_model(which: str, seed: int = 0, mlp_precision: str = ''):
   """(model config, jitted amap_fn(images01 [B, S, S, 3]) -> [B, S, S], image size S) of a
   PNI N + P model with random arrays of the config's sizes (timing only)."""
   import warnings  # pylint: disable=g-import-not-at-top
@@ -77,6 +77,8 @@ def amap_model(which: str, seed: int = 0):
     size, num_train = 480, 200
   m = config_module.get_config().model
   m.allow_random_init = True
+  if mlp_precision:
+    m.scoring.mlp_precision = mlp_precision
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     fn, variables = features.make_feature_fn(m, key=jax.random.key(seed))
@@ -112,7 +114,7 @@ def normal_images(num: int, size: int) -> np.ndarray:
 
 
 def bench_loop(args) -> dict:
-  m, amap_fn, size = amap_model(args.amap)
+  m, amap_fn, size = amap_model(args.amap, mlp_precision=args.mlp_precision)
   r = m.refine
   r.encoder, r.input_size, r.batch_size = args.encoder, args.input_size, args.batch
   r.iterations, r.pool_size, r.log_every = args.iterations, args.pool_size, 1
@@ -234,6 +236,8 @@ def main(argv: list[str]) -> int:
   p.add_argument('--arch', default='skips', choices=('paper', 'skips'))
   p.add_argument('--decoder-width', type=int, default=0)
   p.add_argument('--precision', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--mlp-precision', default='', choices=('', 'float32', 'bfloat16'),
+                 help="loop: model.scoring.mlp_precision of the A_hat scorer ('': the config's)")
   p.add_argument('--images', type=int, default=16, help='normal training images')
   p.add_argument('--repeats', type=int, default=1)
   # step

