@@ -136,11 +136,14 @@ def bench_loop(args) -> dict:
       points.append((int(msg.split()[2].split('/')[0]), time.perf_counter(), time.process_time()))
 
   clock = _CompileClock()
+  parts = _PartTimer() if args.parts else None
   t, cpu = time.perf_counter(), time.process_time()
   try:
     _, _, hist = refine.train_refiner(images, amap_fn, r, jax.random.key(0), log_fn=log)
   finally:
     clock.close()
+    if parts is not None:
+      parts.close()
   total, total_cpu = time.perf_counter() - t, time.process_time() - cpu
   steady = steady_cpu = math.nan
   if len(points) >= 2:
@@ -149,7 +152,41 @@ def bench_loop(args) -> dict:
   half = max(1, len(hist['loss']) // 2)    # the loss over the second half of the run
   return dict(total=total, total_cpu=total_cpu, compile=clock.total, steady=steady,
               steady_cpu=steady_cpu, loss=float(np.mean(hist['loss'][-half:])),
-              input_loss=float(np.mean(hist['input_loss'][-half:])))
+              input_loss=float(np.mean(hist['input_loss'][-half:])),
+              parts=None if parts is None else parts.medians())
+
+
+class _PartTimer:
+  """--parts: each jitted call of an iteration (sampling + synthesis, A_hat, batch preparation,
+  train step) timed alone, waiting for its result (so the parts do not overlap as in a normal
+  run); median over the calls after the first two. Wraps refine's module functions for the
+  run and restores them."""
+
+  NAMES = {'_sample': 'sample + synthesis', '_amap': 'A_hat', '_online_batch': 'batch',
+           '_pool_batch': 'batch', 'train_step': 'train step'}
+
+  def __init__(self):
+    self.times, self.saved = {}, {}
+    for name, label in self.NAMES.items():
+      fn = getattr(refine, name, None)
+      if fn is not None:
+        self.saved[name] = fn
+        setattr(refine, name, self._wrap(fn, label))
+
+  def _wrap(self, fn, label):
+    def timed(*a, **k):
+      t = time.perf_counter()
+      out = jax.block_until_ready(fn(*a, **k))
+      self.times.setdefault(label, []).append(time.perf_counter() - t)
+      return out
+    return timed
+
+  def close(self):
+    for name, fn in self.saved.items():
+      setattr(refine, name, fn)
+
+  def medians(self) -> dict:
+    return {k: float(np.median(v[2:] if len(v) > 2 else v)) for k, v in self.times.items()}
 
 
 def run_loop(args) -> None:
@@ -165,6 +202,10 @@ def run_loop(args) -> None:
     r = bench_loop(args)
     print(f'{i:>4} {r["compile"]:>10.1f} {r["steady"]:>12.5f} {r["steady_cpu"]:>16.5f} '
           f'{r["total"]:>8.1f} {r["total_cpu"]:>12.1f} {r["loss"]:>14.5f} ({r["input_loss"]:.5f})',
+          flush=True)
+    if r['parts']:
+      print('      parts, s per call (each waited for): ' + ', '.join(
+          f'{k} {v:.4f}' for k, v in r['parts'].items()) + f'; sum {sum(r["parts"].values()):.4f}',
           flush=True)
 
 
@@ -239,6 +280,8 @@ def main(argv: list[str]) -> int:
   p.add_argument('--mlp-precision', default='', choices=('', 'float32', 'bfloat16'),
                  help="loop: model.scoring.mlp_precision of the A_hat scorer ('': the config's)")
   p.add_argument('--images', type=int, default=16, help='normal training images')
+  p.add_argument('--parts', action='store_true',
+                 help='loop: also time each call of an iteration alone (waits after each)')
   p.add_argument('--repeats', type=int, default=1)
   # step
   p.add_argument('--sizes', default='96,128,160', help='step: comma-separated input sizes')
