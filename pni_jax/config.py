@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   sc.top_percent = 1.0
   sc.search_chunk = 256       # patches per masked-search chunk (only where a prior binds)
   sc.mlp_precision = ''       # compute dtype of the MLP when scoring: '' = model.precision |
-                              # 'float32' | 'bfloat16' (float32 accumulation; README 'Precision')
+                              # 'float32' | 'bfloat16' (float32 accumulation; README 'Scale')
   sc.reweight_neighbors = 9
   sc.query_tile = 1024        # patches per distance tile
   sc.bank_tile = 4096         # coreset rows per distance tile

@@ -169,8 +169,9 @@ def make_spec(cfg_model, variant: Variant, out_size: tuple[int, int], *,
 
 def mlp_dtype(cfg_model) -> str:
   """The MLP's compute dtype when scoring: model.scoring.mlp_precision, or model.precision when
-  that is empty. ('bfloat16' halves the MLP's time on CPUs with AVX512-BF16 and on GPUs; the
-  matmuls accumulate in float32; README 'Precision' gives the measured effect.)"""
+  that is empty. ('bfloat16' ran the demo MLP 1.4-1.6x faster on a CPU with AVX512-BF16; the
+  matmuls accumulate in float32; README 'Scale: devices, precision, memory' gives the measured
+  speed and accuracy.)"""
   name = str(cfg_model.scoring.get('mlp_precision', '') or '')
   if not name:
     return jnp.dtype(features.compute_dtype(cfg_model)).name
