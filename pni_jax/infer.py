@@ -204,9 +204,9 @@ def mlp_logits(variables, feats: jax.Array, *, window: int, dilation: int = 1,
                chunk: int = 4096, dtype=jnp.float32) -> jax.Array:
   """MLP logits at every position, as `neighborhood.neighbor_logits` computes them.
 
-  The first layer reads the p x p window (centre removed, zeros outside the map): the window's
-  shifted copies are laid side by side and multiplied once (a p x p convolution whose centre
-  tap is zero, written as a dot); the others are dense layers on each position.
+  The first layer reads the p x p window (centre removed, zeros outside the map), i.e. it is a
+  p x p convolution whose centre tap is zero (in bfloat16 written as the window's shifted copies
+  times one matrix); the others are dense layers on each position.
   Images go through in groups of max(1, chunk // (H W)) (`lax.map`), bounding the activations.
 
   Args:
@@ -228,15 +228,28 @@ def mlp_logits(variables, feats: jax.Array, *, window: int, dilation: int = 1,
   cdt = jnp.dtype(dtype)
   step = int(dilation)
   offsets = [(dy, dx) for dy in range(p) for dx in range(p) if (dy, dx) != (p // 2, p // 2)]
+  taps = first.reshape(p * p - 1, d, -1)
+  centre = (p * p) // 2
+  taps = jnp.concatenate([taps[:centre], jnp.zeros_like(taps[:1]), taps[centre:]], axis=0)
+  kernel = taps.reshape(p, p, d, -1)                                    # HWIO
 
-  def one_group(x):                                                     # [g, H, W, d]
-    # The window's p*p - 1 shifted copies side by side ([g, H, W, (p*p - 1) d], the first
-    # layer's input order), then one matrix product: XLA:CPU runs a dot at its full rate in
-    # bfloat16 (AVX512-BF16), where a convolution would not be.
+  def first_layer(x):                                                   # [g, H, W, d]
+    if cdt == jnp.float32:
+      return jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1), padding=((r, r), (r, r)),
+          rhs_dilation=(step, step), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          preferred_element_type=jnp.float32)
+    # Lower precision: the window's p*p - 1 shifted copies side by side ([g, H, W, (p*p - 1) d],
+    # the first layer's input order) times one matrix. XLA:CPU runs a bfloat16 dot at twice its
+    # float32 rate (AVX512-BF16) but has no fast bfloat16 convolution; the copies are bounded by
+    # `chunk` (on GPU both forms are GEMMs).
     xp = jnp.pad(x.astype(cdt), ((0, 0), (r, r), (r, r), (0, 0)))
     cols = jnp.concatenate([xp[:, dy * step:dy * step + h, dx * step:dx * step + w]
                             for dy, dx in offsets], axis=-1)
-    y = jnp.dot(cols, first.astype(cdt), preferred_element_type=jnp.float32) + first_bias
+    return jnp.dot(cols, first.astype(cdt), preferred_element_type=jnp.float32)
+
+  def one_group(x):                                                     # [g, H, W, d]
+    y = first_layer(x) + first_bias
     for kern, bias in layers[1:]:
       y = jax.nn.relu(y)
       y = jnp.dot(y.astype(cdt), kern.astype(cdt), preferred_element_type=jnp.float32) + bias
