@@ -28,7 +28,7 @@ from pni_jax.cli import normalize_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-5
-# Float32 rounding: the dots (1 x 1 convolutions, the MLP) tile their products by the batch's row
+# Float32 rounding: the dots of the 1 x 1 convolutions tile their products by the batch's row
 # count, so scores of another batch size differ in the last bits (~7e-6 relative seen).
 RTOL = 1e-5
 ALLOWED_LOADER_IMPORTS = {'__future__', 'argparse', 'json', 'math', 'os', 'sys', 'typing', 'jax',
