@@ -2,8 +2,9 @@
 
 For the baseline (PatchCore) and N+P, at batch 1 and batch B (data.batch_size), it prints
   * compiled: features + scoring as one jitted call, per image;
-  * a per-stage breakdown, each stage jitted alone: backbone, MLP, priors (softmax, combination,
-    threshold), masked search (nearest C_emb row + the search where a prior binds), maps (upsample,
+  * a per-stage breakdown, each stage jitted alone: backbone, MLP, priors + search (the scorer's
+    patch scores minus its MLP: priors of the configured rule, nearest C_emb row, the search
+    where a prior binds; for the baseline: masked search = the nearest row), maps (upsample,
     blur, image score);
   * runtime: `infer.ModelRuntime.score` (the path evaluation, calibration and --mode=predict use)
     on b host images, per image;
@@ -98,7 +99,7 @@ def _stage_fns(arrays, feats, cfg, variant, spec, hp):
   d = feats.shape[-1]
   flat = feats.reshape(-1, d)
   tiles = dict(query_tile=spec.query_tile, bank_tile=spec.bank_tile)
-  c_emb, e2d = arrays['c_emb'], arrays['emb_to_dist']
+  c_emb = arrays['c_emb']
   patch = jnp.zeros(feats.shape[:3], jnp.float32)
   out = {}
   maps_fn = jax.jit(lambda p: (lambda m: (m, scoring.image_scores(
@@ -106,8 +107,8 @@ def _stage_fns(arrays, feats, cfg, variant, spec, hp):
       max_top_percent=spec.max_top_percent)))(
           scoring.anomaly_maps(p, spec.out_size, hp.sigma, spec.max_sigma)))
   if not variant.conditional:
-    out['masked search'] = lambda: jax.jit(knn.nearest_sq_dist, static_argnames=(
-        'query_tile', 'bank_tile'))(flat, c_emb, **tiles)
+    nearest_fn = jax.jit(lambda f, c: knn.nearest_sq_dist(f, c, **tiles))
+    out['masked search'] = lambda: nearest_fn(flat, c_emb)
     out['maps'] = lambda: maps_fn(patch)
     return out
   mlp_fn = jax.jit(lambda m, f: infer.mlp_logits(m, f, window=spec.window,
