@@ -29,7 +29,9 @@ def main(argv: list[str]) -> int:
     print(f'unknown benchmark {what!r}; available: {", ".join(names)}', file=sys.stderr)
     return 2
   sys.path.insert(0, str(HERE))
-  sys.path.insert(0, str(HERE.parent))
+  # The checkout's package comes after PYTHONPATH, so `PYTHONPATH=/other/checkout python
+  # tools/benchmark.py ...` times that checkout's pni_jax with these benchmarks.
+  sys.path.append(str(HERE.parent))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   module = importlib.import_module(f'bench_{what}')
   return int(module.main(argv[2:]) or 0)
