@@ -204,11 +204,15 @@ class Decoder(nn.Module):
     return jnp.asarray(_out_conv(self.dtype)(h)[..., 0], jnp.float32)
 
 
-def _map_conv(encoder: str, dtype, name: str | None = None) -> nn.Conv:
+def _map_conv(encoder: str, dtype, in_channels: int, name: str | None = None) -> nn.Module:
   """The map's first conv: kernel, stride, padding and channels of the encoder's first conv
-  (input channels from its input: 3 for 'paper', 1 for 'skips')."""
+  (input channels from its input: 3 for 'paper', 1 for 'skips'); `backbones.layers.SmallConv`
+  where it is small enough (Lite0), else nn.Conv (same parameters)."""
   spec = backbones.spec(encoder)
   kernel, padding = _FIRST_CONV[spec.family]
+  if kernel * kernel * in_channels <= backbones.layers.SMALL_CONV_TERMS:
+    return backbones.layers.SmallConv(spec.channels['stem'], kernel, 2, padding, dtype=dtype,
+                                      name=name)
   return nn.Conv(spec.channels['stem'], (kernel, kernel), strides=(2, 2), padding=padding,
                  use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=backbones.layers.conv_init, name=name)
@@ -248,12 +252,13 @@ class RefineNet(nn.Module):
     sizes = [tuple(-(-s // 2 ** k) for s in size) for k in (4, 3, 2, 1, 0)]
     if self.arch == 'paper':
       grey = backbones.preprocess(self.encoder, jnp.repeat(a[..., None], 3, axis=-1))
-      fused = 0.5 * (enc.first_conv(x) + _map_conv(self.encoder, self.dtype, 'map_conv')(grey))
+      map_conv = _map_conv(self.encoder, self.dtype, 3, 'map_conv')
+      fused = 0.5 * (enc.first_conv(x) + map_conv(grey))
       taps = enc.from_first_conv(fused, taps=('layer4',), train=train)
       width = int(self.decoder_width) or 2 * features[0]
       return Decoder(features, width, self.dtype, name='decoder')(taps['layer4'], sizes)
     m = (2.0 * a - 1.0)[..., None]                                     # [0, 1] -> [-1, 1]
-    fused = enc.first_conv(x) + _map_conv(self.encoder, self.dtype, 'map_conv')(m)
+    fused = enc.first_conv(x) + _map_conv(self.encoder, self.dtype, 1, 'map_conv')(m)
     taps = enc.from_first_conv(fused, taps=ENCODER_TAPS, train=train)
     skips = (taps['layer3'], taps['layer2'], taps['layer1'], taps['stem'],
              jnp.concatenate([x, m], axis=-1))

@@ -200,6 +200,48 @@ def test_pointwise_matches_a_1x1_convolution_values_and_gradients(stride, use_bi
   assert isinstance(layers.conv(4, 1, groups=2), nn.Conv)
 
 
+@pytest.mark.parametrize('cin,size,stride,padding,use_bias', [
+    (3, 16, 2, 'SAME', False), (3, 15, 2, 'SAME', True), (1, 12, 2, 'SAME', False),
+    (4, 9, 1, 1, False), (2, 10, 2, ((1, 2), (0, 1)), True)])
+def test_small_conv_matches_nn_conv_values_and_gradients(cin, size, stride, padding, use_bias):
+  # Few-input-channel convolutions (Lite0's RGB stem, the refinement's map conv) run as one fused
+  # multiply-add loop: same parameters, outputs and gradients as nn.Conv ('SAME' with odd and
+  # even sizes, torch-style integer padding, explicit pairs, stride 1 and 2, bias).
+  rng = np.random.default_rng(cin * 100 + size)
+  x = jnp.asarray(rng.standard_normal((2, size, size + 1, cin)), jnp.float32)
+  small = layers.SmallConv(5, 3, stride, padding, use_bias)
+  pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+  ref = nn.Conv(5, (3, 3), strides=(stride, stride), padding=pad, use_bias=use_bias)
+  variables = ref.init(jax.random.key(0), x)
+  if use_bias:
+    variables = {'params': dict(variables['params'],
+                                bias=jnp.asarray(rng.standard_normal(5), jnp.float32))}
+  assert (jax.tree.map(jnp.shape, small.init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, variables))
+  got, want = small.apply(variables, x), ref.apply(variables, x)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  grad = lambda m: jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * cot), argnums=(0, 1)))(
+      variables, x)
+  for g, r in zip(jax.tree.leaves(grad(small)), jax.tree.leaves(grad(ref))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+  # bfloat16: inputs and kernel rounded to bfloat16, float32 accumulation, bfloat16 output.
+  low = layers.SmallConv(5, 3, stride, padding, use_bias, dtype=jnp.bfloat16)
+  out = low.apply(variables, x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), rtol=0.05, atol=0.05)
+
+
+def test_conv_picks_small_conv_only_when_the_caller_names_few_input_channels():
+  assert isinstance(layers.conv(32, 3, stride=2, padding='SAME', in_channels=3), layers.SmallConv)
+  assert isinstance(layers.conv(32, 3, padding=1, in_channels=4), layers.SmallConv)   # 36 terms
+  assert isinstance(layers.conv(32, 3, padding=1, in_channels=5), nn.Conv)            # 45 terms
+  assert isinstance(layers.conv(64, 7, stride=2, padding=3, in_channels=3), nn.Conv)  # 147 terms
+  assert isinstance(layers.conv(32, 3, padding=1), nn.Conv)                  # channels unknown
+  assert isinstance(layers.conv(32, 3, padding=1, groups=3, in_channels=3), nn.Conv)
+
+
 def test_extractor_is_pure_and_second_call_does_not_recompile(resnet18_random):
   traces = []
   extract = backbones.extractor('resnet18', resnet18_random, taps=('layer2', 'layer3'))

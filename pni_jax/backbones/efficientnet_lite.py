@@ -112,7 +112,8 @@ class EfficientNetLite0(layers.TapNetwork, nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.conv_stem = layers.conv(32, 3, stride=2, padding='SAME', dtype=self.dtype)
+    self.conv_stem = layers.conv(32, 3, stride=2, padding='SAME', dtype=self.dtype,
+                                 in_channels=3)
     self.bn0 = layers.batch_norm(epsilon=BN_EPS, dtype=self.dtype)
     self.blocks = [MBConv(*args, depthwise=self.depthwise, dtype=self.dtype, name=f'blocks_{i}')
                    for i, args in enumerate(lite0_blocks())]

@@ -58,11 +58,15 @@ class Pointwise(nn.Module):
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | str = 0,
          groups: int = 1, use_bias: bool = False, dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Module:
+         in_channels: int = 0, name: str | None = None) -> nn.Module:
   """A square convolution; integer `padding` pads every side by that many pixels (torch).
-  1 x 1 convolutions without padding ('SAME' pads none at 1 x 1) are `Pointwise`."""
+  1 x 1 convolutions without padding ('SAME' pads none at 1 x 1) are `Pointwise`; a convolution
+  whose `in_channels` (when the caller knows them) make k * k * C_in <= SMALL_CONV_TERMS is
+  `SmallConv` (same parameters as nn.Conv)."""
   if kernel == 1 and groups == 1 and padding in (0, 'SAME', 'VALID'):
     return Pointwise(features, stride, use_bias, dtype, name=name)
+  if groups == 1 and 0 < kernel * kernel * in_channels <= SMALL_CONV_TERMS:
+    return SmallConv(features, kernel, stride, padding, use_bias, dtype, name=name)
   pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
@@ -185,6 +189,95 @@ class DepthwiseConv(nn.Module):
     # Accumulate in float32 whatever the compute dtype (k*k terms; also compiles faster).
     out = depthwise_shifted(jnp.asarray(x, jnp.float32), kernel, s)
     return jnp.asarray(out, self.dtype)
+
+
+# A convolution with at most this many kernel taps x input channels is `SmallConv`.
+SMALL_CONV_TERMS = 36
+
+
+def _conv_pads(x_shape, k: int, stride: int, padding) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Explicit ((top, bottom), (left, right)) of 'SAME' / 'VALID' / an int / explicit pairs."""
+  if padding == 'SAME':
+    return same_padding(x_shape[1], k, stride)[0], same_padding(x_shape[2], k, stride)[0]
+  if padding == 'VALID':
+    return (0, 0), (0, 0)
+  if isinstance(padding, int):
+    return (padding, padding), (padding, padding)
+  return tuple(tuple(int(v) for v in p) for p in padding)
+
+
+def _lax_conv(x, w, stride: int, pads):
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def small_conv(x: jnp.ndarray, w: jnp.ndarray, stride: int, pads) -> jnp.ndarray:
+  """A convolution with few input channels as one fused multiply-add loop: x [B, H, W, C] and
+  w [k, k, C, F] (same float dtype), explicit `pads` ((top, bottom), (left, right)) -> [B, H',
+  W', F], the sum over the k * k * C (tap, channel) pairs of the tap's strided window of channel
+  c (broadcast over F) times w[dy, dx, c].
+
+  For an RGB stem (3 x 3 x 3 = 27 terms) XLA:CPU's convolution and its im2col dot are both
+  slow, since the contraction is only 27 long (measured, 8 x 256 x 256 x 3 -> 32, stride 2:
+  conv 10-16 ms, this loop 2.4-3.3 ms); at 7 x 7 x 3 = 147 terms the convolution wins (27 vs
+  70 ms), hence `SMALL_CONV_TERMS`. The VJP is the convolution's own (`lax.conv_general_dilated`
+  differentiated), so training sees the same gradients as before; the input gradient is only
+  computed when something needs it.
+  """
+  k, c = w.shape[0], w.shape[2]
+  (top, bottom), (left, right) = pads
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  out_h = (x.shape[1] + top + bottom - k) // stride + 1
+  out_w = (x.shape[2] + left + right - k) // stride + 1
+  out = None
+  for dy in range(k):
+    for dx in range(k):
+      window = _window(xp, dy, dx, (out_h, out_w), stride)
+      for ci in range(c):
+        term = window[..., ci:ci + 1] * w[dy, dx, ci]
+        out = term if out is None else out + term
+  return out
+
+
+def _small_conv_fwd(x, w, stride, pads):
+  return small_conv(x, w, stride, pads), (x, w)
+
+
+def _small_conv_bwd(stride, pads, residuals, g):
+  x, w = residuals
+  _, vjp = jax.vjp(lambda x, w: _lax_conv(x, w, stride, pads), x, w)
+  return vjp(g)
+
+
+small_conv.defvjp(_small_conv_fwd, _small_conv_bwd)
+
+
+class SmallConv(nn.Module):
+  """nn.Conv (square kernel, no groups) computed by `small_conv`: for k * k * C_in <=
+  SMALL_CONV_TERMS, e.g. EfficientNet-Lite0's RGB stem. Parameters 'kernel' [k, k, C_in, F]
+  and optional 'bias' [F], as nn.Conv's. Accumulates in float32 whatever the compute dtype
+  (inputs and kernel rounded to it first), output in the compute dtype."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: Any = 0
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = conv_init
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    pads = _conv_pads(x.shape, k, self.stride, self.padding)
+    f32 = lambda a: jnp.asarray(jnp.asarray(a, self.dtype), jnp.float32)
+    y = small_conv(f32(x), f32(kernel), self.stride, pads)
+    if self.use_bias:
+      y = y + f32(self.param('bias', self.bias_init, (self.features,), jnp.float32))
+    return jnp.asarray(y, self.dtype)
 
 
 def batch_norm(*, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
