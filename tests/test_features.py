@@ -43,13 +43,17 @@ def test_local_patches_is_channel_major_unfold_with_zero_padding():
     features.local_patches(jnp.asarray(fmap), 4)
 
 
-def test_patch_features_equal_patchcore_resize_then_pool_order():
-  """Pooling at native resolution then resizing == PatchCore's resize of unfolded patches."""
+@pytest.mark.parametrize('dense', [True, False])
+@pytest.mark.parametrize('p,pre_dim,dim', [(3, 16, 12), (3, 16, 13), (1, 7, 5), (5, 64, 32)])
+def test_patch_features_equal_patchcore_resize_then_pool_order(dense, p, pre_dim, dim):
+  """Pooling at native resolution then resizing == PatchCore's resize of unfolded patches, for
+  the gathered bins and the folded convolutions alike (dim 13 and 5: final bins that straddle
+  the two stages; p = 1: no neighbourhood)."""
   rng = np.random.default_rng(2)
   l2 = jnp.asarray(rng.normal(size=(2, 8, 8, 6)).astype(np.float32))
   l3 = jnp.asarray(rng.normal(size=(2, 4, 4, 10)).astype(np.float32))
-  p, pre_dim, dim = 3, 16, 12
-  got = features.patch_features({'layer2': l2, 'layer3': l3}, ('layer2', 'layer3'), p, pre_dim, dim)
+  got = features.patch_features({'layer2': l2, 'layer3': l3}, ('layer2', 'layer3'), p, pre_dim,
+                                dim, dense=dense)
   assert got.shape == (2, 8, 8, dim)
 
   # PatchCore order: unfold each layer, bilinearly resize the coarse unfolded map, then pool.
@@ -59,3 +63,20 @@ def test_patch_features_equal_patchcore_resize_then_pool_order():
   pooled = [_torch_adaptive_pool_1d(np.asarray(u, np.float64), pre_dim) for u in (u2, u3)]
   want = _torch_adaptive_pool_1d(np.concatenate(pooled, -1), dim)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_features_picks_the_folded_convolutions_by_their_size():
+  # The demo's Lite0 stages (40 and 112 channels, p 3, 256 -> 128) fold into convolutions of
+  # 87,552 multiply-adds per position; the paper's WideResNet stages (512 and 1024, 1024 ->
+  # 1024) would need 7.1 M and keep the gathered bins; both give the same features.
+  assert features.dense_aggregation_macs([40, 112], 3, 256, 128) == 9 * 40 * 64 + 9 * 112 * 64
+  assert features.dense_aggregation_macs([512, 1024], 3, 1024, 1024) == 9 * (512 + 1024) * 512
+  assert (features.dense_aggregation_macs([40, 112], 3, 256, 128)
+          <= features.DENSE_AGGREGATION_MACS
+          < features.dense_aggregation_macs([512, 1024], 3, 1024, 1024))
+  rng = np.random.default_rng(5)
+  taps = {'layer2': jnp.asarray(rng.normal(size=(1, 8, 8, 40)), jnp.float32),
+          'layer3': jnp.asarray(rng.normal(size=(1, 4, 4, 112)), jnp.float32)}
+  auto = features.patch_features(taps, ('layer2', 'layer3'), 3, 256, 128)
+  bins = features.patch_features(taps, ('layer2', 'layer3'), 3, 256, 128, dense=False)
+  np.testing.assert_allclose(np.asarray(auto), np.asarray(bins), rtol=1e-5, atol=1e-6)
