@@ -96,6 +96,18 @@ def _pool_matrix(length: int, out: int) -> np.ndarray:
   return m
 
 
+def _stage_columns(num_stages: int, pre_dim: int, dim: int) -> list[tuple[int, int]]:
+  """[a_j, b_j): the output columns of the final pooling (stacked stages -> dim) that stage j's
+  rows reach (bins [start, end) meeting rows [j pre_dim, (j + 1) pre_dim))."""
+  starts = (np.arange(dim) * num_stages * pre_dim) // dim
+  ends = -((-(np.arange(dim) + 1) * num_stages * pre_dim) // dim)
+  cols = []
+  for j in range(num_stages):
+    hit = np.flatnonzero((starts < (j + 1) * pre_dim) & (ends > j * pre_dim))
+    cols.append((int(hit[0]), int(hit[-1]) + 1))
+  return cols
+
+
 def aggregation_kernels(channels: Sequence[int], p: int, pre_dim: int,
                         dim: int) -> list[tuple[np.ndarray, int]]:
   """The folded linear maps of `patch_features`, one per stage: (kernel [p, p, c_j, k_j] float32,
@@ -109,13 +121,11 @@ def aggregation_kernels(channels: Sequence[int], p: int, pre_dim: int,
   """
   final = _pool_matrix(len(channels) * pre_dim, dim)
   out = []
-  for j, c in enumerate(channels):
+  for j, (c, (a, b)) in enumerate(zip(channels, _stage_columns(len(channels), pre_dim, dim))):
     length = c * p * p
-    m = (_pool_matrix(length, pre_dim) if length != pre_dim else np.eye(length)) @ \
-        final[j * pre_dim:(j + 1) * pre_dim]                              # [c p^2, dim]
-    cols = np.flatnonzero(np.abs(m).sum(0))
-    a, b = int(cols[0]), int(cols[-1]) + 1
-    kernel = m[:, a:b].reshape(c, p, p, b - a).transpose(1, 2, 0, 3)   # [p, p, c, k]
+    pool = _pool_matrix(length, pre_dim) if length != pre_dim else np.eye(length)
+    m = pool @ final[j * pre_dim:(j + 1) * pre_dim, a:b]                 # [c p^2, k_j]
+    kernel = m.reshape(c, p, p, b - a).transpose(1, 2, 0, 3)           # [p, p, c, k_j]
     out.append((kernel.astype(np.float32), a))
   return out
 
@@ -139,8 +149,9 @@ def _dense_aggregation(taps, layers, p: int, pre_dim: int, dim: int):
 
 
 def dense_aggregation_macs(channels: Sequence[int], p: int, pre_dim: int, dim: int) -> int:
-  """Multiply-adds per position of the folded convolutions."""
-  return sum(int(np.prod(k.shape)) for k, _ in aggregation_kernels(channels, p, pre_dim, dim))
+  """Multiply-adds per position of the folded convolutions (without building them)."""
+  cols = _stage_columns(len(channels), pre_dim, dim)
+  return sum(p * p * int(c) * (b - a) for c, (a, b) in zip(channels, cols))
 
 
 def patch_features(taps: Mapping[str, jax.Array], layers: Sequence[str], p: int, pre_dim: int,

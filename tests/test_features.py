@@ -80,3 +80,13 @@ def test_patch_features_picks_the_folded_convolutions_by_their_size():
   auto = features.patch_features(taps, ('layer2', 'layer3'), 3, 256, 128)
   bins = features.patch_features(taps, ('layer2', 'layer3'), 3, 256, 128, dense=False)
   np.testing.assert_allclose(np.asarray(auto), np.asarray(bins), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('stages,pre_dim,dim', [(2, 16, 12), (2, 16, 13), (3, 10, 7), (2, 7, 5),
+                                                (2, 256, 128), (1, 8, 8)])
+def test_stage_columns_are_the_columns_the_pooling_matrix_reaches(stages, pre_dim, dim):
+  final = features._pool_matrix(stages * pre_dim, dim)
+  for j, (a, b) in enumerate(features._stage_columns(stages, pre_dim, dim)):
+    hit = np.flatnonzero(final[j * pre_dim:(j + 1) * pre_dim].sum(0))
+    assert (a, b) == (hit[0], hit[-1] + 1)
+    assert len(hit) == b - a                     # contiguous
