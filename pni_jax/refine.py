@@ -206,16 +206,12 @@ class Decoder(nn.Module):
 
 def _map_conv(encoder: str, dtype, in_channels: int, name: str | None = None) -> nn.Module:
   """The map's first conv: kernel, stride, padding and channels of the encoder's first conv
-  (input channels from its input: 3 for 'paper', 1 for 'skips'); `backbones.layers.SmallConv`
-  where it is small enough (Lite0), else nn.Conv (same parameters)."""
+  (input channels from its input: 3 for 'paper', 1 for 'skips'); `layers.conv` makes it a
+  `SmallConv` where it is small enough (Lite0), else an nn.Conv (same parameters)."""
   spec = backbones.spec(encoder)
   kernel, padding = _FIRST_CONV[spec.family]
-  if kernel * kernel * in_channels <= backbones.layers.SMALL_CONV_TERMS:
-    return backbones.layers.SmallConv(spec.channels['stem'], kernel, 2, padding, dtype=dtype,
-                                      name=name)
-  return nn.Conv(spec.channels['stem'], (kernel, kernel), strides=(2, 2), padding=padding,
-                 use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=backbones.layers.conv_init, name=name)
+  return backbones.layers.conv(spec.channels['stem'], kernel, stride=2, padding=padding,
+                               dtype=dtype, in_channels=in_channels, name=name)
 
 
 class RefineNet(nn.Module):

@@ -56,10 +56,11 @@ class Pointwise(nn.Module):
     return y
 
 
-def conv(features: int, kernel: int, *, stride: int = 1, padding: int | str = 0,
+def conv(features: int, kernel: int, *, stride: int = 1, padding: Any = 0,
          groups: int = 1, use_bias: bool = False, dtype: Dtype = jnp.float32,
          in_channels: int = 0, name: str | None = None) -> nn.Module:
-  """A square convolution; integer `padding` pads every side by that many pixels (torch).
+  """A square convolution; integer `padding` pads every side by that many pixels (torch), a
+  string is XLA's ('SAME' / 'VALID'), pairs ((top, bottom), (left, right)) are explicit.
   1 x 1 convolutions without padding ('SAME' pads none at 1 x 1) are `Pointwise`; a convolution
   whose `in_channels` (when the caller knows them) make k * k * C_in <= SMALL_CONV_TERMS is
   `SmallConv` (same parameters as nn.Conv)."""
@@ -67,7 +68,7 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: int | str = 0,
     return Pointwise(features, stride, use_bias, dtype, name=name)
   if groups == 1 and 0 < kernel * kernel * in_channels <= SMALL_CONV_TERMS:
     return SmallConv(features, kernel, stride, padding, use_bias, dtype, name=name)
-  pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+  pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=conv_init, name=name)
