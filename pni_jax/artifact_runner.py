@@ -203,9 +203,17 @@ def apply_taps(x: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> np.n
   x = np.asarray(x)
   shape = [1] * x.ndim
   shape[axis] = -1
-  acc = w[:, 0].reshape(shape) * np.take(x, idx[:, 0], axis=axis).astype(np.float32)
+
+  def pixels(k):
+    if np.array_equal(idx[:, k], np.arange(x.shape[axis])):   # an unresized axis: no gather
+      return x.astype(np.float32)
+    return np.take(x, idx[:, k], axis=axis).astype(np.float32)
+
+  acc = w[:, 0].reshape(shape) * pixels(0)
   for k in range(1, idx.shape[1]):
-    acc = acc + w[:, k].reshape(shape) * np.take(x, idx[:, k], axis=axis).astype(np.float32)
+    # A tap whose weights are all 0 adds exact zeros (finite pixels): skipped, same result.
+    if np.any(w[:, k]):
+      acc = acc + w[:, k].reshape(shape) * pixels(k)
   return acc
 
 

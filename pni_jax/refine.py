@@ -162,9 +162,8 @@ class UpBlock(nn.Module):
       x = jnp.concatenate([x, jnp.asarray(skip, x.dtype)], axis=-1)
     x = nn.relu(backbones.layers.Pointwise(self.features, use_bias=True, dtype=self.dtype,
                                            name='conv1x1')(x))
-    return nn.relu(nn.Conv(self.features, (3, 3), padding='SAME', dtype=self.dtype,
-                           param_dtype=jnp.float32, kernel_init=backbones.layers.conv_init,
-                           name='conv3x3')(x))
+    return nn.relu(backbones.layers.Conv(self.features, 3, padding='SAME', use_bias=True,
+                                         dtype=self.dtype, name='conv3x3')(x))
 
 
 def decoder_features(encoder: str, arch: str = 'skips', width: int = 0) -> tuple[int, ...]:

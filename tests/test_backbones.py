@@ -233,6 +233,43 @@ def test_small_conv_matches_nn_conv_values_and_gradients(cin, size, stride, padd
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize('stride,padding,use_bias', [
+    (1, 'SAME', True), (2, 'SAME', False), (1, ((1, 2), (0, 1)), True), (2, 1, True)])
+def test_tap_grad_conv_matches_nn_conv_values_and_gradients(stride, padding, use_bias):
+  # layers.Conv (the refinement decoder's 3 x 3 convolutions): nn.Conv's parameters and forward;
+  # its kernel gradient is summed tap by tap on CPU (conv_tap_grad), equal up to summation order.
+  assert jax.default_backend() == 'cpu'     # the tap branch is the one under test
+  rng = np.random.default_rng(stride * 10 + use_bias)
+  x = jnp.asarray(rng.standard_normal((3, 11, 12, 6)), jnp.float32)
+  conv = layers.Conv(7, 3, stride, padding, use_bias)
+  pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+  ref = nn.Conv(7, (3, 3), strides=(stride, stride), padding=pad, use_bias=use_bias,
+                kernel_init=layers.conv_init)
+  variables = ref.init(jax.random.key(0), x)
+  assert (jax.tree.map(jnp.shape, conv.init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, variables))
+  if use_bias:
+    variables = {'params': dict(variables['params'],
+                                bias=jnp.asarray(rng.standard_normal(7), jnp.float32))}
+  got, want = conv.apply(variables, x), ref.apply(variables, x)
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))   # the same convolution
+  cot = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  grad = lambda m: jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * cot), argnums=(0, 1)))(
+      variables, x)
+  (gv, gx), (rv, rx) = grad(conv), grad(ref)
+  np.testing.assert_array_equal(np.asarray(gx), np.asarray(rx))      # the convolution's own
+  for g, r in zip(jax.tree.leaves(gv), jax.tree.leaves(rv)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4)
+  assert float(jnp.abs(gv['params']['kernel']).max()) > 1.0         # not a vanishing gradient
+  # bfloat16 compute: bfloat16 output and kernel gradient close to float32's.
+  low = layers.Conv(7, 3, stride, padding, use_bias, dtype=jnp.bfloat16)
+  assert low.apply(variables, x).dtype == jnp.bfloat16
+  lv, _ = grad(low)
+  np.testing.assert_allclose(np.asarray(lv['params']['kernel']), np.asarray(rv['params']['kernel']),
+                             rtol=0.05, atol=0.3)
+
+
 def test_conv_picks_small_conv_only_when_the_caller_names_few_input_channels():
   assert isinstance(layers.conv(32, 3, stride=2, padding='SAME', in_channels=3), layers.SmallConv)
   assert isinstance(layers.conv(32, 3, padding=1, in_channels=4), layers.SmallConv)   # 36 terms

@@ -252,6 +252,33 @@ def test_predict_reports_corrupt_files_and_returns_masks_at_original_size(run, t
     predict.run(str(workdir), str(folder), category='bottle')
 
 
+def test_predict_write_failure_names_the_file_and_stops(run, tmp_path, monkeypatch):
+  # Masks and overlays are written on threads; a failing write (here: a full disk for the
+  # second image's overlay) stops the run with an error that names the file.
+  import errno
+  from PIL import Image
+  from pni_jax import fileio, predict
+  cfg, workdir, _ = run
+  test = data_lib.load_split(cfg.data, 'tokens', 'test')
+  folder = tmp_path / 'inbox'
+  folder.mkdir()
+  for k, path in enumerate(test.paths[:3]):
+    Image.open(path).save(folder / f'img{k}.png')
+  real = fileio.atomic_write_bytes
+
+  def write(path, data):
+    if pathlib.Path(path).name == 'img1_overlay.png':
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    real(path, data)
+
+  monkeypatch.setattr(fileio, 'atomic_write_bytes', write)
+  out = tmp_path / 'out'
+  with pytest.raises(OSError, match=r'cannot write .*img1_overlay\.png: .*No space left'):
+    predict.run(str(workdir), str(folder), category='tokens', out=str(out))
+  assert not (out / 'predictions.csv').exists()
+  assert (out / 'img0_mask.png').is_file() and not (out / 'img1_overlay.png').exists()
+
+
 def test_ensemble_of_identical_members_equals_the_single_member(run, tmp_path):
   cfg, workdir, _ = run
   single = json.loads((workdir / 'weave' / 'eval' / '+N+P.json').read_text())['metrics']

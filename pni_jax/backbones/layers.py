@@ -27,14 +27,47 @@ DEFAULT_TAPS = ('layer2', 'layer3')
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+def _flat(a: jnp.ndarray) -> jnp.ndarray:
+  return a.reshape(-1, a.shape[-1])
+
+
+@jax.custom_vjp
+def pointwise(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """x [..., C] @ w [C, F] -> [..., F] (the product over the channels of a 1 x 1 convolution).
+
+  The VJP is written out: input gradient g @ w^T; kernel gradient x^T g as one dot_general
+  contracting the flattened leading axes of both. The numbers are autodiff's; what changes is
+  the graph XLA:CPU sees. With the autodiff's VJP, layout assignment inside a whole training
+  step stored the cotangent transposed ([F, B*H*W], a strided copy written by the fusion that
+  produces it) and ran the kernel gradient as a slow non-YNN dot: in the refinement's train
+  step (Lite0, 128 px, batch 8) 66 transposing copies took 42 ms and 41 such dots 27 ms of ~340.
+  Written out, the copies fall to 30 (9 ms) and the step is ~15 % faster (see refine's README
+  section).
+  """
+  return jnp.dot(x, w)
+
+
+def _pointwise_fwd(x, w):
+  return jnp.dot(x, w), (x, w)
+
+
+def _pointwise_bwd(residuals, g):
+  x, w = residuals
+  dw = jax.lax.dot_general(_flat(x), _flat(g), (((0,), (0,)), ((), ())))
+  return jnp.dot(g, w.T), dw.astype(w.dtype)
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
 class Pointwise(nn.Module):
   """A 1 x 1 convolution (stride s, no padding) as a matrix product over the channels.
 
   Same parameters as `nn.Conv(features, (1, 1))` ('kernel' [1, 1, C_in, C_out], 'bias'
   [C_out]), same values up to summation order: x[:, ::s, ::s] @ kernel. XLA:CPU runs a 1 x 1
   `conv_general_dilated` about 2x slower than the same product written as a dot (measured:
-  8 x 64 x 64 x 144 -> 24, 4.0 ms vs 1.4 ms), and the backward pass is two more dots; on GPU
-  both lower to the same GEMM.
+  8 x 64 x 64 x 144 -> 24, 4.0 ms vs 1.4 ms), and the backward pass is two more dots
+  (`pointwise`); on GPU both lower to the same GEMM.
   """
   features: int
   stride: int = 1
@@ -49,7 +82,7 @@ class Pointwise(nn.Module):
                         jnp.float32)
     if self.stride > 1:
       x = x[:, ::self.stride, ::self.stride]
-    y = jnp.dot(jnp.asarray(x, self.dtype), jnp.asarray(kernel[0, 0], self.dtype))
+    y = pointwise(jnp.asarray(x, self.dtype), jnp.asarray(kernel[0, 0], self.dtype))
     if self.use_bias:
       y = y + jnp.asarray(self.param('bias', self.bias_init, (self.features,), jnp.float32),
                           self.dtype)
@@ -254,11 +287,54 @@ def _small_conv_bwd(stride, pads, residuals, g):
 small_conv.defvjp(_small_conv_fwd, _small_conv_bwd)
 
 
-class SmallConv(nn.Module):
-  """nn.Conv (square kernel, no groups) computed by `small_conv`: for k * k * C_in <=
-  SMALL_CONV_TERMS, e.g. EfficientNet-Lite0's RGB stem. Parameters 'kernel' [k, k, C_in, F]
-  and optional 'bias' [F], as nn.Conv's. Accumulates in float32 whatever the compute dtype
-  (inputs and kernel rounded to it first), output in the compute dtype."""
+def _tap_kernel_grad(x: jnp.ndarray, g: jnp.ndarray, k: int, stride: int, pads) -> jnp.ndarray:
+  """Kernel gradient of a k x k convolution, one dot per tap: dw[dy, dx] = window(dy, dx)^T g,
+  contracting batch and positions. x [B, H, W, C], g [B, H', W', F] -> [k, k, C, F]."""
+  (top, bottom), (left, right) = pads
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  g2 = _flat(g)
+  taps = [jax.lax.dot_general(_flat(_window(xp, dy, dx, g.shape[1:3], stride)), g2,
+                              (((0,), (0,)), ((), ())))
+          for dy in range(k) for dx in range(k)]
+  return jnp.stack(taps).reshape(k, k, x.shape[-1], g.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_tap_grad(x: jnp.ndarray, w: jnp.ndarray, stride: int, pads) -> jnp.ndarray:
+  """`lax.conv_general_dilated` (NHWC, HWIO, explicit `pads`) whose kernel gradient, on CPU,
+  is k * k dots (`_tap_kernel_grad`) instead of XLA's convolution-shaped one.
+
+  The forward and the input gradient are the convolution's own. On CPU, XLA's kernel gradient
+  of a narrow convolution is slow (YNNPACK; measured, 8 x 64 x 64 x 20 -> 20, 3 x 3: 16.8 ms,
+  per-tap dots 6.9 ms; 40 channels at 32 x 32: 6.2 vs 3.6; 80 at 16 x 16: 3.1 vs 2.1; 160 at
+  8 x 8: 3.0 vs 1.8); other platforms keep the convolution's (cuDNN's) kernel gradient.
+  Same numbers up to summation order.
+  """
+  return _lax_conv(x, w, stride, pads)
+
+
+def _conv_tap_grad_fwd(x, w, stride, pads):
+  return _lax_conv(x, w, stride, pads), (x, w)
+
+
+def _conv_tap_grad_bwd(stride, pads, residuals, g):
+  x, w = residuals
+  _, vjp = jax.vjp(lambda x, w: _lax_conv(x, w, stride, pads), x, w)
+  k = w.shape[0]
+  dw = jax.lax.platform_dependent(
+      x, g, cpu=lambda x, g: _tap_kernel_grad(x, g, k, stride, pads).astype(w.dtype),
+      default=lambda x, g: vjp(g)[1])
+  return vjp(g)[0], dw
+
+
+conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
+
+
+class Conv(nn.Module):
+  """nn.Conv (square kernel, no groups) whose kernel gradient is `conv_tap_grad`'s: same
+  parameters ('kernel' [k, k, C_in, F], optional 'bias' [F], float32), same forward (the inputs
+  and kernel cast to the compute dtype, one `lax.conv_general_dilated`). For the narrow
+  convolutions of training (the refinement decoder's 3 x 3 convolutions)."""
   features: int
   kernel_size: int
   stride: int = 1
@@ -268,17 +344,31 @@ class SmallConv(nn.Module):
   kernel_init: Any = conv_init
   bias_init: Any = nn.initializers.zeros
 
+  def convolve(self, x: jnp.ndarray, kernel: jnp.ndarray, pads) -> jnp.ndarray:
+    return conv_tap_grad(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), self.stride,
+                         pads)
+
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
-    pads = _conv_pads(x.shape, k, self.stride, self.padding)
-    f32 = lambda a: jnp.asarray(jnp.asarray(a, self.dtype), jnp.float32)
-    y = small_conv(f32(x), f32(kernel), self.stride, pads)
+    y = self.convolve(x, kernel, _conv_pads(x.shape, k, self.stride, self.padding))
     if self.use_bias:
-      y = y + f32(self.param('bias', self.bias_init, (self.features,), jnp.float32))
+      bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+      y = y + jnp.asarray(jnp.asarray(bias, self.dtype), y.dtype)
     return jnp.asarray(y, self.dtype)
+
+
+class SmallConv(Conv):
+  """nn.Conv (square kernel, no groups) computed by `small_conv`: for k * k * C_in <=
+  SMALL_CONV_TERMS, e.g. EfficientNet-Lite0's RGB stem. Parameters 'kernel' [k, k, C_in, F]
+  and optional 'bias' [F], as nn.Conv's. Accumulates in float32 whatever the compute dtype
+  (inputs and kernel rounded to it first), output in the compute dtype."""
+
+  def convolve(self, x: jnp.ndarray, kernel: jnp.ndarray, pads) -> jnp.ndarray:
+    f32 = lambda a: jnp.asarray(jnp.asarray(a, self.dtype), jnp.float32)
+    return small_conv(f32(x), f32(kernel), self.stride, pads)
 
 
 def batch_norm(*, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
