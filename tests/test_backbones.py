@@ -270,6 +270,47 @@ def test_tap_grad_conv_matches_nn_conv_values_and_gradients(stride, padding, use
                              rtol=0.05, atol=0.3)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax_values_statistics_and_gradients(dtype):
+  # layers.BatchNorm: flax's variables, running-average update and outputs (both modes, exact),
+  # with the training-mode VJP written out (batch_norm_train): gradients equal up to rounding.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((4, 6, 7, 5)) * 3 + 1, dtype)
+  ref = nn.BatchNorm(momentum=0.9, epsilon=1e-3, dtype=dtype, param_dtype=jnp.float32)
+  ours = layers.batch_norm(epsilon=1e-3, dtype=dtype)
+  assert isinstance(ours, layers.BatchNorm)
+  shapes = lambda m: jax.tree.map(jnp.shape, m.init(jax.random.key(0), x,
+                                                     use_running_average=False))
+  assert shapes(ours) == shapes(ref)
+  variables = {'params': {'scale': jnp.asarray(rng.random(5) + 0.5, jnp.float32),
+                          'bias': jnp.asarray(rng.random(5), jnp.float32)},
+               'batch_stats': {'mean': jnp.asarray(rng.random(5), jnp.float32),
+                               'var': jnp.asarray(rng.random(5) + 0.5, jnp.float32)}}
+  for running in (True, False):
+    (got, got_stats), (want, want_stats) = [
+        m.apply(variables, x, use_running_average=running, mutable=['batch_stats'])
+        for m in (ours, ref)]
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    for g, r in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+  cot = jnp.asarray(rng.standard_normal(x.shape), dtype)
+
+  def grads(m):
+    def loss(params, x):
+      y, _ = m.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                     use_running_average=False, mutable=['batch_stats'])
+      return jnp.sum(jnp.asarray(y, jnp.float32) * jnp.asarray(cot, jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
+
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  got, want = grads(ours), grads(ref)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+    assert np.abs(r).max() > 0.1
+    np.testing.assert_allclose(g, r, rtol=tol, atol=tol * np.abs(r).max())
+
+
 def test_conv_picks_small_conv_only_when_the_caller_names_few_input_channels():
   assert isinstance(layers.conv(32, 3, stride=2, padding='SAME', in_channels=3), layers.SmallConv)
   assert isinstance(layers.conv(32, 3, padding=1, in_channels=4), layers.SmallConv)   # 36 terms

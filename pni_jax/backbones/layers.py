@@ -371,14 +371,85 @@ class SmallConv(Conv):
     return small_conv(f32(x), f32(kernel), self.stride, pads)
 
 
+def _channel_sum(a: jnp.ndarray) -> jnp.ndarray:
+  return jnp.sum(a, axis=tuple(range(a.ndim - 1)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: float):
+  """Training-mode batch normalisation over all axes but the last: x [..., C] (any float dtype),
+  scale and bias [C] float32 -> (y [..., C] in x's dtype, batch mean [C], batch variance [C];
+  float32 statistics, variance E[x^2] - E[x]^2 clipped at 0, as flax's BatchNorm).
+
+  The VJP is written out: with xhat = (x - mean) * rstd and sums over the batch and positions,
+  d bias = sum g, d scale = sum g * xhat, dx = scale * rstd * (g - (d bias + xhat * d scale) / n).
+  The statistics outputs are for the running averages: their cotangents are ignored.
+  """
+  return _bn_forward(x, scale, bias, epsilon)[0]
+
+
+def _bn_forward(x, scale, bias, epsilon):
+  xf = jnp.asarray(x, jnp.float32)
+  n = xf.size // xf.shape[-1]
+  mean = _channel_sum(xf) / n
+  var = jnp.maximum(_channel_sum(xf * xf) / n - mean * mean, 0.0)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = jnp.asarray((xf - mean) * (rstd * scale) + bias, x.dtype)
+  return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+  return _bn_forward(x, scale, bias, epsilon)
+
+
+def _bn_bwd(epsilon, residuals, cotangents):
+  x, mean, rstd, scale = residuals
+  g = jnp.asarray(cotangents[0], jnp.float32)
+  xhat = (jnp.asarray(x, jnp.float32) - mean) * rstd
+  n = g.size // g.shape[-1]
+  d_bias = _channel_sum(g)
+  d_scale = _channel_sum(g * xhat)
+  dx = (scale * rstd) * (g - (d_bias + xhat * d_scale) / n)
+  return jnp.asarray(dx, x.dtype), d_scale, d_bias
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+class BatchNorm(nn.Module):
+  """flax's nn.BatchNorm over the channel axis (same variables: params 'scale' / 'bias',
+  batch_stats 'mean' / 'var'; same running-average update and normalisation) with the
+  training-mode VJP of `batch_norm_train`."""
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, use_running_average: bool) -> jnp.ndarray:
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    if use_running_average:
+      y = (jnp.asarray(x, jnp.float32) - ra_mean.value) * (
+          jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+      return jnp.asarray(y, self.dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return jnp.asarray(y, self.dtype)
+
+
 def batch_norm(*, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
-               name: str | None = None) -> nn.BatchNorm:
+               name: str | None = None) -> BatchNorm:
   """BatchNorm over the channel axis; pass `use_running_average=not train` when calling.
 
   torch's momentum 0.1 (weight of the new batch) is flax's momentum 0.9.
   """
-  return nn.BatchNorm(momentum=0.9, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+  return BatchNorm(momentum=0.9, epsilon=epsilon, dtype=dtype, name=name)
 
 
 def max_pool_torch(x: jnp.ndarray, window: int = 3, stride: int = 2,
