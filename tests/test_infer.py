@@ -37,6 +37,11 @@ def test_mlp_as_convolution_equals_gathered_windows(window, chunk):
   want = neighborhood.neighbor_logits(variables, feats, window, 64)
   got = jax.jit(lambda v, f: infer.mlp_logits(v, f, window=window, chunk=chunk))(variables, feats)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # The folded form the scorers are given (`scoring_arrays`): no BatchNorm left, same logits.
+  folded = infer.fold_mlp(variables)
+  assert not any('BatchNorm' in k for k in folded['params']) and 'batch_stats' not in folded
+  again = infer.mlp_logits(folded, feats, window=window, chunk=chunk)
+  np.testing.assert_allclose(np.asarray(again), np.asarray(got), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match='MLP expects'):
     infer.mlp_logits(variables, feats[..., :5], window=window)
 
@@ -259,3 +264,17 @@ def test_mlp_precision_setting_and_bfloat16_logits_stay_close():
   err = float(jnp.abs(bf16 - f32).max())
   assert 0 < err <= 0.05 * scale, (err, scale)
   assert float(jnp.mean(jnp.argmax(bf16, -1) == jnp.argmax(f32, -1))) >= 0.9
+  # The bfloat16 window copies are made as 32-bit words when d is even; with one zero channel
+  # more (odd d, copied as 16-bit values) and zero weights for it, the logits are the same.
+  taps = variables['params']['Dense_0']['kernel'].reshape(window ** 2 - 1, d, -1)
+  wide = jax.tree.map(lambda x: x, variables)
+  wide['params']['Dense_0']['kernel'] = jnp.concatenate(
+      [taps, jnp.zeros_like(taps[:, :1])], axis=1).reshape((window ** 2 - 1) * (d + 1), -1)
+  odd = infer.mlp_logits(wide, jnp.pad(feats, ((0, 0), (0, 0), (0, 0), (0, 1))), window=window,
+                         dilation=2, dtype='bfloat16')
+  np.testing.assert_allclose(np.asarray(odd), np.asarray(bf16), rtol=0, atol=1e-5 * scale)
+  # The folded form in bfloat16 (what `scoring_arrays` uploads for a bfloat16 MLP).
+  folded = infer.fold_mlp(variables, dtype='bfloat16')
+  assert folded['params']['Dense_0']['kernel'].dtype == jnp.bfloat16
+  again = infer.mlp_logits(folded, feats, window=window, dilation=2, dtype='bfloat16')
+  np.testing.assert_allclose(np.asarray(again), np.asarray(bf16), rtol=0, atol=1e-6 * scale)
