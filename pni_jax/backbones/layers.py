@@ -398,10 +398,6 @@ def _bn_forward(x, scale, bias, epsilon):
   return (y, mean, var), (x, mean, rstd, scale)
 
 
-def _bn_fwd(x, scale, bias, epsilon):
-  return _bn_forward(x, scale, bias, epsilon)
-
-
 def _bn_bwd(epsilon, residuals, cotangents):
   x, mean, rstd, scale = residuals
   g = jnp.asarray(cotangents[0], jnp.float32)
@@ -413,7 +409,7 @@ def _bn_bwd(epsilon, residuals, cotangents):
   return jnp.asarray(dx, x.dtype), d_scale, d_bias
 
 
-batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+batch_norm_train.defvjp(_bn_forward, _bn_bwd)
 
 
 class BatchNorm(nn.Module):
