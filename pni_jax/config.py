@@ -181,6 +181,12 @@ def base_config() -> ml_collections.ConfigDict:
   rt.compilation_cache = True     # JAX's persistent compilation cache (compiles paid once)
   rt.compilation_cache_dir = ''   # '' = $XDG_CACHE_HOME/pni_jax/xla (~/.cache/pni_jax/xla)
   rt.shape_buckets = True         # pad data-dependent sizes (training images) to shared buckets
+  rt.run_bucket = True            # with shape_buckets: one bucket for the whole run (every category
+                                  # padded to the largest training set's), so a batch job compiles
+                                  # each function once; False: each category its own bucket
+  rt.min_train_images = 0         # with shape_buckets: compile the fitting and scoring functions for
+                                  # at least this many training images (set by the run from
+                                  # run_bucket; 0: the category's own bucket)
 
   c.memory = mem = ml_collections.ConfigDict()
   mem.feature_cap_mb = 4096.0  # host memory for stored patch features before spilling to disk

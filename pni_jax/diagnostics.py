@@ -100,7 +100,8 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
 
   Args:
     feats: [B, h, w, d] patch features of test images.
-    masks: [B, h, w] bool, defective patches (`patch_masks`).
+    masks: [n, h, w] bool, defective patches (`patch_masks`) of the first n <= B images; the
+      other rows of feats / p_nb (a batch padded to one shape) are left out.
     arrays: model arrays with 'c_emb' [K_emb, d] and 'emb_to_dist' [K_emb] int32 (optionally
       padded, with 'emb_valid': `infer.pad_bank`).
     p_nb: [B, h, w, K_dist] p(c_dist | neighbourhood) or None.
@@ -130,9 +131,10 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
     raise ValueError(f'feats must be [B, h, w, d], got shape {feats.shape}')
   b, h, w, d = feats.shape
   masks = np.asarray(masks, bool)
-  if masks.shape != (b, h, w):
-    raise ValueError(f'masks must be [B, h, w] = {(b, h, w)} (patch resolution), got '
-                     f'{masks.shape}')
+  if masks.ndim != 3 or masks.shape[1:] != (h, w) or masks.shape[0] > b:
+    raise ValueError(f'masks must be [n, h, w] with n <= B, (B, h, w) = {(b, h, w)} (patch '
+                     f'resolution), got {masks.shape}')
+  n = masks.shape[0]
   p_pos = None if p_pos is None else jnp.asarray(p_pos)
   per_patch = _per_patch(feats, jnp.asarray(arrays['c_emb']), jnp.asarray(arrays['emb_to_dist']),
                          arrays.get('emb_valid'), None if p_nb is None else jnp.asarray(p_nb),
@@ -143,7 +145,7 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
   defect = masks.reshape(-1)
   out = {'n_normal': float((~defect).sum()), 'n_defect': float(defect.sum())}
   for key, values in per_patch.items():
-    v = np.asarray(values, np.float64)
+    v = np.asarray(values, np.float64).reshape(b, -1)[:n].reshape(-1)
     for group, sel in (('normal', ~defect), ('defect', defect)):
       out[f'{group}/{key}'] = float(v[sel].mean()) if sel.any() else float('nan')
   return out

@@ -285,11 +285,9 @@ def prior_diagnostics(cfg, category: str, extractor: infer.Extractor,
   priors_arrays = {k: arrays[k] for k in ('mlp', 'position')}   # compiled whatever |C_emb|
   parts = []
   for batch in data_lib.batches(split, cfg.data, with_masks=True):
-    b = batch['image'].shape[0]
-    _, feats = extractor.features(np.asarray(batch['image'], np.float32))
+    # Full batches (the last one padded): one shape for every split of the run.
+    _, feats = extractor.features(np.asarray(batch['image'], np.float32), full_batch=True)
     p_nb, p_pos = _priors(priors_arrays, feats, hp, spec)
-    feats = feats[:b]
-    p_nb = None if p_nb is None else p_nb[:b]
     p_pos = None if p_pos is None else p_pos[0]              # [h, w, K], the same for every image
     masks = diagnostics.patch_masks(np.asarray(batch['mask']) > 0.5, feats.shape[1:3])
     parts.append(diagnostics.prior_diagnostics(feats, masks, arrays, p_nb, p_pos, **kw))

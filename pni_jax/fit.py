@@ -166,10 +166,12 @@ def nearest_codes(store: FeatureStore, c_dist: np.ndarray, *, images_per_chunk: 
 
 
 def shape_bucket(cfg, num_images: int) -> int:
-  """The number of training images the fitting functions are compiled for: `num_images`
-  rounded up to its `sharding.bucket_size` (runtime.shape_buckets), so that categories of
-  different sizes share compilations; padded rows never change a result."""
-  return sharding.bucket_size(num_images) if cfg.runtime.shape_buckets else int(num_images)
+  """The number of training images the fitting functions are compiled for: `num_images` (at
+  least runtime.min_train_images) rounded up to its `sharding.bucket_size`
+  (runtime.shape_buckets), so that categories of different sizes share compilations; padded
+  rows never change a result."""
+  rt = cfg.runtime
+  return sharding.images_bucket(num_images, rt.get('min_train_images', 0), rt.shape_buckets)
 
 
 def base_settings(cfg) -> dict:
@@ -426,14 +428,14 @@ def train_refinement(cfg, category: str, cat_dir: pathlib.Path,
     logging.info('[%s] refinement: %d normal images, %d iterations of batch %d at %d px (%s), '
                  'A_hat from %s', category, images.shape[0], int(r.iterations),
                  int(r.batch_size), int(r.input_size), r.encoder, what)
+    bucket = shape_bucket(cfg, images.shape[0])
     variables, stats, history = refine.train_refiner(
         images, amap_fn, r, key, ckpt_dir=str(pathlib.Path(ckpt_dir).absolute()),
-        log_fn=lambda msg: logging.info('[%s] %s', category, msg),
-        pad_images_to=shape_bucket(cfg, images.shape[0]))
+        log_fn=lambda msg: logging.info('[%s] %s', category, msg), pad_images_to=bucket)
     variables = jax.tree.map(np.asarray, variables)
     refine.save_training_figure(cat_dir / 'figures' / 'refine_samples.png',
                                 jax.random.fold_in(key, 1), images, amap_fn, variables, stats, r,
-                                num_samples=4)
+                                num_samples=4, pad_images_to=bucket)
     del images
   return variables, stats, {k: v for k, v in config_lib.to_plain(history).items()
                             if k in ('pool_size', 'num_images', 'total_seconds')}

@@ -335,9 +335,9 @@ def bank_counts(arrays: dict, num_dist: int):
 
 def bank_rows(cfg, fitted: model_lib.PNIModel) -> int:
   """Rows C_emb is padded to for scoring (runtime.shape_buckets; else K_emb itself): the coreset
-  size of the fit's training-image bucket (`sharding.bucket_size` of meta num_train, as
-  `fit.shape_bucket`), so that every category of one image bucket shares the scorer; a model
-  without that metadata gets the bucket of K_emb."""
+  size of the fit's training-image bucket (`sharding.images_bucket` of meta num_train and
+  runtime.min_train_images, as `fit.shape_bucket`), so that every category of one image bucket
+  shares the scorer; a model without that metadata gets the bucket of K_emb."""
   k = int(np.shape(fitted.c_emb)[0])
   if not _buckets_on(cfg):
     return k
@@ -345,7 +345,9 @@ def bank_rows(cfg, fitted: model_lib.PNIModel) -> int:
   try:
     h, w = (int(v) for v in meta['grid'])
     ratio = float(meta['base_config']['coreset']['ratio'])
-    capacity = coreset.coreset_size(sharding.bucket_size(int(meta['num_train'])) * h * w, ratio)
+    images = sharding.images_bucket(int(meta['num_train']),
+                                    cfg.runtime.get('min_train_images', 0))
+    capacity = coreset.coreset_size(images * h * w, ratio)
   except (KeyError, TypeError, ValueError):
     capacity = 0
   return capacity if capacity >= k else sharding.bucket_size(k)
@@ -572,11 +574,12 @@ class Extractor:
       self.scorers[key] = lambda arrays, images01: maps(self.variables, arrays, images01)
     return self.scorers[key]
 
-  def features(self, images: np.ndarray):
+  def features(self, images: np.ndarray, full_batch: bool = False):
     """Host images [b, S, S, 3] -> (device images [n, ...], features [n, h, w, d]) at the
-    bucket n >= b (padding repeats the last image)."""
+    bucket n >= b, or at the batch size with `full_batch` (padding repeats the last image)."""
     b = images.shape[0]
-    n = bucket_size(b, self.batch_size, sharding.num_shards(self.mesh))
+    n = (self.batch_size if full_batch
+         else bucket_size(b, self.batch_size, sharding.num_shards(self.mesh)))
     if b > n:
       raise ValueError(f'{b} images exceed the batch size {self.batch_size}')
     images_dev = sharding.shard_rows(sharding.pad_rows(images, n)[0], self.mesh)
@@ -610,12 +613,14 @@ class ModelRuntime:
     self.hparams = sharding.replicate(hp, mesh)
     self.scorers = {v.name: extractor.scorer(cfg, v) for v in self.variants}
 
-  def score(self, images: np.ndarray, keys=('maps', 'image', 'allowed')) -> dict[str, dict]:
+  def score(self, images: np.ndarray, keys=('maps', 'image', 'allowed'),
+            full_batch: bool = False) -> dict[str, dict]:
     """images [b, S, S, 3] float32 in [0, 1] (b <= batch size) -> {variant name: {key: numpy
-    array cut to b}}."""
+    array cut to b}}. Runs at the smallest batch bucket >= b (`bucket_size`: a request of one
+    image costs a batch of one), or at the full batch size with `full_batch`."""
     images = np.asarray(images, np.float32)
     b = images.shape[0]
-    images_dev, feats = self.extractor.features(images)
+    images_dev, feats = self.extractor.features(images, full_batch)
     outs = {}
     for v in self.variants:
       out = self.scorers[v.name](self.arrays, feats, images_dev, self.hparams)
@@ -623,9 +628,14 @@ class ModelRuntime:
     return outs
 
   def score_batches(self, batches) -> Iterator[tuple[dict, dict]]:
-    """Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])})."""
+    """Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])}).
+
+    Every batch runs at the full batch size: the held-out and test splits of a batch job's
+    categories end in partial batches of any size, and one shape means one compilation for the
+    whole run (padding a last batch costs at most batch - 1 images once per split; a new batch
+    bucket costs a compile of the backbone and the scorer)."""
     for batch in batches:
-      yield batch, self.score(batch['image'])
+      yield batch, self.score(batch['image'], full_batch=True)
 
 
 def score_batches(cfg, extractor: Extractor, fitted: model_lib.PNIModel,

@@ -35,6 +35,7 @@ from pni_jax import fit
 from pni_jax import infer
 from pni_jax import logs
 from pni_jax import report
+from pni_jax import sharding
 
 
 # ----------------------------------------------------------------------------- run
@@ -64,6 +65,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
   fileio.atomic_write_json(workdir / 'config.json', config_lib.to_plain(cfg))
   categories = data_lib.list_categories(cfg.data)
   logging.info('categories: %s', ', '.join(categories))
+  cfg = run_bucket(cfg, categories)
   variants = evaluate.variants_to_evaluate(cfg)
   needed = infer.Variant(any(v.neighborhood for v in variants), any(v.position for v in variants),
                          any(v.refinement for v in variants))
@@ -111,6 +113,32 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
   writer.flush()
   logging.info('summary (%s):\n%s', workdir, logs.table(summary, SUMMARY_COLUMNS))
   return main_results
+
+
+def run_bucket(cfg, categories: list[str]) -> ml_collections.ConfigDict:
+  """With runtime.shape_buckets and runtime.run_bucket: `cfg` with runtime.min_train_images set
+  to the largest training set of the run (after the hold-out split), so that every category
+  is compiled for one shape bucket and a batch job compiles each function once. Unchanged
+  otherwise (or when min_train_images is already larger)."""
+  rt = cfg.runtime
+  if not (rt.shape_buckets and rt.get('run_bucket', False)) or not categories:
+    return cfg
+  counts = {}
+  for category in categories:
+    split = data_lib.load_split(cfg.data, category, 'train', check_files=False)
+    train, _ = data_lib.train_holdout(split, float(cfg.data.holdout_fraction), int(cfg.seed))
+    counts[category] = len(train.paths)
+  largest = max(counts, key=counts.get)
+  if counts[largest] <= int(rt.get('min_train_images', 0)):
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.runtime.min_train_images = counts[largest]
+  if len(set(counts.values())) > 1:
+    logging.info('one shape bucket for the run: every category compiled for %d training images '
+                 '(the largest, %s; runtime.run_bucket=False: a bucket per category)',
+                 sharding.images_bucket(counts[largest]), largest)
+  return cfg
 
 
 SUMMARY_METRICS = ('image_auroc', 'pixel_auroc', 'aupro', 'pixel_f1_max')

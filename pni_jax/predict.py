@@ -148,6 +148,11 @@ class Predictor:
     self.resize, self.crop = int(cfg.data.resize), int(cfg.data.crop)
     # Models fitted before data.resize_mode existed used the short side.
     self.mode = str(cfg.data.get('resize_mode', data_lib.LEGACY_RESIZE_MODE))
+    with cfg.unlocked():
+      # The fitting run's shared shape bucket (pipeline.run_bucket) only saved compiles across
+      # its categories; one category scores with C_emb padded to its own bucket.
+      if 'runtime' in cfg:
+        cfg.runtime.min_train_images = 0
     extractor = infer.make_extractor(cfg)
     self.batch_size = extractor.batch_size
     self.runtime = infer.ModelRuntime(cfg, extractor, fitted, [self.variant])

@@ -829,12 +829,14 @@ def _amap(amap_fn: Callable, images: jax.Array) -> jax.Array:
 
 def synthetic_samples(key: jax.Array, normal_images, amap_fn: Callable, batch_size: int = 8,
                       textures: np.ndarray | None = None,
-                      texture_source: str = 'procedural') -> dict[str, np.ndarray]:
+                      texture_source: str = 'procedural',
+                      pad_images_to: int = 0) -> dict[str, np.ndarray]:
   """A batch of synthetic training samples (e.g. for `save_refine_samples`): {'image' [B, S, S, 3],
-  'amap' raw A_hat [B, S, S], 'mask' [B, S, S]} numpy float32; batch_size divisible by 4."""
+  'amap' raw A_hat [B, S, S], 'mask' [B, S, S]} numpy float32; batch_size divisible by 4.
+  pad_images_to: as `train_refiner`'s (0: the shape bucket of N)."""
   src = ImageSource(normal_images, textures, texture_source, batch_size, 1,
                     sharding.make_mesh(jax.devices()[:1]),
-                    pad_images_to=sharding.bucket_size(np.shape(normal_images)[0]))
+                    pad_images_to=pad_images_to or sharding.bucket_size(np.shape(normal_images)[0]))
   try:
     image, mask = src.sample(key, 0)
     raw = _amap(amap_fn, image)
@@ -1104,11 +1106,12 @@ def save_refine_samples(path: str | os.PathLike, images: np.ndarray, masks: np.n
 def save_training_figure(path: str | os.PathLike, key: jax.Array, normal_images,
                          amap_fn: Callable, variables, stats: Mapping[str, float],
                          cfg_refine, textures: np.ndarray | None = None,
-                         num_samples: int | None = None) -> None:
+                         num_samples: int | None = None, pad_images_to: int = 0) -> None:
   """Synthesises one batch (cfg_refine.batch_size, like training; no augmentation), refines it
-  with the trained network and writes `save_refine_samples` (at most `num_samples` rows)."""
+  with the trained network and writes `save_refine_samples` (at most `num_samples` rows).
+  pad_images_to: as `train_refiner`'s (the same value reuses its compiled sampling)."""
   samples = synthetic_samples(key, normal_images, amap_fn, int(cfg_refine.batch_size), textures,
-                              _get(cfg_refine, 'texture_source'))
+                              _get(cfg_refine, 'texture_source'), pad_images_to)
   a = normalize_map(samples['amap'], stats['lo'], stats['hi'])
   refined = refine_maps(variables, jnp.asarray(samples['image']), a, int(cfg_refine.input_size),
                         str(cfg_refine.encoder), str(cfg_refine.loss))

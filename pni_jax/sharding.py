@@ -95,6 +95,18 @@ def bucket_size(n: int, multiple: int = 1) -> int:
   return padded_size(size, multiple)
 
 
+def images_bucket(n: int, at_least: int = 0, enabled: bool = True) -> int:
+  """The number of training images a category's fitting functions are compiled for:
+  `bucket_size(max(n, at_least))`, or n itself when not `enabled` (runtime.shape_buckets).
+
+  `at_least` (runtime.min_train_images) is the largest training set of the run when
+  runtime.run_bucket is on, so every category of a batch job lands in one bucket and each
+  function compiles once; padded rows never change a result.
+  """
+  n = int(n)
+  return bucket_size(max(n, int(at_least))) if enabled else n
+
+
 def pad_rows(x, multiple: int, *, mode: str = 'edge', to: int = 0):
   """Pads the leading axis of `x` (numpy or jax) to `padded_size(max(len(x), to), multiple)`.
 

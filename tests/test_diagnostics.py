@@ -69,6 +69,15 @@ def test_diagnostics_without_a_prior_and_merge_equals_one_pass():
   assert merged.keys() == whole.keys()
   for k in whole:
     assert merged[k] == pytest.approx(whole[k], abs=1e-6), k
+  # A batch padded to one shape (evaluation runs full batches): masks of the first n images
+  # only; the padded rows, here the last image repeated, are left out.
+  pad = lambda x: jnp.concatenate([x, x[-1:], x[-1:]])
+  padded = diagnostics.prior_diagnostics(pad(feats[:2]), masks[:2], arrays, pad(p_nb[:2]),
+                                         p_pos, tau=0.05)
+  first_two = diagnostics.merge_diagnostics(parts[:2])
+  assert padded.keys() == first_two.keys()
+  for k in first_two:
+    assert padded[k] == pytest.approx(first_two[k], abs=1e-6, nan_ok=True), k
 
 
 def test_patch_masks_and_errors():
@@ -82,5 +91,7 @@ def test_patch_masks_and_errors():
   feats, masks, arrays, p_nb, _ = _problem()
   with pytest.raises(ValueError, match='patch resolution'):
     diagnostics.prior_diagnostics(feats, masks[:, :2], arrays, p_nb, None, tau=0.1)
+  with pytest.raises(ValueError, match='n <= B'):
+    diagnostics.prior_diagnostics(feats[:1], masks, arrays, p_nb[:1], None, tau=0.1)
   with pytest.raises(ValueError, match='at least one'):
     diagnostics.merge_diagnostics([])

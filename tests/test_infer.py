@@ -202,6 +202,10 @@ def test_bank_rows_follow_the_training_image_bucket():
         c_emb=np.zeros((k, 4), np.float32), emb_to_dist=np.zeros(k, np.int32),
         meta={'num_train': n, 'grid': [8, 8], 'base_config': {'coreset': {'ratio': 0.01}}})
   assert [infer.bank_rows(cfg, fitted(n)) for n in (33, 40, 41)] == [26, 26, 31]
+  # A run's shared bucket (runtime.min_train_images, pipeline.run_bucket): 33 images are then
+  # scored like the run's largest training set (41 images: bucket 48).
+  run_cfg = ml_collections.ConfigDict({'runtime': {'shape_buckets': True, 'min_train_images': 41}})
+  assert [infer.bank_rows(run_cfg, fitted(n)) for n in (33, 41)] == [31, 31]
   arrays = infer.scoring_arrays(cfg, fitted(33))
   assert arrays['c_emb'].shape == (26, 4) and int(arrays['emb_valid'].sum()) == 22
   assert infer.bank_rows(ml_collections.ConfigDict({'runtime': {'shape_buckets': False}}),

@@ -92,6 +92,52 @@ def test_outputs_follow_the_contract(run):
   assert summary[1]['image_auroc'] == results['weave']['image_auroc']
 
 
+def _sized_categories(root, sizes):
+  """Generated categories in MVTec layout of these sizes: {category: (train, test good, test
+  defective)}."""
+  for cat, (n, good, defect) in sizes.items():
+    data_lib.generate(str(root), seed=0, image_size=128, num_train=n, num_test_good=good,
+                      num_test_defect=defect, categories=[cat])
+
+
+def test_run_bucket_is_the_largest_training_set_of_the_run(tmp_path):
+  # 14 and 22 training images (13 and 20 after the 10 % hold-out) lie in different ladder
+  # buckets (14, 20); the run compiles every category for the largest one.
+  _sized_categories(tmp_path, {'tokens': (14, 3, 5), 'weave': (22, 3, 5)})
+  cfg = _small_config(tmp_path, **{'data.name': 'mvtec'})
+  got = pipeline.run_bucket(cfg, list(CATS))
+  assert got.runtime.min_train_images == 20 and cfg.runtime.min_train_images == 0
+  assert [fit.shape_bucket(got, n) for n in (13, 20)] == [20, 20]
+  assert [fit.shape_bucket(cfg, n) for n in (13, 20)] == [14, 20]
+  for off in ({'runtime.run_bucket': False}, {'runtime.shape_buckets': False}):
+    other = _small_config(tmp_path, **{'data.name': 'mvtec'}, **off)
+    assert pipeline.run_bucket(other, list(CATS)).runtime.min_train_images == 0, off
+
+
+def test_categories_of_different_sizes_compile_once(tmp_path):
+  # A batch job over categories of different sizes (training sets in different ladder buckets,
+  # held-out and test splits ending in different partial batches): with runtime.run_bucket (the
+  # default) the second category compiles nothing, fitting and evaluation alike (refinement and
+  # prior diagnostics included), and predict scores with the category's own bucket.
+  _sized_categories(tmp_path / 'data', {'tokens': (14, 3, 5), 'weave': (22, 4, 7)})
+  cfg = _small_config(tmp_path / 'data', **{
+      'data.name': 'mvtec', 'eval.ablations': (), 'eval.max_figures': 0, 'eval.save_maps': False,
+      'model.neighborhood.epochs': 1, 'model.use_refinement': True,
+      'model.refine.iterations': 2, 'model.refine.checkpoint_every': 2,
+      'model.refine.pool_size': 8, 'model.refine.input_size': 64})
+  pipeline.run(cfg, tmp_path / 'work')
+  summary = json.loads((tmp_path / 'work' / 'summary.json').read_text())
+  assert [(r['category'], r['num_train']) for r in summary] == [('tokens', 13), ('weave', 20)]
+  assert summary[0]['compiles'] > 0
+  assert summary[1]['compiles'] == 0, summary
+  from pni_jax import predict   # pylint: disable=g-import-not-at-top
+  p = predict.Predictor(tmp_path / 'work', 'tokens')
+  fitted = model_lib.load(tmp_path / 'work' / 'tokens' / 'model')
+  assert p.runtime.arrays['c_emb'].shape[0] == infer.bank_rows(cfg, fitted)
+  assert infer.bank_rows(cfg, fitted) < infer.bank_rows(
+      pipeline.run_bucket(cfg, list(CATS)), fitted)
+
+
 def test_variants_parse_combine_and_n_p_rows_report_both_rules():
   assert infer.parse_variant('N+P@mean_score') == infer.Variant(True, True, False, 'mean_score')
   assert infer.parse_variant('N+P@mean_score').name == '+N+P@mean_score'
