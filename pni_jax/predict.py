@@ -64,13 +64,15 @@ def pick_category(workdir: pathlib.Path, category: str | None) -> str:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """uint8 [H, W, 3] image with the mask tinted red and its border drawn: uint8 [H, W, 3]."""
-  out = image.astype(np.float32)
-  red = np.array([255.0, 0.0, 0.0], np.float32)
-  out[mask] = 0.55 * out[mask] + 0.45 * red
-  border = mask & ~_erode(mask)
-  out[border] = [255.0, 255.0, 0.0]
-  return np.clip(out, 0, 255).astype(np.uint8)
+  """uint8 [H, W, 3] image with the mask tinted red and its border drawn: uint8 [H, W, 3].
+  Only the masked pixels are computed (in float32; the rest is a copy)."""
+  out = np.array(image, np.uint8)
+  if mask.any():
+    red = np.array([255.0, 0.0, 0.0], np.float32)
+    tinted = 0.55 * image[mask].astype(np.float32) + 0.45 * red
+    out[mask] = np.clip(tinted, 0, 255).astype(np.uint8)
+    out[mask & ~_erode(mask)] = [255, 255, 0]
+  return out
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -165,7 +167,8 @@ class Predictor:
       return
     stats = self.stats
     images = np.stack([p['crop'] for p in pending])
-    out = self.runtime.score(images)[self.variant.name]     # runs at the smallest batch bucket
+    # At the smallest batch bucket; only what is used comes back to the host.
+    out = self.runtime.score(images, keys=('maps', 'image'))[self.variant.name]
     for k, item in enumerate(pending):
       h, w = item['orig'].shape[:2]
       amap = data_lib.unprocess_map(out['maps'][k], h, w, self.resize, self.crop, mode=self.mode)
