@@ -827,16 +827,29 @@ def _amap(amap_fn: Callable, images: jax.Array) -> jax.Array:
   return raw
 
 
+def image_source(images, textures, texture_source: str, batch_size: int,
+                 device_images_mb: float, mesh=None, pad_images_to: int = 0) -> ImageSource:
+  """The `ImageSource` `train_refiner` draws from: all devices (or `mesh`), the batch split over
+  them when it divides, the images resident under `device_images_mb` (0: no cap). Other callers
+  with the same arguments reuse its compiled sampling."""
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  batch_sharding = (sharding.data_sharding(mesh) if batch_size % sharding.num_shards(mesh) == 0
+                    else sharding.replicated(mesh))
+  cap = float(device_images_mb) * 2 ** 20
+  return ImageSource(images, textures, texture_source, batch_size, int(cap) or None, mesh,
+                     batch_sharding, pad_images_to=pad_images_to)
+
+
 def synthetic_samples(key: jax.Array, normal_images, amap_fn: Callable, batch_size: int = 8,
                       textures: np.ndarray | None = None,
-                      texture_source: str = 'procedural',
-                      pad_images_to: int = 0) -> dict[str, np.ndarray]:
+                      texture_source: str = 'procedural', pad_images_to: int = 0,
+                      device_images_mb: float = 0.0) -> dict[str, np.ndarray]:
   """A batch of synthetic training samples (e.g. for `save_refine_samples`): {'image' [B, S, S, 3],
   'amap' raw A_hat [B, S, S], 'mask' [B, S, S]} numpy float32; batch_size divisible by 4.
-  pad_images_to: as `train_refiner`'s (0: the shape bucket of N)."""
-  src = ImageSource(normal_images, textures, texture_source, batch_size, 1,
-                    sharding.make_mesh(jax.devices()[:1]),
-                    pad_images_to=pad_images_to or sharding.bucket_size(np.shape(normal_images)[0]))
+  pad_images_to, device_images_mb: as `train_refiner`'s (the same values reuse its compiled
+  sampling; pad 0: the shape bucket of N)."""
+  src = image_source(normal_images, textures, texture_source, batch_size, device_images_mb,
+                     pad_images_to=pad_images_to or sharding.bucket_size(np.shape(normal_images)[0]))
   try:
     image, mask = src.sample(key, 0)
     raw = _amap(amap_fn, image)
@@ -963,11 +976,9 @@ def train_refiner(normal_images, amap_fn: Callable[[jax.Array], jax.Array],
       raise ValueError(f'normal_images must be [N, S, S, 3], got shape {images.shape}')
     textures = synth.load_textures(texture_dir, tuple(images.shape[1:3]))
   mesh = sharding.make_mesh() if mesh is None else mesh
-  batch_sharding = (sharding.data_sharding(mesh) if batch_size % sharding.num_shards(mesh) == 0
-                    else sharding.replicated(mesh))
-  cap = float(_get(cfg_refine, 'device_images_mb')) * 2 ** 20
-  src = ImageSource(images, textures, _get(cfg_refine, 'texture_source'), batch_size,
-                    int(cap) or None, mesh, batch_sharding, pad_images_to=pad_images_to)
+  src = image_source(images, textures, _get(cfg_refine, 'texture_source'), batch_size,
+                     float(_get(cfg_refine, 'device_images_mb')), mesh, pad_images_to)
+  batch_sharding = src.out_sharding
 
   fingerprint = {
       'images_shape': list(images.shape), 'key': checkpoints.key_words(key),
@@ -1111,7 +1122,8 @@ def save_training_figure(path: str | os.PathLike, key: jax.Array, normal_images,
   with the trained network and writes `save_refine_samples` (at most `num_samples` rows).
   pad_images_to: as `train_refiner`'s (the same value reuses its compiled sampling)."""
   samples = synthetic_samples(key, normal_images, amap_fn, int(cfg_refine.batch_size), textures,
-                              _get(cfg_refine, 'texture_source'), pad_images_to)
+                              _get(cfg_refine, 'texture_source'), pad_images_to,
+                              float(_get(cfg_refine, 'device_images_mb')))
   a = normalize_map(samples['amap'], stats['lo'], stats['hi'])
   refined = refine_maps(variables, jnp.asarray(samples['image']), a, int(cfg_refine.input_size),
                         str(cfg_refine.encoder), str(cfg_refine.loss))

@@ -359,7 +359,7 @@ def test_killed_and_resumed_online_training_equals_uninterrupted(tmp_path):
                          log_fn=lambda msg: None)
 
 
-def test_pool_training_ignores_the_device_cap():
+def test_pool_training_ignores_the_device_cap(tmp_path):
   # The pool (8 samples) on the device; a cap of 2 images streams the normal images while the
   # pool is drawn and must not change a bit.
   images = _images(6, 9)
@@ -368,6 +368,12 @@ def test_pool_training_ignores_the_device_cap():
                                               log_fn=lambda m: None)
   assert hist1['pool_size'] == 8 and len(hist1['loss']) == 3
   assert all(np.isfinite(hist1['loss'])) and stats1['hi'] > stats1['lo']
+  # The training figure draws its samples with the training's compiled sampler.
+  compiled = refine._sample._cache_size()
+  refine.save_training_figure(tmp_path / 'samples.png', key, images, _amap_fn, vars1, stats1,
+                              _cfg(iterations=3), num_samples=2)
+  assert (tmp_path / 'samples.png').stat().st_size > 0
+  assert refine._sample._cache_size() == compiled
   capped = _cfg(iterations=3, device_images_mb=2 * images[0].nbytes / 2 ** 20)
   vars2, stats2, _ = refine.train_refiner(images, _amap_fn, capped, key, log_fn=lambda m: None)
   assert stats2 == stats1
