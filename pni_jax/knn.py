@@ -518,6 +518,53 @@ def masked_min_dist(queries: jax.Array,
       nearest_index=jnp.where(jnp.isinf(near_d), -1, near_i))
 
 
+@functools.partial(
+    jax.jit, static_argnames=('allowed', 'query_tile', 'bank_tile', 'precision'))
+def masked_min_sq(queries: jax.Array,
+                  bank: jax.Array,
+                  query_aux: Any,
+                  bank_aux: Any,
+                  allowed: AllowedFn,
+                  *,
+                  query_tile: int = 1024,
+                  bank_tile: int = 4096,
+                  precision=_HIGHEST) -> jax.Array:
+  """Per query: the squared distance to the nearest allowed bank row, nothing else.
+
+  `masked_min_dist(...).sq_dist` bit for bit (the same tiles and dot products; a minimum does not
+  depend on the order it is taken in), without the row index and the unconstrained nearest: one
+  masked minimum per tile, which XLA fuses with the mask, instead of two two-level argmins over a
+  materialised masked copy (on a CPU, half the time of a [256, 2944] tile).
+
+  Args: as `masked_min_dist`.
+  Returns:
+    [M] float32; +inf where nothing is allowed.
+  """
+  m, kb = _check_search(queries, bank, query_tile, bank_tile, query_aux, bank_aux)
+  if m == 0:
+    return jnp.zeros((0,), jnp.float32)
+
+  bank, valid, bank_aux = _align_bank(bank, None, bank_aux, bank_tile)
+  kb = bank.shape[0]
+  tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
+  b_sq = _bank_sq_norms(bank, valid)
+
+  def query_tile_fn(qt, qt_sq, qat):
+
+    def bank_step(best, bt, bt_sq, bat, start):
+      dist = _tile_sq_dists(qt, qt_sq, bt, bt_sq, precision)  # [tq, tk], +inf on masked rows
+      ok = allowed(qat, bat)
+      if ok.shape != dist.shape:
+        raise ValueError(f'allowed() must return a [{tq}, {tk}] bool tile, got shape '
+                         f'{tuple(ok.shape)}')
+      return jnp.minimum(best, jnp.min(jnp.where(ok, dist, jnp.inf), axis=1))
+
+    return _scan_bank_tiles(bank_step, jnp.full((tq,), jnp.inf, jnp.float32), tk, bank, b_sq,
+                            bank_aux)
+
+  return _map_query_tiles(query_tile_fn, tq, queries, query_aux)
+
+
 # ----------------------------------------------------------------------------- offset nearest
 
 

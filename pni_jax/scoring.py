@@ -182,9 +182,8 @@ def masked_sq_dist_dense(feats, c_emb, emb_to_dist, allowed_dist, *, query_tile,
 
   Args: feats [M, d]; c_emb [K_emb, d]; emb_to_dist [K_emb]; allowed_dist [M, K_dist] bool.
   """
-  res = knn.masked_min_dist(feats, c_emb, allowed_dist, emb_to_dist, _allowed_by_code,
-                            query_tile=query_tile, bank_tile=bank_tile)
-  return res.sq_dist
+  return knn.masked_min_sq(feats, c_emb, allowed_dist, emb_to_dist, _allowed_by_code,
+                           query_tile=query_tile, bank_tile=bank_tile)
 
 
 def masked_sq_dist_sparse(feats, c_emb, emb_to_dist, allowed_dist, nearest_sq, nearest_idx, *,

@@ -218,6 +218,36 @@ def test_masked_min_dist_errors(data):
                             _wrong_shape, query_tile=TQ, bank_tile=TK)
 
 
+@pytest.mark.parametrize('query_tile,bank_tile', [(TQ, TK), (64, 4096), (1024, 300)])
+def test_masked_min_sq_is_masked_min_dist_bit_for_bit(data, query_tile, bank_tile):
+  """The min-only search returns masked_min_dist's sq_dist exactly (same tiles and dots; shifted
+  last tiles, a single-tile bank padded to 128 rows, rows with nothing allowed -> +inf), also
+  under vmap."""
+  q, b = data
+  rng = np.random.default_rng(5)
+  k_dist = 23
+  emb_to_dist = rng.integers(0, k_dist, size=K).astype(np.int32)
+  allowed_dist = rng.random((M, k_dist)) < 0.15
+  allowed_dist[:5] = False
+  args = (jnp.asarray(allowed_dist), jnp.asarray(emb_to_dist), allowed_from_probs)
+  tiles = dict(query_tile=query_tile, bank_tile=bank_tile)
+  want = np.asarray(knn_lib.masked_min_dist(q, b, *args, **tiles).sq_dist)
+  got = np.asarray(knn_lib.masked_min_sq(q, b, *args, **tiles))
+  assert got.shape == (M,) and got.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+  assert np.all(np.isinf(got[:5])) and np.isfinite(got[5:]).mean() > 0.9
+  masked = np.where(allowed_dist[:, emb_to_dist], brute_sq(q, b), np.inf)
+  np.testing.assert_allclose(got, masked.min(1), rtol=1e-4, atol=1e-4)
+  two = np.stack([q, q[::-1]])              # vmapped, the dots batch: compare vmapped with vmapped
+  pair = jax.vmap(lambda qq: knn_lib.masked_min_sq(qq, b, *args, **tiles))(two)
+  pair_want = jax.vmap(lambda qq: knn_lib.masked_min_dist(qq, b, *args, **tiles).sq_dist)(two)
+  np.testing.assert_array_equal(np.asarray(pair), np.asarray(pair_want))
+  np.testing.assert_allclose(np.asarray(pair[0]), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='allowed\\(\\) must return'):
+    knn_lib.masked_min_sq(q, b, jnp.zeros((M, 3), bool), jnp.zeros((K,), jnp.int32),
+                          _wrong_shape, query_tile=TQ, bank_tile=TK)
+
+
 def _wrong_shape(query_aux, bank_aux):
   return query_aux  # [tq, 3], not [tq, tk]
 
