@@ -233,24 +233,28 @@ def test_small_conv_matches_nn_conv_values_and_gradients(cin, size, stride, padd
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize('stride,padding,use_bias', [
-    (1, 'SAME', True), (2, 'SAME', False), (1, ((1, 2), (0, 1)), True), (2, 1, True)])
-def test_tap_grad_conv_matches_nn_conv_values_and_gradients(stride, padding, use_bias):
+@pytest.mark.parametrize('stride,padding,use_bias,features', [
+    (1, 'SAME', True, 20), (2, 'SAME', False, 20), (1, ((1, 2), (0, 1)), True, 20),
+    (2, 1, True, 20), (1, 'SAME', True, 7)])
+def test_tap_grad_conv_matches_nn_conv_values_and_gradients(stride, padding, use_bias, features):
   # layers.Conv (the refinement decoder's 3 x 3 convolutions): nn.Conv's parameters and forward;
-  # its kernel gradient is summed tap by tap on CPU (conv_tap_grad), equal up to summation order.
+  # from TAP_GRAD_MIN_FEATURES output channels on its kernel gradient is summed tap by tap on CPU
+  # (conv_tap_grad), equal up to summation order; narrower kernels keep the convolution's own.
   assert jax.default_backend() == 'cpu'     # the tap branch is the one under test
+  taps = features >= layers.TAP_GRAD_MIN_FEATURES
+  assert taps == (features == 20)
   rng = np.random.default_rng(stride * 10 + use_bias)
   x = jnp.asarray(rng.standard_normal((3, 11, 12, 6)), jnp.float32)
-  conv = layers.Conv(7, 3, stride, padding, use_bias)
+  conv = layers.Conv(features, 3, stride, padding, use_bias)
   pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-  ref = nn.Conv(7, (3, 3), strides=(stride, stride), padding=pad, use_bias=use_bias,
+  ref = nn.Conv(features, (3, 3), strides=(stride, stride), padding=pad, use_bias=use_bias,
                 kernel_init=layers.conv_init)
   variables = ref.init(jax.random.key(0), x)
   assert (jax.tree.map(jnp.shape, conv.init(jax.random.key(0), x))
           == jax.tree.map(jnp.shape, variables))
   if use_bias:
     variables = {'params': dict(variables['params'],
-                                bias=jnp.asarray(rng.standard_normal(7), jnp.float32))}
+                                bias=jnp.asarray(rng.standard_normal(features), jnp.float32))}
   got, want = conv.apply(variables, x), ref.apply(variables, x)
   assert got.shape == want.shape
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))   # the same convolution
@@ -261,9 +265,12 @@ def test_tap_grad_conv_matches_nn_conv_values_and_gradients(stride, padding, use
   np.testing.assert_array_equal(np.asarray(gx), np.asarray(rx))      # the convolution's own
   for g, r in zip(jax.tree.leaves(gv), jax.tree.leaves(rv)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4)
+  if not taps:                            # narrow: the convolution's own kernel gradient, exactly
+    np.testing.assert_array_equal(np.asarray(gv['params']['kernel']),
+                                  np.asarray(rv['params']['kernel']))
   assert float(jnp.abs(gv['params']['kernel']).max()) > 1.0         # not a vanishing gradient
   # bfloat16 compute: bfloat16 output and kernel gradient close to float32's.
-  low = layers.Conv(7, 3, stride, padding, use_bias, dtype=jnp.bfloat16)
+  low = layers.Conv(features, 3, stride, padding, use_bias, dtype=jnp.bfloat16)
   assert low.apply(variables, x).dtype == jnp.bfloat16
   lv, _ = grad(low)
   np.testing.assert_allclose(np.asarray(lv['params']['kernel']), np.asarray(rv['params']['kernel']),
