@@ -113,9 +113,16 @@ def _gather(image: jnp.ndarray, sy: jnp.ndarray, sx: jnp.ndarray) -> jnp.ndarray
   return image[iy, ix]
 
 
+def _mix3(x: jnp.ndarray, m) -> jnp.ndarray:
+  """x [..., 3] times m [3, ...] over the channel axis, as three multiply-adds (a matrix product
+  with a contraction of 3 is a library call on XLA:CPU: 4.8 ms for a batch of 8 128 px images,
+  the fused sum well under a millisecond)."""
+  return x[..., 0, None] * m[0] + x[..., 1, None] * m[1] + x[..., 2, None] * m[2]
+
+
 def _gray(image: jnp.ndarray) -> jnp.ndarray:
   """[..., 3] -> [...] luma."""
-  return image @ jnp.asarray(_LUMA)
+  return _mix3(image, jnp.asarray(_LUMA)[:, None])[..., 0]
 
 
 def _jitter(u: jnp.ndarray, image: jnp.ndarray, brightness, contrast, saturation, hue,
@@ -139,7 +146,7 @@ def _jitter(u: jnp.ndarray, image: jnp.ndarray, brightness, contrast, saturation
   rot = jnp.stack([jnp.stack([one, zero, zero]), jnp.stack([zero, cos, -sin]),
                    jnp.stack([zero, sin, cos])])          # turns the (I, Q) chroma plane
   to_rgb = jnp.asarray(_YIQ_TO_RGB) @ rot @ jnp.asarray(_RGB_TO_YIQ)
-  return jnp.clip(x @ to_rgb.T, 0.0, 1.0)
+  return jnp.clip(_mix3(x, to_rgb.T), 0.0, 1.0)
 
 
 def color_jitter(key: jax.Array, image: jnp.ndarray, brightness: float = 0.1,
