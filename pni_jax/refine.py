@@ -140,11 +140,28 @@ def _get(cfg, name: str):
 # ----------------------------------------------------------------------------- network
 
 
+def _double(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+  """Bilinear x2 upsampling along `axis` with half-pixel centres: output 2k is 0.75 x[k] + 0.25
+  x[k - 1], output 2k + 1 is 0.75 x[k] + 0.25 x[k + 1], the neighbour clamped at the edges (what
+  `jax.image.resize` computes there, up to float32 rounding)."""
+  n = x.shape[axis]
+  take = lambda lo, hi: jax.lax.slice_in_dim(x, lo, hi, axis=axis)
+  prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)
+  nxt = jnp.concatenate([take(1, n), take(n - 1, n)], axis=axis)
+  even, odd = 0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt
+  out = jnp.stack([even, odd], axis=axis + 1)
+  return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+
+
 def _resize(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
   """Bilinear resize of the spatial axes 1, 2 of [B, H, W, ...] (half-pixel centres,
-  antialiased when shrinking)."""
+  antialiased when shrinking). Exact doubling, as between the decoder's blocks, is two fused
+  shifted sums (`_double`) instead of `jax.image.resize`'s products with [2n, n] weight matrices
+  (on XLA:CPU, 17 ms of a demo train step's 270 with their copies and gradients)."""
   if tuple(x.shape[1:3]) == tuple(size):
     return x
+  if tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+    return _double(_double(x, 1), 2)
   return jax.image.resize(x, (x.shape[0], *size, *x.shape[3:]), 'bilinear')
 
 

@@ -157,6 +157,22 @@ def test_map_stats_quantiles():
 # ----------------------------------------------------------------------------- network, fusion
 
 
+@pytest.mark.parametrize('shape,size', [((3, 8, 6, 5), (16, 12)), ((2, 1, 1, 2), (2, 2)),
+                                        ((2, 7, 5), (14, 10)), ((2, 8, 8, 3), (12, 12))])
+def test_resize_doubling_equals_image_resize(shape, size):
+  # The decoder's exact x2 steps are shifted sums (refine._double); other sizes go through
+  # jax.image.resize. Values and gradients equal jax.image.resize's up to float32 rounding.
+  x = jnp.asarray(np.random.default_rng(sum(shape)).standard_normal(shape), jnp.float32)
+  ref = lambda x: jax.image.resize(x, (shape[0], *size, *shape[3:]), 'bilinear')
+  got, want = refine._resize(x, size), ref(x)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+  cot = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape), jnp.float32)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cot))(x)
+  np.testing.assert_allclose(np.asarray(grad(lambda x: refine._resize(x, size))),
+                             np.asarray(grad(ref)), rtol=0, atol=1e-5)
+
+
 def test_residual_output_and_fusion(variables, batch):
   images = batch['image']
   amap = np.asarray(batch['amap']) * 4.0 + 1.0          # raw scale; lo = 1, hi = 5 -> batch map
