@@ -165,20 +165,41 @@ def _resize(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
   return jax.image.resize(x, (x.shape[0], *size, *x.shape[3:]), 'bilinear')
 
 
-class UpBlock(nn.Module):
-  """Bilinear upsampling to `size` (x2 for the encoder's strides), concat skip, 1x1 conv + ReLU,
-  3x3 conv + ReLU. x: [B, h, w, c] -> [B, size[0], size[1], features]."""
+class UpMix(nn.Module):
+  """The 1x1 conv of [resize(x, size), skip]: nn.Conv(features, (1, 1))'s parameters ('kernel'
+  [1, 1, c + c_skip, F], 'bias' [F]) and values up to float32 rounding, computed as
+  resize(x @ kernel[:c]) + skip @ kernel[c:] + bias. A resize is linear per channel, so the
+  channel mix moves to the coarse grid: 4x fewer positions for x's part, and neither the
+  upsampled x nor the concatenation is materialised."""
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, skip: jnp.ndarray | None,
                size: tuple[int, int]) -> jnp.ndarray:
-    x = _resize(x, size)
+    c = x.shape[-1]
+    total = c + (0 if skip is None else skip.shape[-1])
+    kernel = self.param('kernel', backbones.layers.conv_init, (1, 1, total, self.features),
+                        jnp.float32)
+    kernel = jnp.asarray(kernel[0, 0], self.dtype)
+    y = _resize(backbones.layers.pointwise(jnp.asarray(x, self.dtype), kernel[:c]), size)
     if skip is not None:
-      x = jnp.concatenate([x, jnp.asarray(skip, x.dtype)], axis=-1)
-    x = nn.relu(backbones.layers.Pointwise(self.features, use_bias=True, dtype=self.dtype,
-                                           name='conv1x1')(x))
+      y = y + backbones.layers.pointwise(jnp.asarray(skip, self.dtype), kernel[c:])
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    return y + jnp.asarray(bias, self.dtype)
+
+
+class UpBlock(nn.Module):
+  """Bilinear upsampling to `size` (x2 for the encoder's strides), concat skip, 1x1 conv + ReLU
+  (`UpMix`: the same, mixed before upsampling), 3x3 conv + ReLU.
+  x: [B, h, w, c] -> [B, size[0], size[1], features]."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, skip: jnp.ndarray | None,
+               size: tuple[int, int]) -> jnp.ndarray:
+    x = nn.relu(UpMix(self.features, dtype=self.dtype, name='conv1x1')(x, skip, size))
     return nn.relu(backbones.layers.Conv(self.features, 3, padding='SAME', use_bias=True,
                                          dtype=self.dtype, name='conv3x3')(x))
 

@@ -173,6 +173,29 @@ def test_resize_doubling_equals_image_resize(shape, size):
                              np.asarray(grad(ref)), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('with_skip', [True, False])
+def test_up_mix_is_the_1x1_conv_of_the_upsampled_concatenation(with_skip):
+  # UpMix mixes the channels before upsampling: nn.Conv(1 x 1)'s parameter tree and initial
+  # values, and its output on [resize(x), skip] up to float32 rounding.
+  from flax import linen as nn
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 12)), jnp.float32)
+  skip = jnp.asarray(rng.standard_normal((2, 12, 10, 4)), jnp.float32) if with_skip else None
+  mix = refine.UpMix(7)
+  ref = nn.Conv(7, (1, 1), kernel_init=refine.backbones.layers.conv_init)
+  upsampled = refine._resize(x, (12, 10))
+  cat = upsampled if skip is None else jnp.concatenate([upsampled, skip], axis=-1)
+  variables = mix.init(jax.random.key(0), x, skip, (12, 10))
+  want_init = ref.init(jax.random.key(0), cat)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, want_init)
+  np.testing.assert_array_equal(np.asarray(variables['params']['kernel']),
+                                np.asarray(want_init['params']['kernel']))
+  variables = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape), a.dtype),
+                           variables)
+  np.testing.assert_allclose(np.asarray(mix.apply(variables, x, skip, (12, 10))),
+                             np.asarray(ref.apply(variables, cat)), rtol=1e-5, atol=1e-5)
+
+
 def test_residual_output_and_fusion(variables, batch):
   images = batch['image']
   amap = np.asarray(batch['amap']) * 4.0 + 1.0          # raw scale; lo = 1, hi = 5 -> batch map
