@@ -252,6 +252,17 @@ def _align_bank(bank: jax.Array, bank_valid: jax.Array | None, bank_aux: Any, ba
   return bank, valid, bank_aux
 
 
+def _tiled_bank(bank: jax.Array, bank_mask: jax.Array | None, bank_aux: Any, m: int,
+                query_tile: int, bank_tile: int):
+  """A search's bank made ready for its tiles: aligned (`_align_bank`), the query and bank tile
+  sizes (`balanced_tile`) and the bank's squared norms (+inf on masked and padding rows).
+
+  Returns (bank [K', d], bank_aux, tq, tk, b_sq [K'])."""
+  bank, valid, bank_aux = _align_bank(bank, bank_mask, bank_aux, bank_tile)
+  tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(bank.shape[0], bank_tile, 128)
+  return bank, bank_aux, tq, tk, _bank_sq_norms(bank, valid)
+
+
 def _merge_top_k(best_d, best_i, cand_d, cand_i, k):
   """Keeps the k smallest of [best | cand]; stable, so earlier (lower) indices win ties."""
   d = jnp.concatenate([best_d, cand_d], axis=1)
@@ -301,10 +312,7 @@ def knn(queries: jax.Array,
   if m == 0:
     return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
 
-  bank, bank_mask, _ = _align_bank(bank, bank_mask, None, bank_tile)
-  kb = bank.shape[0]
-  tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
-  b_sq = _bank_sq_norms(bank, bank_mask)
+  bank, _, tq, tk, b_sq = _tiled_bank(bank, bank_mask, None, m, query_tile, bank_tile)
   kt = min(k, tk)  # candidates taken from one bank tile
 
   def query_tile_fn(qt, qt_sq, _):
@@ -341,13 +349,10 @@ def nearest_sq_dist(queries: jax.Array, bank: jax.Array, *, query_tile: int = 10
   Returns:
     [M] float32, equal to `knn(queries, bank, 1)[0][:, 0]`.
   """
-  m, kb = _check_search(queries, bank, query_tile, bank_tile)
+  m, _ = _check_search(queries, bank, query_tile, bank_tile)
   if m == 0:
     return jnp.zeros((0,), jnp.float32)
-  bank, valid, _ = _align_bank(bank, None, None, bank_tile)
-  kb = bank.shape[0]
-  tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
-  b_sq = _bank_sq_norms(bank, valid)
+  bank, _, tq, tk, b_sq = _tiled_bank(bank, None, None, m, query_tile, bank_tile)
 
   # min_k ||q||^2 - 2 q.b_k + ||b_k||^2 = ||q||^2 + min_k (||b_k||^2 - 2 q.b_k): the query's
   # norm and the clip at 0 move out of the [tq, tk] tile (20 % faster on XLA:CPU, measured at
@@ -473,15 +478,12 @@ def masked_min_dist(queries: jax.Array,
     `MaskedNearest` of [M] arrays. Queries with nothing allowed get sq_dist
     +inf and index -1 (callers fall back to nearest_*). Ties: lowest index.
   """
-  m, kb = _check_search(queries, bank, query_tile, bank_tile, query_aux, bank_aux)
+  m, _ = _check_search(queries, bank, query_tile, bank_tile, query_aux, bank_aux)
   if m == 0:
     empty_f, empty_i = jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
     return MaskedNearest(empty_f, empty_i, empty_f, empty_i)
 
-  bank, valid, bank_aux = _align_bank(bank, None, bank_aux, bank_tile)
-  kb = bank.shape[0]
-  tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
-  b_sq = _bank_sq_norms(bank, valid)
+  bank, bank_aux, tq, tk, b_sq = _tiled_bank(bank, None, bank_aux, m, query_tile, bank_tile)
 
   def query_tile_fn(qt, qt_sq, qat):
 
@@ -540,14 +542,11 @@ def masked_min_sq(queries: jax.Array,
   Returns:
     [M] float32; +inf where nothing is allowed.
   """
-  m, kb = _check_search(queries, bank, query_tile, bank_tile, query_aux, bank_aux)
+  m, _ = _check_search(queries, bank, query_tile, bank_tile, query_aux, bank_aux)
   if m == 0:
     return jnp.zeros((0,), jnp.float32)
 
-  bank, valid, bank_aux = _align_bank(bank, None, bank_aux, bank_tile)
-  kb = bank.shape[0]
-  tq, tk = balanced_tile(m, query_tile, 8), balanced_tile(kb, bank_tile, 128)
-  b_sq = _bank_sq_norms(bank, valid)
+  bank, bank_aux, tq, tk, b_sq = _tiled_bank(bank, None, bank_aux, m, query_tile, bank_tile)
 
   def query_tile_fn(qt, qt_sq, qat):
 
