@@ -536,7 +536,7 @@ def masked_min_sq(queries: jax.Array,
   `masked_min_dist(...).sq_dist` bit for bit (the same tiles and dot products; a minimum does not
   depend on the order it is taken in), without the row index and the unconstrained nearest: one
   masked minimum per tile, which XLA fuses with the mask, instead of two two-level argmins over a
-  materialised masked copy (on a CPU, half the time of a [256, 2944] tile).
+  materialised masked copy (a [256, 2,944] tile on a 2-core CPU: 2.5-2.9 -> 1.5-1.7 ms).
 
   Args: as `masked_min_dist`.
   Returns:
