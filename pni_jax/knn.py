@@ -437,6 +437,15 @@ class MaskedNearest(NamedTuple):
 AllowedFn = Callable[[Any, Any], jax.Array]
 
 
+def _allowed_tile(allowed: AllowedFn, query_aux_tile, bank_aux_tile, shape) -> jax.Array:
+  """allowed(query_aux_tile, bank_aux_tile), checked to be a [tq, tk] tile of the given shape."""
+  ok = allowed(query_aux_tile, bank_aux_tile)
+  if ok.shape != tuple(shape):
+    raise ValueError(f'allowed() must return a [{shape[0]}, {shape[1]}] bool tile, got shape '
+                     f'{tuple(ok.shape)}')
+  return ok
+
+
 @functools.partial(
     jax.jit, static_argnames=('allowed', 'query_tile', 'bank_tile', 'precision'))
 def masked_min_dist(queries: jax.Array,
@@ -490,10 +499,7 @@ def masked_min_dist(queries: jax.Array,
     def bank_step(carry, bt, bt_sq, bat, start):
       best_d, best_i, near_d, near_i = carry
       dist = _tile_sq_dists(qt, qt_sq, bt, bt_sq, precision)  # [tq, tk]
-      ok = allowed(qat, bat)
-      if ok.shape != dist.shape:
-        raise ValueError(f'allowed() must return a [{tq}, {tk}] bool tile, got shape '
-                         f'{tuple(ok.shape)}')
+      ok = _allowed_tile(allowed, qat, bat, dist.shape)
       ok = jnp.logical_and(ok, jnp.isfinite(bt_sq)[None, :])
       masked = jnp.where(ok, dist, jnp.inf)
 
@@ -552,10 +558,7 @@ def masked_min_sq(queries: jax.Array,
 
     def bank_step(best, bt, bt_sq, bat, start):
       dist = _tile_sq_dists(qt, qt_sq, bt, bt_sq, precision)  # [tq, tk], +inf on masked rows
-      ok = allowed(qat, bat)
-      if ok.shape != dist.shape:
-        raise ValueError(f'allowed() must return a [{tq}, {tk}] bool tile, got shape '
-                         f'{tuple(ok.shape)}')
+      ok = _allowed_tile(allowed, qat, bat, dist.shape)
       return jnp.minimum(best, jnp.min(jnp.where(ok, dist, jnp.inf), axis=1))
 
     return _scan_bank_tiles(bank_step, jnp.full((tq,), jnp.inf, jnp.float32), tk, bank, b_sq,
