@@ -7,10 +7,14 @@ Pure scoring (no config reads inside, hyper-parameters as data):
       hp = `scoring.HParams` -> dict(patch, maps, image, allowed)
   `make_scorer(cfg_model, variant, out_size)`  that function jitted, with the config's
       hyper-parameters as defaults: `score(arrays, feats, images=None, hparams=None)`
+  `score_variants(arrays, feats, hp, specs, images=None)` / `make_variants_scorer`  several
+      variants of one batch in one call, what they share (the MLP's prior, the nearest C_emb
+      row, patch scores) computed once (`Shared`)
 
 Runtime (the deployable path `predict`, `export`, evaluation and calibration use):
   `make_extractor(cfg)` the backbone's jitted feature function with its variables on the devices
-      (once per run); `Extractor.scorer` builds each data-parallel scorer once per run.
+      (once per run); `Extractor.scorer` builds each data-parallel scorer (of a tuple of
+      variants) once per run.
   `ModelRuntime(cfg, extractor, fitted, variants)` uploads a fitted model's arrays to the
       devices once (C_emb padded to its shape bucket, `scoring_arrays`, so that categories of
       different sizes share one compiled scorer) and scores batches of any size: a batch of b
@@ -390,16 +394,38 @@ def _check_component(arrays: dict, name: str, what: str, setting: str) -> None:
                      f'(fit with {setting}=True)')
 
 
-def priors(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec):
+class Shared:
+  """The values that several variants' scoring of one batch have in common (the MLP's prior,
+  the nearest C_emb row, whole patch-score maps), each computed once per trace: variants that
+  differ only in what follows (R, the combine rule, the image score) share what precedes it.
+  Keys name everything a value depends on besides the batch, the arrays and the hparams."""
+
+  def __init__(self):
+    self._values = {}
+
+  def get(self, key, compute):
+    if key not in self._values:
+      self._values[key] = compute()
+    return self._values[key]
+
+
+def priors(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec,
+           shared: Shared | None = None):
   """(p_nb [B, H, W, K] or None, p_pos [1, H, W, K] or None) of the variant."""
   v = spec.variant
+  shared = Shared() if shared is None else shared
   _, h, w, _ = feats.shape
   p_nb = p_pos = None
   if v.neighborhood:
     _check_component(arrays, 'mlp', 'N', 'model.use_neighborhood')
-    logits = mlp_logits(arrays['mlp'], feats, window=spec.window, dilation=spec.dilation,
-                        chunk=spec.infer_chunk, dtype=spec.dtype)
-    p_nb = scoring.neighbor_prior(logits, hp.temperature)
+
+    def neighbor_prior():
+      logits = mlp_logits(arrays['mlp'], feats, window=spec.window, dilation=spec.dilation,
+                          chunk=spec.infer_chunk, dtype=spec.dtype)
+      return scoring.neighbor_prior(logits, hp.temperature)
+
+    p_nb = shared.get(('p_nb', spec.window, spec.dilation, spec.infer_chunk, spec.dtype),
+                      neighbor_prior)
   if v.position:
     _check_component(arrays, 'position', 'P', 'model.use_position')
     pos = arrays['position']
@@ -410,7 +436,16 @@ def priors(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpe
   return p_nb, p_pos
 
 
-def patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec):
+def _patch_key(spec: ScoringSpec) -> tuple:
+  """What a variant's patch scores depend on in its spec."""
+  v = spec.variant
+  return ('patch', v.neighborhood, v.position, spec.combine if v.conditional else None,
+          spec.border, spec.window, spec.dilation, spec.infer_chunk, spec.dtype, spec.query_tile,
+          spec.bank_tile, spec.search_chunk)
+
+
+def patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec,
+                 shared: Shared | None = None):
   """Patch scores of one batch.
 
   Args:
@@ -418,24 +453,33 @@ def patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: Scor
       [H', W', K_dist] or None, mlp variables or None; optionally padded (`pad_bank`).
     feats: [B, H', W', d] patch features.
     hp: scalar `scoring.HParams`.
+    shared: values computed for other variants of this batch (`Shared`), reused.
   Returns:
     (scores [B, H', W'] float32, allowed_fraction [B, H', W'] float32 (1 for the baseline)).
   """
+  shared = Shared() if shared is None else shared
+  return shared.get(_patch_key(spec), lambda: _patch_scores(arrays, feats, hp, spec, shared))
+
+
+def _patch_scores(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec,
+                  shared: Shared):
   b, h, w, d = feats.shape
   flat = feats.reshape(-1, d)
   c_emb = arrays['c_emb']
   tiles = dict(query_tile=spec.query_tile, bank_tile=spec.bank_tile)
   if not spec.variant.conditional:
-    sq = knn.nearest_sq_dist(flat, c_emb, **tiles)
+    sq = shared.get(('nearest_sq', spec.query_tile, spec.bank_tile),
+                    lambda: knn.nearest_sq_dist(flat, c_emb, **tiles))
     return ((hp.likelihood_lambda * jnp.sqrt(sq)).reshape(b, h, w),
             jnp.ones((b, h, w), jnp.float32))
-  p_nb, p_pos = priors(arrays, feats, hp, spec)
+  p_nb, p_pos = priors(arrays, feats, hp, spec, shared)
   k = (p_nb if p_nb is not None else p_pos).shape[-1]
   if p_nb is not None:
     p_nb = p_nb.reshape(-1, k)
   if p_pos is not None:
     p_pos = jnp.broadcast_to(p_pos, (b, h, w, k)).reshape(-1, k)
-  sq, idx = knn.knn(flat, c_emb, k=1, **tiles)
+  sq, idx = shared.get(('knn1', spec.query_tile, spec.bank_tile),
+                       lambda: knn.knn(flat, c_emb, k=1, **tiles))
   sq, idx = sq[:, 0], idx[:, 0]
   e2d = arrays['emb_to_dist']
 
@@ -485,17 +529,20 @@ def image_scores(arrays: dict, feats, patch, maps, hp: scoring.HParams, spec: Sc
 
 
 def score_features(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec,
-                   images: jax.Array | None = None) -> dict:
+                   images: jax.Array | None = None, shared: Shared | None = None) -> dict:
   """Patch scores, maps and image scores of one batch: a pure function of its arguments.
 
   With `spec.variant.refinement` the maps are the fused refined maps (images [B, S, S, 3] in
   [0, 1] needed) and the image score is taken from them, as in the paper's R rows.
+  `shared` (`Shared`) reuses what other variants of this batch computed.
 
   Returns:
     dict(patch [B, h, w], maps [B, S, S], image [B], allowed [B, h, w]) float32.
   """
-  patch, allowed = patch_scores(arrays, feats, hp, spec)
-  maps = scoring.anomaly_maps(patch, spec.out_size, hp.sigma, spec.max_sigma)
+  shared = Shared() if shared is None else shared
+  patch, allowed = patch_scores(arrays, feats, hp, spec, shared)
+  maps = shared.get(('maps', _patch_key(spec), spec.out_size, spec.max_sigma),
+                    lambda: scoring.anomaly_maps(patch, spec.out_size, hp.sigma, spec.max_sigma))
   if spec.variant.refinement:
     _check_component(arrays, 'refine', 'R', 'model.use_refinement')
     if images is None:
@@ -505,18 +552,45 @@ def score_features(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: Sc
   return dict(patch=patch, maps=maps, image=image, allowed=allowed)
 
 
-def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
-  """Jitted `score(arrays, feats, images=None, hparams=None) -> dict(patch [B,h,w], maps [B,S,S],
-  image [B], allowed [B,h,w])`; hparams default to the config's (`scoring.hparams_from_config`)."""
-  spec = make_spec(cfg_model, variant, out_size)
+def score_variants(arrays: dict, feats: jax.Array, hp: scoring.HParams,
+                   specs: Iterable[ScoringSpec], images: jax.Array | None = None
+                   ) -> dict[str, dict]:
+  """`score_features` of several variants of one batch -> {variant name: its dict}.
+
+  What the variants share is computed once (`Shared`): the MLP's prior, the nearest C_emb row
+  and the patch scores (N+P and N+P+R differ only after the maps), so an ablation table costs
+  one MLP per image, not one per row."""
+  shared = Shared()
+  return {s.variant.name: score_features(arrays, feats, hp, s, images, shared) for s in specs}
+
+
+def _jit_with_defaults(cfg_model, score_fn):
+  """jit of `score(arrays, feats, images=None, hparams=None)` = score_fn(arrays, feats, hp,
+  images), hp defaulting to the config's (`scoring.hparams_from_config`)."""
   defaults = scoring.hparams_from_config(cfg_model)
 
   @jax.jit
   def score(arrays, feats, images=None, hparams=None):
-    hp = defaults if hparams is None else hparams
-    return score_features(arrays, feats, hp, spec, images)
+    return score_fn(arrays, feats, defaults if hparams is None else hparams, images)
 
   return score
+
+
+def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
+  """Jitted `score(arrays, feats, images=None, hparams=None) -> dict(patch [B,h,w], maps [B,S,S],
+  image [B], allowed [B,h,w])`; hparams default to the config's (`scoring.hparams_from_config`)."""
+  spec = make_spec(cfg_model, variant, out_size)
+  return _jit_with_defaults(cfg_model, lambda a, f, hp, im: score_features(a, f, hp, spec, im))
+
+
+def make_variants_scorer(cfg_model, variants: Iterable[Variant], out_size: tuple[int, int]):
+  """Jitted `score(arrays, feats, images=None, hparams=None) -> {variant name: dict(...)}` of
+  `score_variants` (one call scores every variant; shared work done once)."""
+  specs = tuple(make_spec(cfg_model, v, out_size) for v in variants)
+  names = [s.variant.name for s in specs]
+  if len(set(names)) != len(names):
+    raise ValueError(f'variants must be distinct, got {names}')
+  return _jit_with_defaults(cfg_model, lambda a, f, hp, im: score_variants(a, f, hp, specs, im))
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -547,14 +621,15 @@ class Extractor:
   mesh: object
   scorers: dict = dataclasses.field(default_factory=dict)
 
-  def scorer(self, cfg, variant: Variant):
-    """The data-parallel jitted scorer of `variant`, built once per run (not per category), so
-    categories with equal shapes reuse its compilation."""
+  def scorer(self, cfg, variants: tuple[Variant, ...]):
+    """The data-parallel jitted scorer of `variants` together (`make_variants_scorer`), built
+    once per run (not per category), so categories with equal shapes reuse its compilation."""
     crop = int(cfg.data.crop)
-    key = (variant, crop)
+    key = (tuple(variants), crop)
     if key not in self.scorers:
-      self.scorers[key] = sharding.data_parallel(make_scorer(cfg.model, variant, (crop, crop)),
-                                                 self.mesh, sharded_argnums=(1, 2))
+      self.scorers[key] = sharding.data_parallel(
+          make_variants_scorer(cfg.model, variants, (crop, crop)), self.mesh,
+          sharded_argnums=(1, 2))
     return self.scorers[key]
 
   def maps_fn(self, cfg, variant: Variant):
@@ -611,7 +686,7 @@ class ModelRuntime:
     self.arrays = sharding.replicate(scoring_arrays(cfg, fitted), mesh)
     hp = scoring.hparams_from_config(cfg.model) if hparams is None else hparams
     self.hparams = sharding.replicate(hp, mesh)
-    self.scorers = {v.name: extractor.scorer(cfg, v) for v in self.variants}
+    self.scorer = extractor.scorer(cfg, tuple(self.variants))
 
   def score(self, images: np.ndarray, keys=('maps', 'image', 'allowed'),
             full_batch: bool = False) -> dict[str, dict]:
@@ -621,11 +696,9 @@ class ModelRuntime:
     images = np.asarray(images, np.float32)
     b = images.shape[0]
     images_dev, feats = self.extractor.features(images, full_batch)
-    outs = {}
-    for v in self.variants:
-      out = self.scorers[v.name](self.arrays, feats, images_dev, self.hparams)
-      outs[v.name] = {k: np.asarray(out[k])[:b] for k in keys}   # cut on the host
-    return outs
+    out = self.scorer(self.arrays, feats, images_dev, self.hparams)
+    return {v.name: {k: np.asarray(out[v.name][k])[:b] for k in keys}   # cut on the host
+            for v in self.variants}
 
   def score_batches(self, batches) -> Iterator[tuple[dict, dict]]:
     """Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])}).

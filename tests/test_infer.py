@@ -130,6 +130,34 @@ def test_runtime_scores_one_image_as_inside_a_batch():
   assert (batch['baseline']['allowed'] == 1).all()
 
 
+def test_variants_scored_together_equal_each_scored_alone():
+  # An ablation table in one call (`make_variants_scorer`, what evaluation runs) shares the MLP,
+  # the nearest row and N+P's maps between rows; every row must equal its own scorer's.
+  m = _model_config()
+  m.scoring.combine, m.scoring.rho = 'relative_lift_score', 0.9
+  m.scoring.tau_scale = 8.0
+  arrays = _arrays(jax.random.key(6))
+  feats = jax.random.normal(jax.random.key(7), (2, 8, 8, 16))
+  variants = [infer.Variant(True, True), infer.Variant(), infer.Variant(True, False),
+              infer.Variant(False, True), infer.Variant(True, True, False, 'mean_score'),
+              infer.Variant(True, True, False, 'mean_prob')]
+  together = infer.make_variants_scorer(m, variants, (32, 32))(arrays, feats)
+  assert sorted(together) == sorted(v.name for v in variants)
+  for v in variants:
+    alone = infer.make_scorer(m, v, (32, 32))(arrays, feats)
+    for k in ('patch', 'maps', 'image', 'allowed'):
+      np.testing.assert_allclose(np.asarray(together[v.name][k]), np.asarray(alone[k]),
+                                 rtol=1e-6, atol=1e-6, err_msg=f'{v.name} {k}')
+  # The rows differ where they should (a row equal to another would hide a wrong sharing key).
+  maps = {v.name: np.asarray(together[v.name]['maps']) for v in variants}
+  names = list(maps)
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      assert not np.allclose(maps[a], maps[b]), (a, b)
+  with pytest.raises(ValueError, match='distinct'):
+    infer.make_variants_scorer(m, [infer.Variant(), infer.Variant()], (32, 32))
+
+
 def test_paper_configs_take_the_max_of_the_unblurred_cropped_patch_map():
   from configs import btad, mvtec, visa
   for module in (mvtec, visa, btad):
