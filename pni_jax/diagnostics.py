@@ -6,8 +6,9 @@ normal and for defective patches separately, how often that nearest code is excl
 and by both, how much N changes the score, and how well the MLP's top code agrees with the
 patch's own nearest C_dist code (docs/n_study.md: what the numbers showed on the demo).
 
-Batches are summarised on their own (`prior_diagnostics`) and merged with `merge_diagnostics`,
-so memory is one batch whatever the test set.
+Batches are summarised on their own (`prior_diagnostics`; or `per_patch_values` on the device and
+`summarize` on the host, as evaluation does inside its scoring call) and merged with
+`merge_diagnostics`, so memory is one batch whatever the test set.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def _gather_code(prior, code):
 
 
 @functools.partial(jax.jit, static_argnames=('query_tile', 'bank_tile'))
-def _per_patch(feats, c_emb, e2d, emb_valid, p_nb, p_pos, tau, lam, rho, *, query_tile: int,
-               bank_tile: int) -> dict:
-  """The per-patch values of `prior_diagnostics` ([B h w] arrays by name), one compiled call
-  per batch shape (and C_emb shape: pass a padded C_emb, `infer.pad_bank`, to share it)."""
+def per_patch_values(feats, c_emb, e2d, emb_valid, p_nb, p_pos, tau, lam, rho, *,
+                     query_tile: int, bank_tile: int) -> dict:
+  """The per-patch values `summarize` reduces ([B h w] arrays by name; arguments as in
+  `prior_diagnostics`, C_emb optionally padded with its 'emb_valid'), one compiled call per
+  batch shape (and C_emb shape: pass a padded C_emb, `infer.pad_bank`, to share it)."""
   b, h, w, d = feats.shape
   flat = feats.reshape(-1, d)
   tiles = dict(query_tile=query_tile, bank_tile=bank_tile)
@@ -134,18 +136,28 @@ def prior_diagnostics(feats, masks, arrays: dict, p_nb=None, p_pos=None, *, tau:
   if masks.ndim != 3 or masks.shape[1:] != (h, w) or masks.shape[0] > b:
     raise ValueError(f'masks must be [n, h, w] with n <= B, (B, h, w) = {(b, h, w)} (patch '
                      f'resolution), got {masks.shape}')
-  n = masks.shape[0]
   p_pos = None if p_pos is None else jnp.asarray(p_pos)
-  per_patch = _per_patch(feats, jnp.asarray(arrays['c_emb']), jnp.asarray(arrays['emb_to_dist']),
-                         arrays.get('emb_valid'), None if p_nb is None else jnp.asarray(p_nb),
-                         p_pos, jnp.float32(tau), jnp.float32(lam),
-                         None if rho is None else jnp.float32(rho),
-                         query_tile=query_tile, bank_tile=bank_tile)
+  per_patch = per_patch_values(
+      feats, jnp.asarray(arrays['c_emb']), jnp.asarray(arrays['emb_to_dist']),
+      arrays.get('emb_valid'), None if p_nb is None else jnp.asarray(p_nb), p_pos,
+      jnp.float32(tau), jnp.float32(lam), None if rho is None else jnp.float32(rho),
+      query_tile=query_tile, bank_tile=bank_tile)
+  return summarize(per_patch, masks)
 
+
+def summarize(per_patch: dict, masks) -> dict[str, float]:
+  """`per_patch_values` of a batch of B images ([B h w] or [B, ...] arrays) -> the statistics
+  of `prior_diagnostics` over its first n images, masks [n, h, w] bool their defective patches
+  (n <= B: the rows of a padded batch after n are left out)."""
+  masks = np.asarray(masks, bool)
+  n = masks.shape[0]
   defect = masks.reshape(-1)
   out = {'n_normal': float((~defect).sum()), 'n_defect': float(defect.sum())}
   for key, values in per_patch.items():
-    v = np.asarray(values, np.float64).reshape(b, -1)[:n].reshape(-1)
+    v = np.asarray(values, np.float64)
+    v = v.reshape(-1, defect.size // max(n, 1))[:n].reshape(-1)
+    if v.size != defect.size:
+      raise ValueError(f'diagnostics value {key!r}: {v.size} patches for {defect.size} masks')
     for group, sel in (('normal', ~defect), ('defect', defect)):
       out[f'{group}/{key}'] = float(v[sel].mean()) if sel.any() else float('nan')
   return out

@@ -9,7 +9,6 @@ import pathlib
 import tempfile
 import time
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -21,7 +20,6 @@ from pni_jax import infer
 from pni_jax import metrics as metrics_lib
 from pni_jax import model as model_lib
 from pni_jax import report
-from pni_jax import scoring
 from pni_jax.progress import Progress
 
 DIAGNOSTICS = 'diagnostics.json'
@@ -127,14 +125,9 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infe
   diag_path = eval_dir / DIAGNOSTICS
   have_diag = (diag_path.exists()
                and json.loads(diag_path.read_text()).get('fingerprint') == eval_fp)
-  if not todo and have_diag:
+  diag_of = None if have_diag else diagnostics_variant(cfg, fitted)
+  if not todo and diag_of is None:
     logging.info('[%s] reusing evaluated variants: %s', category, ', '.join(results))
-    return results
-  if not have_diag:
-    diag = prior_diagnostics(cfg, category, extractor, fitted, test_split)
-    if diag is not None:
-      fileio.atomic_write_json(diag_path, dict(fingerprint=eval_fp, diagnostics=diag))
-  if not todo:
     return results
 
   crop = int(cfg.data.crop)
@@ -152,16 +145,27 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infe
     prog = Progress(f'[{category}] test images', n, unit='img')
     start = 0
     batches = data_lib.batches(test_split, cfg.data, with_masks=True)
-    for batch, outs in infer.score_batches(cfg, extractor, fitted, todo, batches):
+    runtime = infer.ModelRuntime(cfg, extractor, fitted, todo, diagnostics_of=diag_of)
+    diag_parts = []
+    for batch, outs in runtime.score_batches(batches):
       b = batch['image'].shape[0]
       for v in todo:
         maps[v.name][start:start + b] = outs[v.name]['maps']
         image_scores[v.name][start:start + b] = outs[v.name]['image']
         allowed[v.name] += float(outs[v.name]['allowed'].mean()) * b
+      if diag_of is not None:
+        values = outs[infer.DIAGNOSTICS]
+        grid = next(iter(values.values())).shape[1:3]
+        diag_parts.append(diagnostics.summarize(
+            values, diagnostics.patch_masks(np.asarray(batch['mask']) > 0.5, grid)))
       _keep_ground_truth(batch, start, masks, labels, fig_index, fig_images)
       start += b
       prog.update(b)
     prog.close()
+    if diag_of is not None:
+      diag = diagnostics.merge_diagnostics(diag_parts)
+      log_diagnostics(category, diag)
+      fileio.atomic_write_json(diag_path, dict(fingerprint=eval_fp, diagnostics=diag))
 
     curves = {}
     t = time.perf_counter()
@@ -176,7 +180,8 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infe
       if v == variants[0]:
         write_main_outputs(cfg, cat_dir, test_split, maps[v.name], masks, labels,
                             image_scores[v.name], fig_images, m, curve)
-    logging.info('[%s] I-AUROC / P-AUROC / AUPRO / P-F1 (allowed C_emb) in %.1fs: %s', category,
+    if curves:
+      logging.info('[%s] I-AUROC / P-AUROC / AUPRO / P-F1 (allowed C_emb) in %.1fs: %s', category,
                  time.perf_counter() - t, ';  '.join(
                      f'{name} {m["image_auroc"]:.4f} / {m["pixel_auroc"]:.4f} / {m["aupro"]:.4f} / '
                      f'{m["pixel_f1_max"]:.4f} ({m["allowed_fraction"]:.3f})'
@@ -262,41 +267,25 @@ def _keep_ground_truth(batch, start: int, masks_out, labels, fig_index, fig_imag
       fig_images[start + j] = np.asarray(batch['image'][j], np.float32)
 
 
-_priors = jax.jit(infer.priors, static_argnums=(3,))   # one compilation per spec, every category
+def diagnostics_variant(cfg, fitted: model_lib.PNIModel) -> infer.Variant | None:
+  """The variant whose priors the prior diagnostics examine: the model's N and / or P (None
+  when it has neither, or with eval.diagnostics off).
 
-
-def prior_diagnostics(cfg, category: str, extractor: infer.Extractor,
-                      fitted: model_lib.PNIModel, split) -> dict | None:
-  """Does a prior bind on this test set? `diagnostics.prior_diagnostics` of the model's N and P
-  priors (config hyper-parameters) over the split, normal and defective patches apart: how often
-  the nearest C_emb code is excluded by N, by P, by both (at tau, and at rho * max p), and the
-  mean score change N causes. None when the model has neither prior (or eval.diagnostics off)."""
+  The diagnostics (`diagnostics.prior_diagnostics`, computed in the test set's scoring call):
+  does a prior bind on this test set? Normal and defective patches apart: how often the nearest
+  C_emb code is excluded by N, by P, by both (at tau, and at rho * max p), and the mean score
+  change N causes (config hyper-parameters)."""
   has_n, has_p = fitted.mlp is not None, fitted.position is not None
   if not (has_n or has_p) or not cfg.eval.get('diagnostics', True):
     return None
-  crop = int(cfg.data.crop)
-  arrays = infer.scoring_arrays(cfg, fitted)      # C_emb padded: one compilation per bucket
-  hp = scoring.hparams_from_config(cfg.model)
-  spec = infer.make_spec(cfg.model, infer.Variant(has_n, has_p), (crop, crop))
-  sc = cfg.model.scoring
-  kw = dict(tau=float(hp.tau_scale) / int(np.shape(fitted.c_emb)[0]),
-            lam=float(hp.likelihood_lambda), rho=float(hp.rho),
-            query_tile=int(sc.query_tile), bank_tile=int(sc.bank_tile))
-  priors_arrays = {k: arrays[k] for k in ('mlp', 'position')}   # compiled whatever |C_emb|
-  parts = []
-  for batch in data_lib.batches(split, cfg.data, with_masks=True):
-    # Full batches (the last one padded): one shape for every split of the run.
-    _, feats = extractor.features(np.asarray(batch['image'], np.float32), full_batch=True)
-    p_nb, p_pos = _priors(priors_arrays, feats, hp, spec)
-    p_pos = None if p_pos is None else p_pos[0]              # [h, w, K], the same for every image
-    masks = diagnostics.patch_masks(np.asarray(batch['mask']) > 0.5, feats.shape[1:3])
-    parts.append(diagnostics.prior_diagnostics(feats, masks, arrays, p_nb, p_pos, **kw))
-  out = diagnostics.merge_diagnostics(parts)
+  return infer.Variant(has_n, has_p)
+
+
+def log_diagnostics(category: str, diag: dict) -> None:
   logging.info('[%s] priors exclude the nearest code (normal / defect patches): %s', category,
-               '; '.join(f'{k} {100 * out[f"normal/excluded_{k}"]:.1f}% / '
-                         f'{100 * out[f"defect/excluded_{k}"]:.1f}%'
-                         for k in ('N', 'P', 'NP') if f'normal/excluded_{k}' in out))
-  return out
+               '; '.join(f'{k} {100 * diag[f"normal/excluded_{k}"]:.1f}% / '
+                         f'{100 * diag[f"defect/excluded_{k}"]:.1f}%'
+                         for k in ('N', 'P', 'NP') if f'normal/excluded_{k}' in diag))
 
 
 def read_diagnostics(cat_dir: pathlib.Path) -> dict | None:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pni_jax import coreset
+from pni_jax import diagnostics
 from pni_jax import features
 from pni_jax import knn
 from pni_jax import model as model_lib
@@ -552,16 +553,39 @@ def score_features(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: Sc
   return dict(patch=patch, maps=maps, image=image, allowed=allowed)
 
 
+# The key of `score_variants`' output that holds the prior diagnostics.
+DIAGNOSTICS = '_diagnostics'
+
+
+def diagnostics_values(arrays: dict, feats: jax.Array, hp: scoring.HParams, spec: ScoringSpec,
+                       shared: Shared | None = None) -> dict:
+  """`diagnostics.per_patch_values` of spec's priors (hyper-parameters from hp; tau of eq. 5
+  from the real |C_emb|) -> {name: [B, h, w]}, the priors taken from `shared`."""
+  p_nb, p_pos = priors(arrays, feats, hp, spec, Shared() if shared is None else shared)
+  k = (p_nb if p_nb is not None else p_pos).shape[-1]
+  num_emb, _ = bank_counts(arrays, k)
+  values = diagnostics.per_patch_values(
+      feats, arrays['c_emb'], arrays['emb_to_dist'], arrays.get('emb_valid'), p_nb,
+      None if p_pos is None else p_pos[0], hp.tau_scale / num_emb, hp.likelihood_lambda, hp.rho,
+      query_tile=spec.query_tile, bank_tile=spec.bank_tile)
+  return {name: v.reshape(feats.shape[:3]) for name, v in values.items()}
+
+
 def score_variants(arrays: dict, feats: jax.Array, hp: scoring.HParams,
-                   specs: Iterable[ScoringSpec], images: jax.Array | None = None
-                   ) -> dict[str, dict]:
-  """`score_features` of several variants of one batch -> {variant name: its dict}.
+                   specs: Iterable[ScoringSpec], images: jax.Array | None = None,
+                   diagnostics_spec: ScoringSpec | None = None) -> dict[str, dict]:
+  """`score_features` of several variants of one batch -> {variant name: its dict}, and with
+  `diagnostics_spec` the prior diagnostics of its priors under the key `DIAGNOSTICS`
+  (`diagnostics_values`).
 
   What the variants share is computed once (`Shared`): the MLP's prior, the nearest C_emb row
   and the patch scores (N+P and N+P+R differ only after the maps), so an ablation table costs
   one MLP per image, not one per row."""
   shared = Shared()
-  return {s.variant.name: score_features(arrays, feats, hp, s, images, shared) for s in specs}
+  out = {s.variant.name: score_features(arrays, feats, hp, s, images, shared) for s in specs}
+  if diagnostics_spec is not None:
+    out[DIAGNOSTICS] = diagnostics_values(arrays, feats, hp, diagnostics_spec, shared)
+  return out
 
 
 def _jit_with_defaults(cfg_model, score_fn):
@@ -583,14 +607,22 @@ def make_scorer(cfg_model, variant: Variant, out_size: tuple[int, int]):
   return _jit_with_defaults(cfg_model, lambda a, f, hp, im: score_features(a, f, hp, spec, im))
 
 
-def make_variants_scorer(cfg_model, variants: Iterable[Variant], out_size: tuple[int, int]):
+def make_variants_scorer(cfg_model, variants: Iterable[Variant], out_size: tuple[int, int],
+                         diagnostics_of: Variant | None = None):
   """Jitted `score(arrays, feats, images=None, hparams=None) -> {variant name: dict(...)}` of
-  `score_variants` (one call scores every variant; shared work done once)."""
+  `score_variants` (one call scores every variant; shared work done once); with
+  `diagnostics_of` (a variant with N and / or P) also the prior diagnostics of its priors."""
   specs = tuple(make_spec(cfg_model, v, out_size) for v in variants)
   names = [s.variant.name for s in specs]
   if len(set(names)) != len(names):
     raise ValueError(f'variants must be distinct, got {names}')
-  return _jit_with_defaults(cfg_model, lambda a, f, hp, im: score_variants(a, f, hp, specs, im))
+  diag = None
+  if diagnostics_of is not None:
+    if not diagnostics_of.conditional:
+      raise ValueError(f'prior diagnostics need a variant with N or P, got {diagnostics_of.name}')
+    diag = make_spec(cfg_model, diagnostics_of, out_size)
+  return _jit_with_defaults(cfg_model,
+                            lambda a, f, hp, im: score_variants(a, f, hp, specs, im, diag))
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -621,14 +653,14 @@ class Extractor:
   mesh: object
   scorers: dict = dataclasses.field(default_factory=dict)
 
-  def scorer(self, cfg, variants: tuple[Variant, ...]):
+  def scorer(self, cfg, variants: tuple[Variant, ...], diagnostics_of: Variant | None = None):
     """The data-parallel jitted scorer of `variants` together (`make_variants_scorer`), built
     once per run (not per category), so categories with equal shapes reuse its compilation."""
     crop = int(cfg.data.crop)
-    key = (tuple(variants), crop)
+    key = (tuple(variants), diagnostics_of, crop)
     if key not in self.scorers:
       self.scorers[key] = sharding.data_parallel(
-          make_variants_scorer(cfg.model, variants, (crop, crop)), self.mesh,
+          make_variants_scorer(cfg.model, variants, (crop, crop), diagnostics_of), self.mesh,
           sharded_argnums=(1, 2))
     return self.scorers[key]
 
@@ -676,17 +708,21 @@ def make_extractor(cfg) -> Extractor:
 
 class ModelRuntime:
   """A fitted model on the devices, ready to score: its arrays and hyper-parameters are uploaded
-  once, the scorers come from the extractor (built once per run)."""
+  once, the scorers come from the extractor (built once per run). With `diagnostics_of` every
+  call also returns the prior diagnostics' per-patch values of that variant's priors under
+  `DIAGNOSTICS` ({name: [b, h, w]}, `diagnostics.summarize` reduces them)."""
 
   def __init__(self, cfg, extractor: Extractor, fitted: model_lib.PNIModel,
-               variants: Iterable[Variant], hparams: scoring.HParams | None = None):
+               variants: Iterable[Variant], hparams: scoring.HParams | None = None,
+               diagnostics_of: Variant | None = None):
     self.extractor = extractor
     self.variants = list(variants)
+    self.diagnostics_of = diagnostics_of
     mesh = extractor.mesh
     self.arrays = sharding.replicate(scoring_arrays(cfg, fitted), mesh)
     hp = scoring.hparams_from_config(cfg.model) if hparams is None else hparams
     self.hparams = sharding.replicate(hp, mesh)
-    self.scorer = extractor.scorer(cfg, tuple(self.variants))
+    self.scorer = extractor.scorer(cfg, tuple(self.variants), diagnostics_of)
 
   def score(self, images: np.ndarray, keys=('maps', 'image', 'allowed'),
             full_batch: bool = False) -> dict[str, dict]:
@@ -697,8 +733,11 @@ class ModelRuntime:
     b = images.shape[0]
     images_dev, feats = self.extractor.features(images, full_batch)
     out = self.scorer(self.arrays, feats, images_dev, self.hparams)
-    return {v.name: {k: np.asarray(out[v.name][k])[:b] for k in keys}   # cut on the host
+    outs = {v.name: {k: np.asarray(out[v.name][k])[:b] for k in keys}   # cut on the host
             for v in self.variants}
+    if self.diagnostics_of is not None:
+      outs[DIAGNOSTICS] = {k: np.asarray(v)[:b] for k, v in out[DIAGNOSTICS].items()}
+    return outs
 
   def score_batches(self, batches) -> Iterator[tuple[dict, dict]]:
     """Yields (batch, {variant name: dict(maps [b, S, S], image [b], allowed [b, h, w])}).

@@ -158,6 +158,35 @@ def test_variants_scored_together_equal_each_scored_alone():
     infer.make_variants_scorer(m, [infer.Variant(), infer.Variant()], (32, 32))
 
 
+def test_diagnostics_in_the_scoring_call_equal_the_standalone_ones():
+  # Evaluation takes the prior diagnostics from its scoring call (the MLP's prior shared with
+  # the variants); they must equal `diagnostics.prior_diagnostics` on the same batch.
+  from pni_jax import diagnostics
+  m = _model_config()
+  m.scoring.combine, m.scoring.rho, m.scoring.tau_scale = 'relative_lift_score', 0.9, 8.0
+  arrays = _arrays(jax.random.key(8))
+  feats = jax.random.normal(jax.random.key(9), (3, 8, 8, 16))
+  masks = np.zeros((2, 8, 8), bool)              # the first 2 of 3 rows are real images
+  masks[:, 2:5, 3:6] = True
+  both = infer.Variant(True, True)
+  out = infer.make_variants_scorer(m, [infer.Variant()], (32, 32), diagnostics_of=both)(
+      arrays, feats)
+  values = out[infer.DIAGNOSTICS]
+  assert all(v.shape == (3, 8, 8) for v in values.values())
+  got = diagnostics.summarize(values, masks)
+  hp = scoring.hparams_from_config(m)
+  p_nb, p_pos = infer.priors(arrays, feats, hp, infer.make_spec(m, both, (32, 32)))
+  want = diagnostics.prior_diagnostics(
+      feats, masks, arrays, p_nb, p_pos[0], tau=8.0 / 90, lam=float(hp.likelihood_lambda),
+      rho=0.9, query_tile=32, bank_tile=64)
+  assert set(got) == set(want) and 'normal/rel_score_change_N' in got
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert 0 < got['normal/excluded_N'] < 1 and 0 < got['defect/lift_excluded_P'] < 1
+  with pytest.raises(ValueError, match='N or P'):
+    infer.make_variants_scorer(m, [], (32, 32), diagnostics_of=infer.Variant())
+
+
 def test_paper_configs_take_the_max_of_the_unblurred_cropped_patch_map():
   from configs import btad, mvtec, visa
   for module in (mvtec, visa, btad):
