@@ -10,7 +10,8 @@ For the baseline (PatchCore) and N+P, at batch 1 and batch B (data.batch_size), 
     on b host images, per image;
   * predict: `predict.Predictor.run` on one image file (decode, preprocess, score, map back to
     the original size, write the mask and overlay PNGs), warm;
-and the same measured for the reference formulation side by side ("before": the MLP as gathered
+the evaluation's variants on one batch, one scorer per variant against all in one call
+(`infer.make_variants_scorer`); and the same measured for the reference formulation side by side ("before": the MLP as gathered
 windows + dense layers, the masked search over all of C_emb for every patch, every call padded to
 batch B, as pni-jax scored before the runtime rewrite), with the ratio. Times: median over
 --repeats calls after a warm-up (compile) call, the two formulations interleaved so both see the
@@ -123,6 +124,40 @@ def _stage_fns(arrays, feats, cfg, variant, spec, hp):
   return out
 
 
+def _evaluation_figures(cfg, arrays, feats, images, hp, repeats: int) -> None:
+  """Prints ms / image of the variants evaluation scores (`evaluate.variants_to_evaluate`, those
+  the model has) on one batch: one scorer per variant against all in one call
+  (`infer.make_variants_scorer`, shared MLP prior / nearest row / N+P maps), and the time of
+  each form's first call (its compilation)."""
+  from pni_jax import evaluate  # pylint: disable=g-import-not-at-top
+  if not hasattr(infer, 'make_variants_scorer'):
+    print('\nevaluation: this checkout scores each variant with its own scorer only')
+    return
+  have = {'N': arrays.get('mlp') is not None, 'P': arrays.get('position') is not None,
+          'R': arrays.get('refine') is not None}
+  variants = [v for v in evaluate.variants_to_evaluate(cfg)
+              if (have['N'] or not v.neighborhood) and (have['P'] or not v.position)
+              and (have['R'] or not v.refinement)]
+  size = tuple(images.shape[1:3])
+  singles = [infer.make_scorer(cfg.model, v, size) for v in variants]
+  together = infer.make_variants_scorer(cfg.model, variants, size)
+  fns = {'one scorer per variant': lambda: [s(arrays, feats, images, hp) for s in singles],
+         'all variants in one call': lambda: together(arrays, feats, images, hp)}
+  first = {}
+  for name, fn in fns.items():
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    first[name] = time.perf_counter() - t
+  times = _median_times(fns, repeats)
+  b = images.shape[0]
+  print(f'\nevaluation scoring, {len(variants)} variants ({", ".join(v.name for v in variants)}), '
+        f'batch {b}:')
+  for name in fns:
+    print(f'  {name:<28s} {1e3 * times[name] / b:8.2f} ms / image   first call (compile) '
+          f'{first[name]:6.1f} s')
+  print(f'  speed-up {times["one scorer per variant"] / times["all variants in one call"]:.2f}x')
+
+
 def run(args) -> int:
   workdir = pathlib.Path(args.workdir)
   cats = sorted(p.parent.parent.name for p in workdir.glob('*/model/meta.json'))
@@ -199,6 +234,10 @@ def run(args) -> int:
       predict_variant = predictor.variant.name
   except ValueError as e:
     print(f'predict skipped: {e}')
+
+  x_eval = jnp.asarray(images)
+  _evaluation_figures(cfg, arrays, extractor.fn(extractor.variables, x_eval), x_eval, hp,
+                      args.repeats)
 
   # The MLP's work against this machine's matmul rate, measured now (a lower bound of N+P).
   mlp_gflop = None
