@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import threading
 
 import jax
@@ -114,3 +115,12 @@ class CompileCounter:
   def as_dict(self) -> dict:
     return dict(compiles=self.compiles, cache_hits=self.cache_hits,
                 compile_s=round(self.compile_seconds, 3))
+
+
+def dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of every dot in XLA's optimised HLO (`compiled.as_text()`), i.e.
+  after XLA's own passes: a bfloat16 product that XLA:CPU could not hand to its bfloat16 kernels
+  shows here as ('f32', 'f32') behind converts."""
+  types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo_text))
+  return [tuple(types.get(name, '?') for name in re.findall(r'%([\w.\-]+)', operands)[:2])
+          for operands in re.findall(r' dot\(([^)]*)\)', hlo_text)]

@@ -153,18 +153,22 @@ def test_bfloat16_mlp_accumulates_in_float32():
   assert float(got[0, 0]) == 4095 * (1 + 2.0 ** -7) == 4126.9921875
 
 
-def _matmul_dtypes(dtype) -> set[tuple[str, str, str]]:
-  """(lhs, rhs, result) element types of every matmul in the lowered MLP training step."""
-  import re
+def _lowered_step(dtype):
+  """A small MLP training step (3 layers of 32, window 3, batch 16), lowered."""
   from pni_jax.config import base_config
   cfg = base_config().model.neighborhood
   cfg.window, cfg.num_layers, cfg.width, cfg.batch_size = 3, 3, 32, 16
   state = nb.create_train_state(jax.random.key(0), cfg, 8 * 4, 8, 10, dtype)
   maps = {'feats': jnp.zeros((2, 5, 5, 4), dtype), 'targets': jnp.zeros((2, 5, 5), jnp.int32),
           'slot': jnp.arange(2, dtype=jnp.int32)}
-  order = jnp.zeros((32,), jnp.int32)
-  text = nb.train_step.lower(state, maps, order, 0, jax.random.key(1), 0,
-                             grid=nb._Grid(2, 5, 5, 0), batch_size=16).as_text()
+  return nb.train_step.lower(state, maps, jnp.zeros((32,), jnp.int32), 0, jax.random.key(1), 0,
+                             grid=nb._Grid(2, 5, 5, 0), batch_size=16)
+
+
+def _matmul_dtypes(dtype) -> set[tuple[str, str, str]]:
+  """(lhs, rhs, result) element types of every matmul in the lowered MLP training step."""
+  import re
+  text = _lowered_step(dtype).as_text()
   found = re.findall(r'stablehlo\.dot_general .*: \(tensor<[\dx]+x(\w+)>, tensor<[\dx]+x(\w+)>\) '
                      r'-> tensor<[\dx]+x(\w+)>', text)
   assert len(found) == 3 + 2 * 3 - 1      # 3 forward, 3 weight and 2 input gradients
@@ -176,6 +180,27 @@ def test_bfloat16_training_multiplies_in_bfloat16_forward_and_backward():
   # float32 x float32 (two thirds of the training FLOPs): bfloat16 trained no faster on a GPU.
   assert _matmul_dtypes(jnp.bfloat16) == {('bf16', 'bf16', 'f32')}
   assert _matmul_dtypes(jnp.float32) == {('f32', 'f32', 'f32')}
+
+
+def _compiled_dot_types(dtype) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of every dot of the step as XLA compiled it."""
+  from pni_jax import compilation
+  return compilation.dot_operand_types(_lowered_step(dtype).compile().as_text())
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's bfloat16 dot kernels")
+def test_bfloat16_backward_products_stay_bfloat16_after_xla(monkeypatch):
+  # XLA:CPU upcast the backward products whose transposed operand it laid out column-major
+  # (the weight gradients x^T g, the input gradients g w^T) to float32; the row-major copies
+  # keep all 8 products (3 forward, 3 weight and 2 input gradients) in bfloat16.
+  assert _compiled_dot_types(jnp.bfloat16) == [('bf16', 'bf16')] * 8
+  assert _compiled_dot_types(jnp.float32) == [('f32', 'f32')] * 8
+  # With XLA's own transposes, 5 of the 8 products run in float32 (what the fix is for).
+  monkeypatch.setattr(nb, '_row_major_transpose', jnp.transpose)
+  jax.clear_caches()   # trace the step again
+  assert _compiled_dot_types(jnp.bfloat16).count(('f32', 'f32')) == 5
+  monkeypatch.undo()
+  jax.clear_caches()   # no later test reuses the step traced with XLA's transposes
 
 
 def test_bfloat16_backward_adds_no_error(monkeypatch):

@@ -20,6 +20,7 @@ confidence: trains the MLP (`train_mlp`, `--bf16` for bfloat16) on a synthetic d
 from __future__ import annotations
 
 import argparse
+import collections
 import re
 import time
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pni_jax import compilation
 from pni_jax import neighborhood as nb
 from pni_jax import position
 from pni_jax.config import base_config
@@ -154,11 +156,13 @@ def step_hlo(dim: int, layers: int, width: int, classes: int, window: int, batch
     key = f'{ta} x {tb} -> {to}'
     n, f = dots.get(key, (0, 0.0))
     dots[key] = (n + 1, f + flops)
-  cost = lowered.compile().cost_analysis()
+  compiled = lowered.compile()
+  cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  compiled_dots = collections.Counter(compilation.dot_operand_types(compiled.as_text()))
   return dict(dtype=jnp.dtype(dtype).name, dots=dots, converts=text.count('stablehlo.convert'),
               flops=float(cost.get('flops', np.nan)),
-              bytes=float(cost.get('bytes accessed', np.nan)))
+              bytes=float(cost.get('bytes accessed', np.nan)), compiled_dots=compiled_dots)
 
 
 def run_hlo(args) -> None:
@@ -177,6 +181,9 @@ def run_hlo(args) -> None:
           f'per step (XLA), {r["converts"]} converts; matmuls:')
     for k, (n, f) in sorted(r['dots'].items(), key=lambda kv: -kv[1][1]):
       print(f'           {n:3d} x {k:<32} {f / 1e9:8.2f} GFLOP ({100 * f / total:.0f}%)')
+    print('           after XLA (operand types of the compiled dots; on CPU a bfloat16 product '
+          'XLA could not\n           run in bfloat16 shows as f32 x f32): ' +
+          ', '.join(f'{n} x {a} x {b}' for (a, b), n in sorted(r['compiled_dots'].items())))
 
 
 # ----------------------------------------------------------------------------- confidence
