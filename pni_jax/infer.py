@@ -669,7 +669,7 @@ class Extractor:
     `variant` in one call (A_hat of the refinement stage), built once per run; the model arrays
     are an argument, so categories with equal shapes (`scoring_arrays`) reuse its compilation."""
     crop = int(cfg.data.crop)
-    key = ('maps', variant, crop)
+    key = ('maps', variant, crop, mlp_dtype(cfg.model))
     if key not in self.scorers:
       score = make_scorer(cfg.model, variant, (crop, crop))
       fn = self.fn
