@@ -181,11 +181,8 @@ def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infe
         write_main_outputs(cfg, cat_dir, test_split, maps[v.name], masks, labels,
                             image_scores[v.name], fig_images, m, curve)
     if curves:
-      logging.info('[%s] I-AUROC / P-AUROC / AUPRO / P-F1 (allowed C_emb) in %.1fs: %s', category,
-                 time.perf_counter() - t, ';  '.join(
-                     f'{name} {m["image_auroc"]:.4f} / {m["pixel_auroc"]:.4f} / {m["aupro"]:.4f} / '
-                     f'{m["pixel_f1_max"]:.4f} ({m["allowed_fraction"]:.3f})'
-                     for name, m in results.items() if name in curves))
+      logging.info('[%s] metrics in %.1fs:\n%s', category, time.perf_counter() - t,
+                   metrics_table({name: m for name, m in results.items() if name in curves}))
     if len(curves) > 1:
       report.save_pr_curve(cat_dir / 'figures' / 'pr_curve_variants.png',
                            {k: (c['pr']['precision'], c['pr']['recall']) for k, c in curves.items()},
@@ -279,6 +276,16 @@ def diagnostics_variant(cfg, fitted: model_lib.PNIModel) -> infer.Variant | None
   if not (has_n or has_p) or not cfg.eval.get('diagnostics', True):
     return None
   return infer.Variant(has_n, has_p)
+
+
+def metrics_table(results: dict[str, dict]) -> str:
+  """Aligned text lines of each variant's metrics (the log's view of the ablation table)."""
+  width = max(len('variant'), *(len(name) for name in results))
+  lines = [f'  {"variant":<{width}}  I-AUROC  P-AUROC    AUPRO     P-F1  allowed C_emb']
+  lines += [f'  {name:<{width}}  {m["image_auroc"]:7.4f}  {m["pixel_auroc"]:7.4f}  '
+            f'{m["aupro"]:7.4f}  {m["pixel_f1_max"]:7.4f}  {m["allowed_fraction"]:13.3f}'
+            for name, m in results.items()]
+  return '\n'.join(lines)
 
 
 def log_diagnostics(category: str, diag: dict) -> None:

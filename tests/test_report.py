@@ -227,3 +227,18 @@ def test_log_metrics_writes_tensorboard_scalars(tmp_path):
   assert len(events) == 1
   content = (tmp_path / 'tb' / events[0]).read_bytes()
   assert b'bottle/aupro' in content and b'bottle/fpr' in content
+
+
+def test_metrics_log_table_is_aligned_per_variant():
+  # evaluate logs one aligned line per variant (the values in the table's column order).
+  from pni_jax import evaluate
+  results = {'+N+P+R': dict(image_auroc=1.0, pixel_auroc=0.99384, aupro=0.9793,
+                            pixel_f1_max=0.91381, allowed_fraction=0.0361),
+             'baseline': dict(image_auroc=0.7326, pixel_auroc=0.7019, aupro=0.3408,
+                              pixel_f1_max=0.4385, allowed_fraction=1.0)}
+  lines = evaluate.metrics_table(results).split('\n')
+  assert len(lines) == 3
+  assert lines[0].split() == ['variant', 'I-AUROC', 'P-AUROC', 'AUPRO', 'P-F1', 'allowed', 'C_emb']
+  assert lines[1].split() == ['+N+P+R', '1.0000', '0.9938', '0.9793', '0.9138', '0.036']
+  assert lines[2].split() == ['baseline', '0.7326', '0.7019', '0.3408', '0.4385', '1.000']
+  assert len({len(line) for line in lines}) == 1     # columns line up
