@@ -203,8 +203,8 @@ def amap_config(cfg):
   whatever model.scoring.mlp_precision says (that setting is for evaluation and predict).
 
   Trained on A_hat from the bfloat16 scoring MLP, the demo's refinement network lost 0.25-1.7
-  points of granite's pixel F1 (3 seeds; float32 72.4 / 72.1 / 67.9, README 'Scale'), while
-  evaluating with it moved no metric by more than 0.04 points."""
+  points of granite's pixel F1 (seeds 0, 1, 2; float32 67.9 / 72.4 / 72.1, README 'Scale'),
+  while evaluating with it moved no metric by more than 0.02 points."""
   if not str(cfg.model.scoring.get('mlp_precision', '') or ''):
     return cfg
   cfg = cfg.copy_and_resolve_references()

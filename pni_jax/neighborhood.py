@@ -170,8 +170,8 @@ def _transpose(a: jax.Array) -> jax.Array:
   kernels (YNNPACK) take row-major operands only, so it upcast the MLP's weight and input
   gradients to float32 (the weight gradient of the demo MLP's first layer: 2.7 ms of a 12 ms
   bfloat16 step, at the float32 rate). Concatenating the two halves of a^T materialises it
-  row-major and the products stay bfloat16 (`tools/benchmark.py mlp hlo` counts the dots XLA
-  upcast). Other backends take the transpose as it is."""
+  row-major and the products stay bfloat16 (`tools/benchmark.py mlp hlo` lists the compiled
+  dots' operand types). Other backends take the transpose as it is."""
   return jax.lax.platform_dependent(a, cpu=_row_major_transpose, default=jnp.transpose)
 
 
