@@ -29,11 +29,13 @@ resize to the model's input geometry, center crop, / 255:
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import json
 import math
 import os
 import sys
-from typing import NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -106,6 +108,55 @@ def to_uint8_rgb(img: Image.Image) -> np.ndarray:
 def load_image(path: str) -> np.ndarray:
   """Reads an image file as uint8 [H, W, 3] RGB; errors name the file."""
   return to_uint8_rgb(open_image(path, 'image'))
+
+
+def default_workers() -> int:
+  """Threads for decoding and resampling images: the CPUs this process may use, at most 8."""
+  try:
+    n = len(os.sched_getaffinity(0))
+  except AttributeError:                      # not on Linux
+    n = os.cpu_count() or 1
+  return max(1, min(8, n))
+
+
+def threaded_map(fn: Callable, items: Iterable, workers: int = 0, ahead: int = 0,
+                 pool: concurrent.futures.Executor | None = None
+                 ) -> Iterator[concurrent.futures.Future]:
+  """`fn` over `items` on `workers` threads (0: `default_workers()`; or on `pool`, an executor
+  the caller keeps, e.g. across the requests of a service), in order: yields one
+  Future per item, whose `.result()` is fn's value or raises fn's exception (so a caller can
+  skip one bad file and go on). At most `ahead` calls (0: 2 x workers) run or wait beyond the
+  item being consumed, so memory stays bounded by the caller, not by the number of items.
+
+  PIL's decoders and numpy's loops over large arrays release the GIL, so images decode and
+  resample in parallel, and while the caller's thread scores the previous batch. Leaving the
+  loop early (or an exception in it) cancels the calls not yet started."""
+  workers = int(workers) or default_workers()
+  ahead = max(1, int(ahead) or 2 * workers)
+  own = pool is None
+  if own:
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='pni-load')
+  pending = collections.deque()
+  try:
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) > ahead:
+        yield pending.popleft()
+    while pending:
+      yield pending.popleft()
+  finally:
+    for f in pending:
+      f.cancel()
+    if own:
+      pool.shutdown(wait=True)
+    else:
+      concurrent.futures.wait(pending)
+
+
+def load_crop(path: str, resize: int, crop: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 [H, W, 3] image as decoded, float32 [crop, crop, 3] model input) of one file."""
+  image = load_image(path)
+  return image, preprocess(image, resize, crop, mode=mode)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -198,23 +249,30 @@ def apply_taps(x: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> np.n
   multiply-add per further tap, in order k (weights and pixels are >= 0, so starting from the
   first product equals starting from 0).
 
-  x: [..., n, ...] (uint8 or float32) -> float32 [..., count, ...] (count = idx.shape[0]).
+  x: [..., n, ...] (uint8 or float32) -> float32 [..., count, ...] (count = idx.shape[0]), C order.
+
+  Each output element gets exactly those float32 operations (a product, then a sum per tap: no
+  fused multiply-add). A uint8 input is converted inside the product (no float copy of the image
+  per tap), products and sums go into two preallocated buffers, a tap whose weights are all 0
+  (it would add exact zeros) is skipped, and an unresized axis is one product.
   """
   x = np.asarray(x)
-  shape = [1] * x.ndim
-  shape[axis] = -1
-
-  def pixels(k):
-    if np.array_equal(idx[:, k], np.arange(x.shape[axis])):   # an unresized axis: no gather
-      return x.astype(np.float32)
-    return np.take(x, idx[:, k], axis=axis).astype(np.float32)
-
-  acc = w[:, 0].reshape(shape) * pixels(0)
-  for k in range(1, idx.shape[1]):
-    # A tap whose weights are all 0 adds exact zeros (finite pixels): skipped, same result.
-    if np.any(w[:, k]):
-      acc = acc + w[:, k].reshape(shape) * pixels(k)
-  return acc
+  n = x.shape[axis]
+  count = idx.shape[0]
+  taps = [k for k in range(idx.shape[1]) if k == 0 or np.any(w[:, k])]
+  if len(taps) == 1 and count == n and np.array_equal(idx[:, 0], np.arange(n)):
+    shape = [1] * x.ndim                      # an unresized axis: one product, no gather
+    shape[axis] = -1
+    return np.multiply(w[:, 0].reshape(shape), x, dtype=np.float32)
+  wshape = [1] * x.ndim
+  wshape[axis] = count
+  w = np.asarray(w, np.float32)               # uint8 x float32 -> float32, converted per element
+  out = np.multiply(w[:, taps[0]].reshape(wshape), np.take(x, idx[:, taps[0]], axis=axis))
+  term = np.empty_like(out)
+  for k in taps[1:]:
+    np.multiply(w[:, k].reshape(wshape), np.take(x, idx[:, k], axis=axis), out=term)
+    np.add(out, term, out=out)
+  return out
 
 
 def crop_taps(orig_h: int, orig_w: int, resize: int, crop: int, mode: str):
@@ -316,15 +374,23 @@ class Artifact:
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
   def load_images(self, paths):
-    """Files -> preprocessed crops [N, S, S, 3] float32."""
-    return np.stack([preprocess(load_image(p), self.resize, self.crop, mode=self.resize_mode)
-                     for p in paths])
+    """Files -> preprocessed crops [N, S, S, 3] float32 (decoded on `default_workers()`
+    threads)."""
+    load = lambda p: preprocess(load_image(p), self.resize, self.crop, mode=self.resize_mode)
+    return np.stack([f.result() for f in threaded_map(load, paths)])
 
   def predict_files(self, paths, batch_size=8):
-    """Scores image files in batches of `batch_size`; dict(maps, image, patch, decision)."""
-    parts = []
-    for start in range(0, len(paths), batch_size):
-      parts.append(self(self.load_images(paths[start:start + batch_size])))
+    """Scores image files in batches of `batch_size`; dict(maps, image, patch, decision). The
+    files decode on `default_workers()` threads while the previous batch is scored."""
+    load = lambda p: preprocess(load_image(p), self.resize, self.crop, mode=self.resize_mode)
+    parts, batch = [], []
+    for f in threaded_map(load, paths, ahead=2 * batch_size):
+      batch.append(f.result())
+      if len(batch) == batch_size:
+        parts.append(self(np.stack(batch)))
+        batch = []
+    if batch:
+      parts.append(self(np.stack(batch)))
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     thr = (self.meta.get('thresholds') or {}).get('image')
     out['decision'] = (np.where(out['image'] >= thr, 'defective', 'normal') if thr is not None

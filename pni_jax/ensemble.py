@@ -183,14 +183,16 @@ def load_refiner(directory: str | os.PathLike) -> EnsembleRefiner:
 def combined_map_fn(cfg, member_fits: list, variant: infer.Variant,
                     map_affines) -> Callable[[jax.Array], jax.Array]:
   """A_ens of a device batch: `fn(images01 [B, S, S, 3] in [0, 1]) -> [B, S, S] float32`,
-  mean_i (A_i - shift_i) / scale_i with each member's own extractor and scorer of `variant`;
-  one jitted function of the members' device arrays (`refine.train_refiner`'s amap_fn).
+  mean_i (A_i - shift_i) / scale_i with each member's own extractor and scorer of `variant`
+  (its MLP in model.precision, as the single model's refinement maps are scored:
+  `fit.amap_config`); one jitted function of the members' device arrays
+  (`refine.train_refiner`'s amap_fn).
 
   Args:
     member_fits: [(name, member cfg, Extractor, fitted PNIModel)]; map_affines: [(shift, scale)].
   """
   crop = int(cfg.data.crop)
-  fns = tuple((ext.fn, infer.make_scorer(mcfg.model, variant, (crop, crop)))
+  fns = tuple((ext.fn, infer.make_scorer(fit.amap_config(mcfg).model, variant, (crop, crop)))
               for _, mcfg, ext, _ in member_fits)
   params = [(ext.variables, sharding.replicate(infer.scoring_arrays(mcfg, fitted), ext.mesh))
             for _, mcfg, ext, fitted in member_fits]
@@ -214,7 +216,8 @@ def refiner_fingerprint(cfg, member_fits: list, variant: infer.Variant, source: 
   keys = ('base_fingerprint', 'mlp_fingerprint', 'position_fingerprint') + (
       ('calibration_fingerprint',) if source == 'holdout' else ())
   return config_lib.fingerprint(
-      cfg.model.refine, cfg.model.scoring, member_variant(variant).name, source, cfg.seed,
+      cfg.model.refine, fit.amap_config(cfg).model.scoring, member_variant(variant).name, source,
+      cfg.seed,
       [[f.meta.get(k) for k in keys] for *_, f in member_fits],
       cfg.eval.calibration_pixels if source == 'training' else None)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import functools
 import glob
 import io
 import os
@@ -85,9 +86,6 @@ def _erode(mask: np.ndarray) -> np.ndarray:
   return out
 
 
-# Threads that encode and write the masks and overlays: with `fileio.encode_png` a 256 px
-# overlay takes 3-5 ms and each file's fsync ~1 ms, which overlap the next batch's scoring.
-WRITER_THREADS = 2
 
 
 class _Writes:
@@ -97,12 +95,14 @@ class _Writes:
   def __init__(self, pool: concurrent.futures.Executor, limit: int):
     self.pool, self.limit, self.in_flight = pool, limit, set()
 
-  def submit(self, fn, *args) -> None:
+  def submit(self, fn, *args) -> concurrent.futures.Future:
     self.check()
     while len(self.in_flight) >= self.limit:
       concurrent.futures.wait(self.in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
       self.check()
-    self.in_flight.add(self.pool.submit(fn, *args))
+    future = self.pool.submit(fn, *args)
+    self.in_flight.add(future)
+    return future
 
   def check(self) -> None:
     done = {f for f in self.in_flight if f.done()}
@@ -119,10 +119,6 @@ class _Writes:
     for f in self.in_flight:
       f.cancel()
     concurrent.futures.wait(self.in_flight)
-
-
-def _save_overlay(path: pathlib.Path, image: np.ndarray, mask: np.ndarray) -> None:
-  _save_png(path, overlay(image, mask))
 
 
 def _save_png(path: pathlib.Path, array: np.ndarray) -> None:
@@ -159,46 +155,60 @@ class Predictor:
     self.batch_size = extractor.batch_size
     self.runtime = infer.ModelRuntime(cfg, extractor, fitted, [self.variant])
     # Started once (a service calls `run` per request); the threads exit with the interpreter.
-    self.writer_pool = concurrent.futures.ThreadPoolExecutor(WRITER_THREADS, 'pni-predict-writer')
+    # Loaders decode and resample the next files; writers map each scored image back to its
+    # size and encode and write its mask and overlay (a 256 px overlay takes 3-5 ms with
+    # `fileio.encode_png`, a 1024 px one 30-45 ms); both while the calling thread scores.
+    workers = data_lib.default_workers()
+    self.loader_pool = concurrent.futures.ThreadPoolExecutor(workers, 'pni-predict-loader')
+    self.writer_pool = concurrent.futures.ThreadPoolExecutor(workers, 'pni-predict-writer')
 
-  def _flush(self, pending: list[dict], out_dir: pathlib.Path, rows: list[dict],
+  def _flush(self, pending: list[dict], out_dir: pathlib.Path, finished: list,
              writes: _Writes) -> None:
     if not pending:
       return
-    stats = self.stats
     images = np.stack([p['crop'] for p in pending])
     # At the smallest batch bucket; only what is used comes back to the host.
     out = self.runtime.score(images, keys=('maps', 'image'))[self.variant.name]
     for k, item in enumerate(pending):
-      h, w = item['orig'].shape[:2]
-      amap = data_lib.unprocess_map(out['maps'][k], h, w, self.resize, self.crop, mode=self.mode)
-      score = float(out['image'][k])
-      # The defect region of an image judged normal is empty: pixels above the pixel threshold
-      # in a normal image are the expected false positives of the held-out calibration.
-      mask = (amap >= stats['pixel_threshold']) & (score >= stats['image_threshold'])
-      name = item['name']
-      # PNG encoding and the file writes run on the writer threads (zlib and fsync release the
-      # GIL) while the next batch is decoded and scored.
-      writes.submit(_save_png, out_dir / f'{name}_mask.png', mask.astype(np.uint8) * 255)
-      writes.submit(_save_overlay, out_dir / f'{name}_overlay.png', item['orig'], mask)
-      rows.append(dict(path=item['path'], score=score, threshold=stats['image_threshold'],
-                       defective=bool(score >= stats['image_threshold']),
-                       defect_fraction=float(mask.mean()), height=h, width=w,
-                       mask=f'{name}_mask.png', overlay=f'{name}_overlay.png', error=''))
+      # The map back at the image's size, the mask and the PNGs run on the writer threads (numpy,
+      # zlib and fsync release the GIL) while the next batch is decoded and scored.
+      finished.append(writes.submit(self._finish, item, out['maps'][k], float(out['image'][k]),
+                                    out_dir))
     pending.clear()
+
+  def _finish(self, item: dict, amap_crop: np.ndarray, score: float,
+              out_dir: pathlib.Path) -> dict:
+    """One scored image: its map at the original size, the mask, the two PNGs -> its table row."""
+    stats = self.stats
+    h, w = item['orig'].shape[:2]
+    amap = data_lib.unprocess_map(amap_crop, h, w, self.resize, self.crop, mode=self.mode)
+    # The defect region of an image judged normal is empty: pixels above the pixel threshold
+    # in a normal image are the expected false positives of the held-out calibration.
+    mask = (amap >= stats['pixel_threshold']) & (score >= stats['image_threshold'])
+    name = item['name']
+    _save_png(out_dir / f'{name}_mask.png', mask.astype(np.uint8) * 255)
+    _save_png(out_dir / f'{name}_overlay.png', overlay(item['orig'], mask))
+    return dict(path=item['path'], score=score, threshold=stats['image_threshold'],
+                defective=bool(score >= stats['image_threshold']),
+                defect_fraction=float(mask.mean()), height=h, width=w,
+                mask=f'{name}_mask.png', overlay=f'{name}_overlay.png', error='')
 
   def run(self, paths: list[str], out_dir: pathlib.Path, *, progress: bool = True,
           write_tables: bool = True) -> list[dict]:
-    """Scores `paths`; writes masks, overlays and (with write_tables) the tables to `out_dir`."""
+    """Scores `paths`; writes masks, overlays and (with write_tables) the tables to `out_dir`.
+    The files decode on the loader threads ahead of the batch being scored."""
     out_dir = pathlib.Path(out_dir)
-    rows, pending = [], []
+    rows, pending, finished = [], [], []
     prog = Progress(f'[{self.category}] predict', len(paths), unit='img') if progress else None
     names = _unique_names(paths)
     writes = _Writes(self.writer_pool, 4 * self.batch_size)
+    load = functools.partial(data_lib.load_crop, resize=self.resize, crop=self.crop,
+                             mode=self.mode)
+    loads = data_lib.threaded_map(load, paths, ahead=2 * self.batch_size, pool=self.loader_pool)
     try:
-      for path, name in zip(paths, names):
+      for path, name, loaded in zip(paths, names, loads):
         try:
-          image = data_lib.load_image(path)
+          image, crop = loaded.result()
         except (OSError, ValueError) as e:
           logging.error('skipping %s: %s', path, e)
           rows.append(dict(path=path, score=float('nan'),
@@ -206,18 +216,19 @@ class Predictor:
                            defect_fraction=float('nan'), height=0, width=0, mask='',
                            overlay='', error=str(e)))
         else:
-          pending.append(dict(path=path, name=name, orig=image,
-                              crop=data_lib.preprocess(image, self.resize, self.crop,
-                                                       mode=self.mode)))
+          pending.append(dict(path=path, name=name, orig=image, crop=crop))
           if len(pending) == self.batch_size:
-            self._flush(pending, out_dir, rows, writes)
+            self._flush(pending, out_dir, finished, writes)
         if prog:
           prog.update(1)
-      self._flush(pending, out_dir, rows, writes)
+      self._flush(pending, out_dir, finished, writes)
       writes.finish()
     except BaseException:
       writes.cancel()
       raise
+    finally:
+      loads.close()
+    rows += [f.result() for f in finished]
     if prog:
       prog.close()
     order = {p: i for i, p in enumerate(paths)}

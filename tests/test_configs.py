@@ -73,6 +73,22 @@ def test_new_neutral_fields_leave_fingerprints_unchanged():
     config_lib.validate(cfg)
 
 
+def test_the_ensemble_refinement_ignores_the_scoring_mlp_precision_too():
+  # As for one model: the ensemble's A_ens is scored in model.precision, so the evaluation
+  # setting leaves the ensemble refinement's fingerprint alone (and a fitted one is reused).
+  from pni_jax import ensemble
+  from pni_jax import infer
+  cfg = demo.get_config()
+  variant = infer.Variant(True, True, True)
+  prints = {}
+  for precision in ('bfloat16', 'float32', ''):
+    cfg.model.scoring.mlp_precision = precision
+    prints[precision] = ensemble.refiner_fingerprint(cfg, [], variant, 'training')
+  assert len(set(prints.values())) == 1, prints
+  cfg.model.refine.iterations += 1                          # a refinement setting still counts
+  assert ensemble.refiner_fingerprint(cfg, [], variant, 'training') != prints['']
+
+
 def test_the_refinement_trains_on_maps_in_model_precision():
   # model.scoring.mlp_precision is for evaluation and predict: the refinement's A_hat is scored
   # in model.precision (bfloat16 A_hat cost the demo's refined granite 0.25-1.7 F1 points), so

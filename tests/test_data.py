@@ -439,6 +439,60 @@ def test_resampling_filter_against_pillow_and_by_hand():
     assert np.abs(ours - pil).max() <= 1.0 / 255 + 1e-6
 
 
+def _plain_taps(x, idx, w, axis):
+  """The resampling as first written: per tap, gather, convert to float32, multiply, add."""
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  acc = w[:, 0].reshape(shape) * np.take(x, idx[:, 0], axis=axis).astype(np.float32)
+  for k in range(1, idx.shape[1]):
+    acc = acc + w[:, k].reshape(shape) * np.take(x, idx[:, k], axis=axis).astype(np.float32)
+  return acc
+
+
+@pytest.mark.parametrize('n_in, n_out', [(131, 44), (40, 40), (30, 97), (1000, 256)])
+def test_apply_taps_equals_the_plain_per_tap_sum_bit_for_bit(n_in, n_out):
+  """The buffered `apply_taps` (uint8 converted inside the product, all-zero taps skipped, an
+  unresized axis one product) computes each pixel with the same float32 operations in the same
+  order as the plain loop, so the tf.data pipeline's crops still equal it exactly."""
+  rng = np.random.default_rng(n_in)
+  idx, w = images.bilinear_taps(n_in, n_out, gain=1 / 255)
+  img = rng.integers(0, 256, (n_in, 23, 3), np.uint8)
+  out = images.apply_taps(img, idx, w, axis=0)
+  assert out.dtype == np.float32 and out.shape == (n_out, 23, 3) and out.flags.c_contiguous
+  np.testing.assert_array_equal(out, _plain_taps(img, idx, w, 0))
+  flt = rng.uniform(size=(9, n_in, 3)).astype(np.float32)
+  out = images.apply_taps(flt, idx, w, axis=1)
+  assert out.shape == (9, n_out, 3) and out.flags.c_contiguous
+  np.testing.assert_array_equal(out, _plain_taps(flt, idx, w, 1))
+
+
+def test_threaded_map_keeps_order_bounds_the_work_ahead_and_reports_each_failure():
+  import threading
+  started, lock = [], threading.Lock()
+
+  def work(i):
+    with lock:
+      started.append(i)
+    if i == 5:
+      raise ValueError(f'bad item {i}')
+    return i * i
+
+  results = []
+  loads = images.threaded_map(work, range(40), workers=3, ahead=4)
+  for i, f in enumerate(loads):
+    if i == 10:
+      break
+    # never more than `ahead` calls beyond the one being consumed
+    assert max(started) <= i + 4
+    try:
+      results.append(f.result())
+    except ValueError as e:
+      results.append(str(e))
+  loads.close()        # leaving early: the calls not yet started are cancelled
+  assert results == [i * i for i in range(5)] + ['bad item 5'] + [i * i for i in range(6, 10)]
+  assert len(started) <= 10 + 4 + 1 and max(started) < 40
+
+
 def test_square_mode_keeps_the_whole_width():
   """Paper geometry: a 300 x 200 (W x H) image is judged over its whole width. With 'square' the
   crop keeps 480 / 512 of both axes (9.4 px of 300 cut per side): thin defect stripes 12 px from
@@ -581,6 +635,9 @@ def test_truncated_image(tmp_path, roots):
     list(data.iterate_numpy(data.make_dataset(test, cfg)))
   with pytest.raises(ValueError, match=str(bad)):
     data.load_image(str(bad))
+  from pni_jax.data import splits   # without TensorFlow: decoded on threads, the same error
+  with pytest.raises(ValueError, match=f'{bad}.*truncated'):
+    list(splits.numpy_batches(test, cfg, with_masks=True))
 
 
 def test_mask_size_mismatch(tmp_path, roots):

@@ -31,8 +31,8 @@ ATOL = 1e-5
 # Float32 rounding: the dots of the 1 x 1 convolutions tile their products by the batch's row
 # count, so scores of another batch size differ in the last bits (~7e-6 relative seen).
 RTOL = 1e-5
-ALLOWED_LOADER_IMPORTS = {'__future__', 'argparse', 'json', 'math', 'os', 'sys', 'typing', 'jax',
-                          'numpy', 'PIL'}
+ALLOWED_LOADER_IMPORTS = {'__future__', 'argparse', 'collections', 'concurrent', 'json', 'math',
+                          'os', 'sys', 'typing', 'jax', 'numpy', 'PIL'}
 
 # Runs a script like `python SCRIPT ARGS`, but with pni_jax (and the rest of this repository)
 # unimportable: a meta-path finder placed first refuses the names and the repository is taken

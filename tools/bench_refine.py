@@ -7,7 +7,8 @@ loop (default): the whole training loop, `refine.train_refiner`, on normal image
   loop compiles, A_hat included), the steady time per iteration (log points after the first:
   synthesis + A_hat + update), the one-off rest (init, calibration or pool, first steps) and the
   total. `--amap demo` (default: EfficientNet-Lite0, 256 px, the demo's scorer) or `paper`
-  (WideResNet-101-2, 480 px, random weights, the paper's sizes). Uses only `train_refiner`'s public
+  (WideResNet-101-2, 480 px, random weights, the paper's sizes). `--compilation-cache DIR`: with
+  JAX's persistent cache in DIR (cold the first time, warm after). Uses only `train_refiner`'s public
   arguments and history, so the same command times an older checkout
   (`PYTHONPATH=/path/to/checkout python tools/benchmark.py refine ...`).
 
@@ -48,18 +49,25 @@ def _timed(fn, repeats: int) -> float:
 
 
 class _CompileClock:
-  """Seconds of '/jax/core/compile/' events (works with any jax that has jax.monitoring)."""
+  """Seconds of '/jax/core/compile/' events and persistent-cache hits (works with any jax that
+  has jax.monitoring)."""
 
   def __init__(self):
-    self.total = 0.0
+    self.total, self.hits = 0.0, 0
     jax.monitoring.register_event_duration_secs_listener(self._on)
+    jax.monitoring.register_event_listener(self._on_event)
 
   def _on(self, event, duration, **_):
     if event.startswith('/jax/core/compile/'):
       self.total += float(duration)
 
+  def _on_event(self, event, **_):
+    if event == '/jax/compilation_cache/cache_hits':
+      self.hits += 1
+
   def close(self):
     jax.monitoring.unregister_event_duration_listener(self._on)
+    jax.monitoring.unregister_event_listener(self._on_event)
 
 
 def amap_model(which: str, seed: int = 0, mlp_precision: str = ''):
@@ -77,7 +85,9 @@ def amap_model(which: str, seed: int = 0, mlp_precision: str = ''):
     size, num_train = 480, 200
   m = config_module.get_config().model
   m.allow_random_init = True
-  if mlp_precision:
+  # '' scores A_hat as the pipeline's refinement stage does (`fit.amap_config`: the MLP in
+  # model.precision, whatever the config's evaluation setting model.scoring.mlp_precision says).
+  if mlp_precision or 'mlp_precision' in m.scoring:     # (older checkouts have no such field)
     m.scoring.mlp_precision = mlp_precision
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
@@ -150,7 +160,7 @@ def bench_loop(args) -> dict:
     (i0, w0, c0), (i1, w1, c1) = points[0], points[-1]
     steady, steady_cpu = (w1 - w0) / (i1 - i0), (c1 - c0) / (i1 - i0)
   half = max(1, len(hist['loss']) // 2)    # the loss over the second half of the run
-  return dict(total=total, total_cpu=total_cpu, compile=clock.total, steady=steady,
+  return dict(total=total, total_cpu=total_cpu, compile=clock.total, hits=clock.hits, steady=steady,
               steady_cpu=steady_cpu, loss=float(np.mean(hist['loss'][-half:])),
               input_loss=float(np.mean(hist['input_loss'][-half:])),
               parts=None if parts is None else parts.medians())
@@ -189,18 +199,29 @@ class _PartTimer:
     return {k: float(np.median(v[2:] if len(v) > 2 else v)) for k, v in self.times.items()}
 
 
+def use_cache(folder: str) -> None:
+  """JAX's persistent compilation cache in `folder`, every compile stored (as
+  `compilation.setup_cache` sets it for runs; set here directly so older checkouts work too)."""
+  jax.config.update('jax_compilation_cache_dir', folder)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def run_loop(args) -> None:
+  if args.compilation_cache:
+    use_cache(args.compilation_cache)
   mode = 'online synthesis' if args.pool_size == 0 else f'pool of {args.pool_size}'
   print(f'backend {jax.default_backend()}, {jax.device_count()} device(s); refinement loop: '
         f'{args.encoder} ({args.arch}, {args.precision}) at {args.input_size} px, batch '
-        f'{args.batch}, {mode}, A_hat of the {args.amap} model, {args.iterations} iterations')
+        f'{args.batch}, {mode}, A_hat of the {args.amap} model, {args.iterations} iterations, '
+        f'persistent compilation cache: {args.compilation_cache or "off"}')
   print('compile: tracing + lowering + XLA compile (wall); steady: per iteration after the first '
         'log point; CPU: process CPU seconds (less sensitive to a shared machine)')
-  print(f'{"run":>4} {"compile s":>10} {"steady s/it":>12} {"steady CPU s/it":>16} '
+  print(f'{"run":>4} {"compile s":>10} {"cache hits":>10} {"steady s/it":>12} {"steady CPU s/it":>16} '
         f'{"total s":>8} {"total CPU s":>12} {"loss (input map), 2nd half":>27}')
   for i in range(args.repeats):
     r = bench_loop(args)
-    print(f'{i:>4} {r["compile"]:>10.1f} {r["steady"]:>12.5f} {r["steady_cpu"]:>16.5f} '
+    print(f'{i:>4} {r["compile"]:>10.1f} {r["hits"]:>10} {r["steady"]:>12.5f} {r["steady_cpu"]:>16.5f} '
           f'{r["total"]:>8.1f} {r["total_cpu"]:>12.1f} {r["loss"]:>14.5f} ({r["input_loss"]:.5f})',
           flush=True)
     if r['parts']:
@@ -278,11 +299,16 @@ def main(argv: list[str]) -> int:
   p.add_argument('--decoder-width', type=int, default=0)
   p.add_argument('--precision', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--mlp-precision', default='', choices=('', 'float32', 'bfloat16'),
-                 help="loop: model.scoring.mlp_precision of the A_hat scorer ('': the config's)")
+                 help="loop: model.scoring.mlp_precision of the A_hat scorer ('': model.precision, "
+                      "as the pipeline's refinement stage scores it)")
   p.add_argument('--images', type=int, default=16, help='normal training images')
   p.add_argument('--parts', action='store_true',
                  help='loop: also time each call of an iteration alone (waits after each)')
   p.add_argument('--repeats', type=int, default=1)
+  p.add_argument('--compilation-cache', default='',
+                 help='loop: a persistent compilation cache folder (empty: off, every compile '
+                      'cold). Run twice with the same folder for the warm figure, as every run '
+                      'after the first pays with the cache on (runtime.compilation_cache)')
   # step
   p.add_argument('--sizes', default='96,128,160', help='step: comma-separated input sizes')
   p.add_argument('--image_size', type=int, default=256, help='step: full map size for fuse')

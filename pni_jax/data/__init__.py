@@ -10,10 +10,13 @@ from pni_jax.data.images import CropBox
 from pni_jax.data.images import LEGACY_RESIZE_MODE
 from pni_jax.data.images import RESIZE_MODES
 from pni_jax.data.images import crop_box
+from pni_jax.data.images import default_workers
+from pni_jax.data.images import load_crop
 from pni_jax.data.images import load_image
 from pni_jax.data.images import load_mask
 from pni_jax.data.images import preprocess
 from pni_jax.data.images import preprocess_mask
+from pni_jax.data.images import threaded_map
 from pni_jax.data.images import unprocess_map
 from pni_jax.data.layouts import Split
 from pni_jax.data.layouts import category_group
@@ -28,9 +31,9 @@ _PIPELINE = ('make_dataset', 'iterate_numpy')
 
 __all__ = [
     'CropBox', 'LEGACY_RESIZE_MODE', 'RESIZE_MODES', 'Split', 'batches', 'category_group',
-    'crop_box', 'generate', 'iterate_numpy', 'list_categories', 'load_image', 'load_mask',
-    'load_split', 'make_dataset', 'preprocess', 'preprocess_mask', 'subset', 'texture_categories',
-    'train_holdout', 'unprocess_map',
+    'crop_box', 'default_workers', 'generate', 'iterate_numpy', 'list_categories', 'load_crop',
+    'load_image', 'load_mask', 'load_split', 'make_dataset', 'preprocess', 'preprocess_mask',
+    'subset', 'texture_categories', 'threaded_map', 'train_holdout', 'unprocess_map',
 ]
 
 

@@ -29,19 +29,23 @@ from pni_jax.artifact_runner import apply_taps
 from pni_jax.artifact_runner import bilinear_taps
 from pni_jax.artifact_runner import crop_box
 from pni_jax.artifact_runner import crop_taps
+from pni_jax.artifact_runner import default_workers
 from pni_jax.artifact_runner import image_size
+from pni_jax.artifact_runner import load_crop
 from pni_jax.artifact_runner import load_image
 from pni_jax.artifact_runner import nearest_taps
 from pni_jax.artifact_runner import open_image
 from pni_jax.artifact_runner import preprocess
 from pni_jax.artifact_runner import resized_size
+from pni_jax.artifact_runner import threaded_map
 
 IMAGE_EXTENSIONS = _runner.EXTENSIONS
 
 __all__ = [
     'CropBox', 'IMAGE_EXTENSIONS', 'LEGACY_RESIZE_MODE', 'RESIZE_MODES', 'apply_taps',
-    'bilinear_taps', 'crop_box', 'crop_taps', 'image_size', 'load_image', 'load_mask', 'mask_taps', 'nearest_taps',
-    'open_image', 'preprocess', 'preprocess_mask', 'resized_size', 'unprocess_map',
+    'bilinear_taps', 'crop_box', 'crop_taps', 'default_workers', 'image_size', 'load_crop',
+    'load_image', 'load_mask', 'mask_taps', 'nearest_taps', 'open_image', 'preprocess',
+    'preprocess_mask', 'resized_size', 'threaded_map', 'unprocess_map',
 ]
 
 

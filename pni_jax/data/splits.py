@@ -64,32 +64,40 @@ def batches(split: Split, data_cfg: Any, *, with_masks: bool) -> Iterator[dict[s
 
 def numpy_batches(split: Split, data_cfg: Any, *, with_masks: bool
                   ) -> Iterator[dict[str, np.ndarray]]:
-  """`batches` without TensorFlow: PIL decode + `images.preprocess`, one image at a time."""
+  """`batches` without TensorFlow: PIL decode + `images.preprocess`, the images of the next
+  batches decoded on threads (`images.threaded_map`) while the caller works on this one."""
   from pni_jax.data import images  # pylint: disable=g-import-not-at-top
   resize, crop, bs = int(data_cfg.resize), int(data_cfg.crop), int(data_cfg.batch_size)
   mode = str(data_cfg.get('resize_mode', images.LEGACY_RESIZE_MODE))
   n = len(split.paths)
   if n == 0:
     raise ValueError(f'{split.category or "split"} {split.split}: no images to load')
-  for start in range(0, n, bs):
-    idx = np.arange(start, min(start + bs, n))
-    batch_images, masks = [], []
-    for i in idx:
-      image = images.load_image(split.paths[i])
-      batch_images.append(images.preprocess(image, resize, crop, mode=mode))
-      path = split.mask_paths[i] if with_masks else None
-      if with_masks and path is None:
-        masks.append(np.zeros((crop, crop), np.float32))
-      elif with_masks:
-        mask = images.load_mask(path)
-        if mask.shape != image.shape[:2]:
-          raise ValueError(f'mask size {mask.shape[0]}x{mask.shape[1]} (HxW) of {path} differs '
-                           f'from image size {image.shape[0]}x{image.shape[1]} of '
-                           f'{split.paths[i]}')
-        masks.append(images.preprocess_mask(mask, resize, crop, mode=mode))
-    out = {'image': np.stack(batch_images).astype(np.float32),
-           'label': np.asarray([split.labels[i] for i in idx], np.int32),
-           'index': idx.astype(np.int32)}
-    if with_masks:
-      out['mask'] = np.stack(masks).astype(np.float32)
-    yield out
+
+  def load(i: int) -> tuple[np.ndarray, np.ndarray | None]:
+    image = images.load_image(split.paths[i])
+    crop_image = images.preprocess(image, resize, crop, mode=mode)
+    if not with_masks:
+      return crop_image, None
+    path = split.mask_paths[i]
+    if path is None:
+      return crop_image, np.zeros((crop, crop), np.float32)
+    mask = images.load_mask(path)
+    if mask.shape != image.shape[:2]:
+      raise ValueError(f'mask size {mask.shape[0]}x{mask.shape[1]} (HxW) of {path} differs '
+                       f'from image size {image.shape[0]}x{image.shape[1]} of '
+                       f'{split.paths[i]}')
+    return crop_image, images.preprocess_mask(mask, resize, crop, mode=mode)
+
+  loads = images.threaded_map(load, range(n), ahead=2 * bs)
+  try:
+    for start in range(0, n, bs):
+      idx = np.arange(start, min(start + bs, n))
+      loaded = [next(loads).result() for _ in idx]
+      out = {'image': np.stack([c for c, _ in loaded]).astype(np.float32),
+             'label': np.asarray([split.labels[i] for i in idx], np.int32),
+             'index': idx.astype(np.int32)}
+      if with_masks:
+        out['mask'] = np.stack([m for _, m in loaded]).astype(np.float32)
+      yield out
+  finally:
+    loads.close()          # a consumer that stops early: the loads not started are cancelled
