@@ -8,6 +8,7 @@ import os
 import pathlib
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 from absl import logging
@@ -42,9 +43,13 @@ def variants_to_evaluate(cfg) -> list[infer.Variant]:
 
 
 def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor,
-              fitted: model_lib.PNIModel, holdout_split, variant: infer.Variant
-              ) -> model_lib.PNIModel:
+              fitted: model_lib.PNIModel, holdout_split, variant: infer.Variant,
+              score_with: 'EvaluationPlan | None' = None) -> model_lib.PNIModel:
   """Fit-time thresholds and normalisation from held-out normal training images (no test labels).
+
+  score_with: the category's `evaluation_plan`: when it scores `variant`, the held-out images
+  are scored by the evaluation's own compiled scorer (all its variants and diagnostics in one
+  call; `variant`'s values are used), so a run compiles one scorer instead of two.
 
   Adds to `fitted.stats` (and saves the model):
     image_threshold  the (1 - eval.threshold_fpr) quantile of held-out image scores
@@ -66,7 +71,8 @@ def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extrac
     return fitted
   n = len(holdout_split.paths)
   image_scores, pixels = split_statistics(cfg, extractor, fitted, variant, holdout_split,
-                                          what=f'[{category}] held-out images')
+                                          what=f'[{category}] held-out images',
+                                          score_with=score_with)
   stats = dict(fitted.stats)
   stats.update(
       image_threshold=np.float32(np.quantile(image_scores, 1 - float(cfg.eval.threshold_fpr),
@@ -86,15 +92,23 @@ def calibrate(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extrac
 
 
 def split_statistics(cfg, extractor: infer.Extractor, fitted: model_lib.PNIModel,
-                     variant: infer.Variant, split, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+                     variant: infer.Variant, split, *, what: str,
+                     score_with: 'EvaluationPlan | None' = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
   """The scores of a split of normal images: (image scores [N] float64, a strided sample of
-  their map pixels [P] float64, P ~ eval.calibration_pixels)."""
+  their map pixels [P] float64, P ~ eval.calibration_pixels); scored with `score_with`'s
+  scorer when it has `variant` (see `calibrate`), else with `variant`'s alone."""
   n = len(split.paths)
   stride = max(1, (n * int(cfg.data.crop) ** 2) // int(cfg.eval.calibration_pixels))
   image_scores, pixels = [], []
   prog = Progress(what, n, unit='img')
   batches = data_lib.batches(split, cfg.data, with_masks=False)
-  for batch, outs in infer.score_batches(cfg, extractor, fitted, [variant], batches):
+  if score_with is not None and variant in score_with.todo:
+    runtime = infer.ModelRuntime(cfg, extractor, fitted, score_with.todo,
+                                 diagnostics_of=score_with.diagnostics_of)
+  else:
+    runtime = infer.ModelRuntime(cfg, extractor, fitted, [variant])
+  for batch, outs in runtime.score_batches(batches):
     out = outs[variant.name]
     image_scores.append(out['image'])
     pixels.append(out['maps'].reshape(-1)[::stride])
@@ -104,28 +118,49 @@ def split_statistics(cfg, extractor: infer.Extractor, fitted: model_lib.PNIModel
           np.concatenate(pixels).astype(np.float64))
 
 
-def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor,
-                      fitted: model_lib.PNIModel, test_split,
-                      variants: list[infer.Variant]) -> dict[str, dict]:
-  """Scores the test set with each variant; returns variant name -> metrics (cached per variant)."""
+class EvaluationPlan(NamedTuple):
+  """What `evaluate_category` will compute for a category: the variants whose saved metrics are
+  missing or stale (`todo`), and the variant whose prior diagnostics it will gather (None:
+  saved). `cached` holds the saved metrics still valid."""
+  fingerprint: str
+  cached: dict
+  todo: list
+  diagnostics_of: infer.Variant | None
+
+
+def evaluation_plan(cfg, cat_dir: pathlib.Path, fitted: model_lib.PNIModel,
+                    variants: list[infer.Variant]) -> EvaluationPlan:
+  """The category's `EvaluationPlan` (reads the saved evaluations under `<cat_dir>/eval`)."""
   eval_dir = cat_dir / 'eval'
   eval_fp = config_lib.fingerprint(
       fitted.meta.get('base_fingerprint'), fitted.meta.get('mlp_fingerprint'),
       fitted.meta.get('position_fingerprint'), fitted.meta.get('refine_fingerprint'),
       cfg.model.scoring, cfg.model.neighborhood.window, cfg.model.refine.fusion_weight)
-  results, todo = {}, []
+  cached, todo = {}, []
   for v in variants:
     path = eval_dir / f'{v.name}.json'
     if path.exists():
       saved = json.loads(path.read_text())
       if saved.get('fingerprint') == eval_fp:
-        results[v.name] = saved['metrics']
+        cached[v.name] = saved['metrics']
         continue
     todo.append(v)
   diag_path = eval_dir / DIAGNOSTICS
   have_diag = (diag_path.exists()
                and json.loads(diag_path.read_text()).get('fingerprint') == eval_fp)
-  diag_of = None if have_diag else diagnostics_variant(cfg, fitted)
+  return EvaluationPlan(eval_fp, cached, todo,
+                        None if have_diag else diagnostics_variant(cfg, fitted))
+
+
+def evaluate_category(cfg, category: str, cat_dir: pathlib.Path, extractor: infer.Extractor,
+                      fitted: model_lib.PNIModel, test_split,
+                      variants: list[infer.Variant]) -> dict[str, dict]:
+  """Scores the test set with each variant; returns variant name -> metrics (cached per variant)."""
+  eval_dir = cat_dir / 'eval'
+  plan = evaluation_plan(cfg, cat_dir, fitted, variants)
+  eval_fp, results = plan.fingerprint, dict(plan.cached)
+  todo, diag_of = plan.todo, plan.diagnostics_of
+  diag_path = eval_dir / DIAGNOSTICS
   if not todo and diag_of is None:
     logging.info('[%s] reusing evaluated variants: %s', category, ', '.join(results))
     return results

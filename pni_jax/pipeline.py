@@ -157,7 +157,10 @@ def _run_category(cfg, cat_dir: pathlib.Path, category: str, variants, needed, m
   train, holdout = data_lib.train_holdout(train, float(cfg.data.holdout_fraction), int(cfg.seed))
   if not members:
     fitted = fit.fit_category(cfg, category, cat_dir, extractor, train, needed)
-    fitted = evaluate.calibrate(cfg, category, cat_dir, extractor, fitted, holdout, variants[0])
+    # Calibration scores with the evaluation's scorer: one compilation for both.
+    plan = evaluate.evaluation_plan(cfg, cat_dir, fitted, variants)
+    fitted = evaluate.calibrate(cfg, category, cat_dir, extractor, fitted, holdout, variants[0],
+                                score_with=plan)
     results = evaluate.evaluate_category(cfg, category, cat_dir, extractor, fitted, test, variants)
     return results, variants[0].name, len(train.paths)
   # Members are fitted without R: the ensemble trains one refinement network on its combined map.

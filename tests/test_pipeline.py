@@ -262,6 +262,32 @@ def test_fit_time_thresholds_come_from_held_out_normal_images(run):
   assert stats['image_threshold'] >= stats['image_mean'] > 0
 
 
+def test_calibration_scores_with_the_evaluations_compiled_scorer(run, tmp_path):
+  # The held-out images are scored by the evaluation's scorer (all variants and diagnostics in
+  # one call): one scorer compiled per run instead of two, and the same thresholds as a
+  # scorer of the calibrated variant alone.
+  cfg, workdir, _ = run
+  fitted = model_lib.load(workdir / 'tokens' / 'model')
+  uncalibrated = fitted.replace(meta=dict(fitted.meta, calibration_fingerprint=None))
+  train = data_lib.load_split(cfg.data, 'tokens', 'train')
+  _, holdout = data_lib.train_holdout(train, float(cfg.data.holdout_fraction), int(cfg.seed))
+  test = data_lib.load_split(cfg.data, 'tokens', 'test')
+  variants = evaluate.variants_to_evaluate(cfg)
+  extractor = infer.make_extractor(cfg)
+  shared, alone = tmp_path / 'shared', tmp_path / 'alone'
+  plan = evaluate.evaluation_plan(cfg, shared, uncalibrated, variants)
+  assert plan.todo == variants and plan.diagnostics_of is not None
+  got = evaluate.calibrate(cfg, 'tokens', shared, extractor, uncalibrated, holdout, variants[0],
+                           score_with=plan)
+  evaluate.evaluate_category(cfg, 'tokens', shared, extractor, got, test, variants)
+  scorers = [k for k in extractor.scorers if k[0] != 'maps']
+  assert len(scorers) == 1 and scorers[0][0] == tuple(variants), scorers
+  want = evaluate.calibrate(cfg, 'tokens', alone, extractor, uncalibrated, holdout, variants[0])
+  assert len([k for k in extractor.scorers if k[0] != 'maps']) == 2    # the variant's own scorer
+  for k in ('image_threshold', 'pixel_threshold', 'image_mean', 'pixel_std'):
+    np.testing.assert_allclose(float(got.stats[k]), float(want.stats[k]), rtol=1e-6, err_msg=k)
+
+
 def test_predict_reports_corrupt_files_and_returns_masks_at_original_size(run, tmp_path):
   from PIL import Image
   from pni_jax import predict

@@ -8,8 +8,8 @@ loop (default): the whole training loop, `refine.train_refiner`, on normal image
   synthesis + A_hat + update), the one-off rest (init, calibration or pool, first steps) and the
   total. `--amap demo` (default: EfficientNet-Lite0, 256 px, the demo's scorer) or `paper`
   (WideResNet-101-2, 480 px, random weights, the paper's sizes). `--compilation-cache DIR`: with
-  JAX's persistent cache in DIR (cold the first time, warm after). Uses only `train_refiner`'s public
-  arguments and history, so the same command times an older checkout
+  JAX's persistent cache in DIR (cold the first time, warm after). Uses only `train_refiner`'s
+  public arguments and history, so the same command times an older checkout
   (`PYTHONPATH=/path/to/checkout python tools/benchmark.py refine ...`).
 
 step: for each input size, the XLA compile time and the steady time of one `train_step`
@@ -217,12 +217,12 @@ def run_loop(args) -> None:
         f'persistent compilation cache: {args.compilation_cache or "off"}')
   print('compile: tracing + lowering + XLA compile (wall); steady: per iteration after the first '
         'log point; CPU: process CPU seconds (less sensitive to a shared machine)')
-  print(f'{"run":>4} {"compile s":>10} {"cache hits":>10} {"steady s/it":>12} {"steady CPU s/it":>16} '
-        f'{"total s":>8} {"total CPU s":>12} {"loss (input map), 2nd half":>27}')
+  print(f'{"run":>4} {"compile s":>10} {"cache hits":>10} {"steady s/it":>12} '
+        f'{"steady CPU s/it":>16} {"total s":>8} {"total CPU s":>12} {"loss (input map), 2nd half":>27}')
   for i in range(args.repeats):
     r = bench_loop(args)
-    print(f'{i:>4} {r["compile"]:>10.1f} {r["hits"]:>10} {r["steady"]:>12.5f} {r["steady_cpu"]:>16.5f} '
-          f'{r["total"]:>8.1f} {r["total_cpu"]:>12.1f} {r["loss"]:>14.5f} ({r["input_loss"]:.5f})',
+    print(f'{i:>4} {r["compile"]:>10.1f} {r["hits"]:>10} {r["steady"]:>12.5f} '
+          f'{r["steady_cpu"]:>16.5f} {r["total"]:>8.1f} {r["total_cpu"]:>12.1f} {r["loss"]:>14.5f} ({r["input_loss"]:.5f})',
           flush=True)
     if r['parts']:
       print('      parts, s per call (each waited for): ' + ', '.join(
