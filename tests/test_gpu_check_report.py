@@ -11,13 +11,17 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / 'tools'))
 
 import bench_mlp  # noqa: E402  pylint: disable=g-import-not-at-top
+import bench_refine  # noqa: E402  pylint: disable=g-import-not-at-top
 import gpu_check_report as rep  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# Lines as tools/bench_refine.py (loop) and tools/bench_backbone.py (--dtype both) print them.
-REFINE_BF16 = ('   0       95.8      0.00412          0.00310     97.8         48.0        '
-               '0.00628 (0.00719)')
-REFINE_F32 = ('   0      119.7      0.00824          0.00611    122.4         56.7        '
-              '0.00631 (0.00719)')
+# Lines as tools/bench_refine.py (loop, its own formatter) and tools/bench_backbone.py
+# (--dtype both) print them.
+REFINE_BF16 = bench_refine.format_row(0, dict(compile=95.8, steady=0.00412, steady_cpu=0.00310,
+                                              total=97.8, total_cpu=48.0, loss=0.00628,
+                                              input_loss=0.00719, hits=0))
+REFINE_F32 = bench_refine.format_row(0, dict(compile=119.7, steady=0.00824, steady_cpu=0.00611,
+                                             total=122.4, total_cpu=56.7, loss=0.00631,
+                                             input_loss=0.00719, hits=3))
 BACKBONE = '\n'.join([
     'arch               size batch    GFLOP compile s   s/call    img/s  GFLOP/s',
     'wide_resnet101_2    480     8   1412.1      21.3   float32    0.040   200.00  35302.5',
@@ -76,6 +80,7 @@ def test_figures_parsed_from_the_tools_output(tmp_path):
   assert fig['refine_bf16']['steady_s'] == pytest.approx(0.00412)
   assert fig['refine_bf16']['compile_s'] == pytest.approx(95.8)
   assert fig['refine_speedup'] == pytest.approx(2.0)
+  assert rep.parse_refine(REFINE_F32)[0]['cache_hits'] == 3      # the last column, optional
   assert fig['batch']['warm']['max_category_s'] == pytest.approx(20.0)
 
 

@@ -160,8 +160,8 @@ def bench_loop(args) -> dict:
     (i0, w0, c0), (i1, w1, c1) = points[0], points[-1]
     steady, steady_cpu = (w1 - w0) / (i1 - i0), (c1 - c0) / (i1 - i0)
   half = max(1, len(hist['loss']) // 2)    # the loss over the second half of the run
-  return dict(total=total, total_cpu=total_cpu, compile=clock.total, hits=clock.hits, steady=steady,
-              steady_cpu=steady_cpu, loss=float(np.mean(hist['loss'][-half:])),
+  return dict(total=total, total_cpu=total_cpu, compile=clock.total, hits=clock.hits,
+              steady=steady, steady_cpu=steady_cpu, loss=float(np.mean(hist['loss'][-half:])),
               input_loss=float(np.mean(hist['input_loss'][-half:])),
               parts=None if parts is None else parts.medians())
 
@@ -199,6 +199,18 @@ class _PartTimer:
     return {k: float(np.median(v[2:] if len(v) > 2 else v)) for k, v in self.times.items()}
 
 
+HEADER = (f'{"run":>4} {"compile s":>10} {"steady s/it":>12} {"steady CPU s/it":>16} '
+          f'{"total s":>8} {"total CPU s":>12} {"loss (input map), 2nd half":>27} '
+          f'{"cache hits":>10}')
+
+
+def format_row(i: int, r: dict) -> str:
+  """One run's line under HEADER (tools/gpu_check_report.py parses it: keep the columns)."""
+  return (f'{i:>4} {r["compile"]:>10.1f} {r["steady"]:>12.5f} {r["steady_cpu"]:>16.5f} '
+          f'{r["total"]:>8.1f} {r["total_cpu"]:>12.1f} {r["loss"]:>14.5f} '
+          f'({r["input_loss"]:.5f}) {r.get("hits", 0):>10}')
+
+
 def use_cache(folder: str) -> None:
   """JAX's persistent compilation cache in `folder`, every compile stored (as
   `compilation.setup_cache` sets it for runs; set here directly so older checkouts work too)."""
@@ -217,13 +229,10 @@ def run_loop(args) -> None:
         f'persistent compilation cache: {args.compilation_cache or "off"}')
   print('compile: tracing + lowering + XLA compile (wall); steady: per iteration after the first '
         'log point; CPU: process CPU seconds (less sensitive to a shared machine)')
-  print(f'{"run":>4} {"compile s":>10} {"cache hits":>10} {"steady s/it":>12} '
-        f'{"steady CPU s/it":>16} {"total s":>8} {"total CPU s":>12} {"loss (input map), 2nd half":>27}')
+  print(HEADER)
   for i in range(args.repeats):
     r = bench_loop(args)
-    print(f'{i:>4} {r["compile"]:>10.1f} {r["hits"]:>10} {r["steady"]:>12.5f} '
-          f'{r["steady_cpu"]:>16.5f} {r["total"]:>8.1f} {r["total_cpu"]:>12.1f} {r["loss"]:>14.5f} ({r["input_loss"]:.5f})',
-          flush=True)
+    print(format_row(i, r), flush=True)
     if r['parts']:
       print('      parts, s per call (each waited for): ' + ', '.join(
           f'{k} {v:.4f}' for k, v in r['parts'].items()) + f'; sum {sum(r["parts"].values()):.4f}',

@@ -33,7 +33,7 @@ _BACKBONE = re.compile(r'^(?P<arch>\w+)\s+(?P<size>\d+)\s+(?P<batch>\d+)\s+(?P<g
 _NUM = r'([\d.]+|nan)'
 _REFINE = re.compile(rf'^\s*(?P<run>\d+)\s+(?P<compile_s>{_NUM})\s+(?P<steady_s>{_NUM})\s+'
                      rf'(?P<steady_cpu_s>{_NUM})\s+(?P<total_s>{_NUM})\s+(?P<total_cpu_s>{_NUM})\s+'
-                     r'(?P<loss>\S+)\s+\((?P<input_loss>\S+)\)\s*$')
+                     r'(?P<loss>\S+)\s+\((?P<input_loss>\S+)\)(?:\s+(?P<cache_hits>\d+))?\s*$')
 
 
 def _floats(d: dict) -> dict:
