@@ -373,18 +373,20 @@ class Artifact:
       chunks.append({k: np.asarray(v)[:n] for k, v in out.items()})
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
+  def load_crop(self, path):
+    """One file -> its preprocessed crop [S, S, 3] float32."""
+    return preprocess(load_image(path), self.resize, self.crop, mode=self.resize_mode)
+
   def load_images(self, paths):
     """Files -> preprocessed crops [N, S, S, 3] float32 (decoded on `default_workers()`
     threads)."""
-    load = lambda p: preprocess(load_image(p), self.resize, self.crop, mode=self.resize_mode)
-    return np.stack([f.result() for f in threaded_map(load, paths)])
+    return np.stack([f.result() for f in threaded_map(self.load_crop, paths)])
 
   def predict_files(self, paths, batch_size=8):
     """Scores image files in batches of `batch_size`; dict(maps, image, patch, decision). The
     files decode on `default_workers()` threads while the previous batch is scored."""
-    load = lambda p: preprocess(load_image(p), self.resize, self.crop, mode=self.resize_mode)
     parts, batch = [], []
-    for f in threaded_map(load, paths, ahead=2 * batch_size):
+    for f in threaded_map(self.load_crop, paths, ahead=2 * batch_size):
       batch.append(f.result())
       if len(batch) == batch_size:
         parts.append(self(np.stack(batch)))

@@ -86,8 +86,6 @@ def _erode(mask: np.ndarray) -> np.ndarray:
   return out
 
 
-
-
 class _Writes:
   """Calls on a thread pool with at most `limit` in flight (memory stays bounded when writing is
   slower than scoring); the first failure is re-raised in the caller's thread."""
